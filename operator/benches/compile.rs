@@ -1,0 +1,429 @@
+//! Compile benchmark (`make bench-compile`): time and peak memory of compiling P policies
+//! over S Services, for P in 1k/10k/100k and S in 100/1k/10k.
+//!
+//! The measured unit is what the operator does when the inventory changes: evaluate the
+//! effective policies of the whole inventory and build the shared outbound side
+//! (`Compiled::new`), then the proxy-specific part of one pod per Service
+//! (`Compiled::local`), and one full snapshot (`Compiled::snapshot`: shared + local).
+//!
+//! Each size runs in a child process (this binary with `--size P:S`) so that its peak
+//! resident memory (VmHWM from /proc/self/status) is its own. The baseline, measured in the
+//! same child, is the time to serialize the input objects to JSON once — what merely
+//! reading the inventory off an API server costs — and the table quotes compile time as a
+//! multiple of it, since absolute times on shared machines are noisy.
+//!
+//! The world: 10 Services per namespace, half the namespaces labelled production; each
+//! Service has an HTTP and a gRPC port, one pod and an EndpointSlice with 3 endpoints. Four
+//! root policies (rate-limit Override and Default, circuit-breaker Default and Override)
+//! select the production namespaces; every other policy targets one Service of its own
+//! namespace: 60% RateLimitPolicies (a cluster-wide per-user limit with a match and a
+//! per-pod limit), 40% CircuitBreakerPolicies (all sections but the breaker).
+
+use std::{
+    collections::BTreeMap,
+    process::Command,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use breakwater_api::{
+    CircuitBreakerPolicy, CircuitBreakerPolicySpec, Mode, RateLimitPolicy, RateLimitPolicySpec, TargetRef,
+    circuit_breaker::{Backoff, ConnectionLimits, OutlierDetection, Retry, RetryBudget, RetryOn},
+    common::TargetKind,
+    rate_limit::{FailureMode, KeyPart, Limit, Rate, RequestMatch, Scope},
+};
+use breakwater_operator::{
+    compile::{Compiled, Proxy, Snapshot},
+    inventory::{Inventory, ObjectName},
+    policy::{circuit_breaker, rate_limit},
+};
+use k8s_openapi::{
+    api::{
+        core::v1::{Container, ContainerPort, Pod, PodSpec, Service, ServicePort, ServiceSpec},
+        discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
+    },
+    apimachinery::pkg::{
+        apis::meta::v1::{LabelSelector, ObjectMeta},
+        util::intstr::IntOrString,
+    },
+};
+
+const SIZES: [(usize, usize); 9] = [
+    (1_000, 100),
+    (1_000, 1_000),
+    (1_000, 10_000),
+    (10_000, 100),
+    (10_000, 1_000),
+    (10_000, 10_000),
+    (100_000, 100),
+    (100_000, 1_000),
+    (100_000, 10_000),
+];
+const SERVICES_PER_NAMESPACE: usize = 10;
+const ROOT: &str = "breakwater-system";
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    // `cargo test --all-targets` runs bench binaries too, without `--bench`: stay quick there.
+    if !args.iter().any(|a| a == "--bench" || a == "--size") {
+        println!("bench-compile: skipped outside `cargo bench` (run `make bench-compile`)");
+        return;
+    }
+    match args.iter().position(|a| a == "--size").and_then(|i| args.get(i + 1)) {
+        Some(size) => {
+            let (p, s) = size.split_once(':').expect("--size POLICIES:SERVICES");
+            measure(p.parse().expect("policies"), s.parse().expect("services"));
+        }
+        None => run_all(),
+    }
+}
+
+/// Runs every size in a child process and prints the table.
+fn run_all() {
+    let exe = std::env::current_exe().expect("own path");
+    let mut rows = Vec::new();
+    for (policies, services) in SIZES {
+        eprintln!("bench-compile: {policies} policies over {services} Services…");
+        let out = Command::new(&exe)
+            .args(["--size", &format!("{policies}:{services}")])
+            .output()
+            .expect("child runs");
+        if !out.status.success() {
+            eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+            panic!("size {policies}:{services} failed");
+        }
+        let line = String::from_utf8_lossy(&out.stdout);
+        rows.push(serde_json::from_str::<serde_json::Value>(line.trim()).expect("child prints JSON"));
+    }
+    println!(
+        "\nCompile = effective policies and shared outbound side (Compiled::new) + the outbound routes of every \
+         namespace + the local part of every pod (one per Service) + one full snapshot.\n\
+         Baseline = serializing the input objects to JSON once, in the same process. Best of up to 5 runs.\n"
+    );
+    println!(
+        "| policies | Services | compile | ÷ baseline | Compiled::new | of which effective policies | per namespace | per pod | one snapshot | peak RSS (input alone) |"
+    );
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for r in &rows {
+        let v = |k: &str| r[k].as_f64().unwrap_or_default();
+        println!(
+            "| {} | {} | {:.0} ms | {:.1}× | {:.0} ms | {:.0} ms | {:.0} µs | {:.0} µs | {} | {:.0} MB ({:.0} MB) |",
+            r["policies"],
+            r["services"],
+            v("compile_ms"),
+            v("compile_ms") / v("baseline_ms").max(0.001),
+            v("new_ms"),
+            v("effective_ms"),
+            v("per_namespace_us"),
+            v("per_pod_us"),
+            size(v("snapshot_bytes")),
+            v("peak_rss_mb"),
+            v("input_rss_mb"),
+        );
+    }
+    let baselines: Vec<String> =
+        rows.iter().map(|r| format!("{:.0}", r["baseline_ms"].as_f64().unwrap_or_default())).collect();
+    println!("\nBaseline per size (ms, same order): {}", baselines.join(", "));
+}
+
+fn size(bytes: f64) -> String {
+    if bytes >= 1e6 { format!("{:.1} MB", bytes / 1e6) } else { format!("{:.0} KB", bytes / 1e3) }
+}
+
+/// The best of a few runs (at least one, at most 5, within about 3 s).
+fn best_of<T>(mut run: impl FnMut() -> T) -> (Duration, T) {
+    let started = Instant::now();
+    let mut best = Duration::MAX;
+    let mut last;
+    let mut runs = 0;
+    loop {
+        let t = Instant::now();
+        last = run();
+        best = best.min(t.elapsed());
+        runs += 1;
+        if runs >= 5 || started.elapsed() > Duration::from_secs(3) {
+            return (best, last);
+        }
+    }
+}
+
+fn measure(policies: usize, services: usize) {
+    let inventory = world(policies, services);
+    let input_rss = vm_kb("VmRSS");
+
+    let (baseline, _) = best_of(|| serialize_input(&inventory));
+    let (effective, _) =
+        best_of(|| (rate_limit::effective(&inventory).len(), circuit_breaker::effective(&inventory).len()));
+    let proxies: Vec<Proxy> = inventory.pods.keys().map(|pod| Proxy { pod: pod.clone() }).collect();
+    let namespaces: Vec<&String> = inventory.namespaces.keys().filter(|n| *n != ROOT).collect();
+    let (compile, full_bytes) = best_of(|| {
+        let compiled = Compiled::new(&inventory);
+        // Built and dropped one at a time, as an xDS server would build and share them.
+        let routes: usize = namespaces.iter().map(|ns| compiled.outbound_routes(ns).value.len()).sum();
+        let local: usize = proxies.iter().map(|proxy| bytes(&compiled.local(proxy))).sum();
+        std::hint::black_box((routes, local));
+        bytes(&compiled.snapshot(&proxies[0]))
+    });
+    let (new_only, _) = best_of(|| Compiled::new(&inventory).shared().resources.len());
+    let compiled = Compiled::new(&inventory);
+    let (per_namespace, _) =
+        best_of(|| namespaces.iter().map(|ns| compiled.outbound_routes(ns).value.len()).sum::<usize>());
+    let (per_pod, _) = best_of(|| proxies.iter().map(|p| compiled.local(p).resources.len()).sum::<usize>());
+    drop(compiled);
+    let row = serde_json::json!({
+        "policies": policies,
+        "services": services,
+        "compile_ms": compile.as_secs_f64() * 1e3,
+        "new_ms": new_only.as_secs_f64() * 1e3,
+        "effective_ms": effective.as_secs_f64() * 1e3,
+        "per_namespace_us": per_namespace.as_secs_f64() * 1e6 / namespaces.len() as f64,
+        "per_pod_us": per_pod.as_secs_f64() * 1e6 / proxies.len() as f64,
+        "snapshot_bytes": full_bytes,
+        "baseline_ms": baseline.as_secs_f64() * 1e3,
+        "input_rss_mb": input_rss as f64 / 1024.0,
+        "peak_rss_mb": vm_kb("VmHWM") as f64 / 1024.0,
+    });
+    println!("{row}");
+}
+
+/// Encoded size of a snapshot's resources.
+fn bytes(snapshot: &Snapshot) -> usize {
+    snapshot.resources.values().flat_map(|r| r.values()).map(|a| a.value.len()).sum()
+}
+
+fn serialize_input(inventory: &Inventory) -> usize {
+    let mut total = 0;
+    let mut add = |v: Result<Vec<u8>, serde_json::Error>| total += v.map(|b| b.len()).unwrap_or(0);
+    inventory.services.values().for_each(|o| add(serde_json::to_vec(o.as_ref())));
+    inventory.endpoint_slices.values().for_each(|o| add(serde_json::to_vec(o.as_ref())));
+    inventory.pods.values().for_each(|o| add(serde_json::to_vec(o.as_ref())));
+    inventory.rate_limits.iter().for_each(|o| add(serde_json::to_vec(o.as_ref())));
+    inventory.circuit_breakers.iter().for_each(|o| add(serde_json::to_vec(o.as_ref())));
+    total
+}
+
+fn vm_kb(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A deterministic pseudo-random sequence (no dependency, same world every run).
+struct Lcg(u64);
+
+impl Lcg {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((self.0 >> 33) as usize) % n.max(1)
+    }
+}
+
+fn meta(namespace: &str, name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.to_string()),
+        namespace: Some(namespace.to_string()),
+        labels: (!labels.is_empty())
+            .then(|| labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+        generation: Some(1),
+        ..Default::default()
+    }
+}
+
+fn world(policies: usize, services: usize) -> Inventory {
+    let mut inventory = Inventory::new(ROOT);
+    let namespaces = services.div_ceil(SERVICES_PER_NAMESPACE);
+    for n in 0..namespaces {
+        let tier = if n % 2 == 0 { "production" } else { "staging" };
+        inventory
+            .add_namespace(format!("team-{n:04}"), BTreeMap::from([("tier".to_string(), tier.to_string())]));
+    }
+    for i in 0..services {
+        let ns = format!("team-{:04}", i / SERVICES_PER_NAMESPACE);
+        let name = format!("svc-{i:05}");
+        let labels = [("app", name.as_str())];
+        let port = |name: &str, port: i32, target: IntOrString| ServicePort {
+            name: Some(name.to_string()),
+            port,
+            target_port: Some(target),
+            ..Default::default()
+        };
+        inventory.add_service(Arc::new(Service {
+            metadata: meta(&ns, &name, &labels),
+            spec: Some(ServiceSpec {
+                selector: Some(BTreeMap::from([("app".to_string(), name.clone())])),
+                ports: Some(vec![
+                    port("http", 80, IntOrString::String("http".into())),
+                    port("grpc", 9000, IntOrString::Int(9000)),
+                ]),
+                ..Default::default()
+            }),
+            status: None,
+        }));
+        let pod = format!("{name}-7c9f8d6b5-x2kqp");
+        let container_port = |name: &str, port| ContainerPort {
+            name: Some(name.to_string()),
+            container_port: port,
+            ..Default::default()
+        };
+        inventory.pods.insert(
+            ObjectName::new(&ns, &pod),
+            Arc::new(Pod {
+                metadata: meta(&ns, &pod, &labels),
+                spec: Some(PodSpec {
+                    containers: vec![Container {
+                        name: "app".into(),
+                        ports: Some(vec![container_port("http", 8080), container_port("grpc", 9000)]),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }),
+                status: None,
+            }),
+        );
+        let slice = format!("{name}-abcde");
+        inventory.endpoint_slices.insert(
+            ObjectName::new(&ns, &slice),
+            Arc::new(EndpointSlice {
+                metadata: meta(&ns, &slice, &[("kubernetes.io/service-name", name.as_str())]),
+                address_type: "IPv4".into(),
+                endpoints: (0..3)
+                    .map(|e| Endpoint {
+                        addresses: vec![format!("10.{}.{}.{}", i / 65536, (i / 256) % 256, i % 256 + e)],
+                        conditions: Some(EndpointConditions { ready: Some(true), ..Default::default() }),
+                        zone: Some(format!("zone-{e}")),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ports: Some(vec![
+                    EndpointPort { name: Some("http".into()), port: Some(8080), ..Default::default() },
+                    EndpointPort { name: Some("grpc".into()), port: Some(9000), ..Default::default() },
+                ]),
+            }),
+        );
+    }
+
+    let production = LabelSelector {
+        match_labels: Some(BTreeMap::from([("tier".to_string(), "production".to_string())])),
+        ..Default::default()
+    };
+    let mut rng = Lcg(42);
+    let root_count = 4.min(policies);
+    for p in 0..policies {
+        let name = format!("policy-{p:06}");
+        let (namespace, targets, selector, mode) = if p < root_count {
+            let mode = if p % 2 == 0 { Mode::Override } else { Mode::Default };
+            (ROOT.to_string(), None, Some(production.clone()), Some(mode))
+        } else {
+            let service = rng.below(services);
+            let target = TargetRef {
+                group: String::new(),
+                kind: TargetKind::Service,
+                name: format!("svc-{service:05}"),
+                section_name: (rng.below(2) == 0).then(|| "http".to_string()),
+            };
+            (format!("team-{:04}", service / SERVICES_PER_NAMESPACE), Some(vec![target]), None, None)
+        };
+        let rate_limit = if p < root_count { p < 2 } else { rng.below(10) < 6 };
+        if rate_limit {
+            let mut policy = RateLimitPolicy::new(&name, rate_limit_spec(p, targets, selector, mode));
+            policy.metadata.namespace = Some(namespace);
+            policy.metadata.generation = Some(1);
+            inventory.rate_limits.push(Arc::new(policy));
+        } else {
+            let mut policy = CircuitBreakerPolicy::new(&name, circuit_breaker_spec(targets, selector, mode));
+            policy.metadata.namespace = Some(namespace);
+            policy.metadata.generation = Some(1);
+            inventory.circuit_breakers.push(Arc::new(policy));
+        }
+    }
+    inventory
+}
+
+fn rate_limit_spec(
+    p: usize,
+    target_refs: Option<Vec<TargetRef>>,
+    namespace_selector: Option<LabelSelector>,
+    mode: Option<Mode>,
+) -> RateLimitPolicySpec {
+    let rate = |requests, per: &str| Rate { requests, per: breakwater_api::Duration::new(per) };
+    RateLimitPolicySpec {
+        target_refs,
+        namespace_selector,
+        service_selector: None,
+        mode,
+        limits: vec![
+            Limit {
+                name: "per-user".into(),
+                matches: Some(RequestMatch {
+                    path_prefix: Some(format!("/v{}/", p % 3)),
+                    ..Default::default()
+                }),
+                key: Some(vec![key_part_of(Some("x-user-id".into()), None, None, None)]),
+                rate: rate(100, "1m"),
+                burst: Some(20),
+                algorithm: None,
+                scope: Some(Scope::Cluster),
+                shadow: false,
+            },
+            Limit {
+                name: "per-pod".into(),
+                matches: None,
+                key: None,
+                rate: rate(50, "1s"),
+                burst: None,
+                algorithm: None,
+                scope: Some(Scope::Pod),
+                shadow: false,
+            },
+        ],
+        failure_mode: FailureMode::Open,
+    }
+}
+
+fn circuit_breaker_spec(
+    target_refs: Option<Vec<TargetRef>>,
+    namespace_selector: Option<LabelSelector>,
+    mode: Option<Mode>,
+) -> CircuitBreakerPolicySpec {
+    let d = breakwater_api::Duration::new;
+    CircuitBreakerPolicySpec {
+        target_refs,
+        namespace_selector,
+        service_selector: None,
+        mode,
+        connection_limits: Some(ConnectionLimits {
+            max_connections: Some(1024),
+            max_pending_requests: Some(256),
+            max_requests: Some(1024),
+            max_retries: None,
+        }),
+        outlier_detection: Some(OutlierDetection {
+            consecutive_5xx: Some(5),
+            interval: Some(d("10s")),
+            base_ejection_time: Some(d("30s")),
+            max_ejection_percent: Some(50),
+            failure_percentage: None,
+        }),
+        retry: Some(Retry {
+            attempts: 3,
+            per_try_timeout: Some(d("2s")),
+            retry_on: Some(vec![RetryOn::ServerError, RetryOn::Reset]),
+            backoff: Some(Backoff { base: d("25ms"), max: d("250ms") }),
+            budget: Some(RetryBudget { percent: 20, min_concurrency: Some(3) }),
+        }),
+        timeout: Some(d("10s")),
+        breaker: None,
+    }
+}
+
+fn key_part_of(
+    header: Option<String>,
+    remote_address: Option<bool>,
+    path: Option<bool>,
+    value: Option<String>,
+) -> KeyPart {
+    KeyPart { header, remote_address, path, value }
+}

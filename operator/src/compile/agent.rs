@@ -1,0 +1,41 @@
+//! The agent's share of a pod's configuration: the scope Cluster rate limits of the
+//! Services the pod backs, as the `breakwater_api::agent` contract defines them. The agent
+//! counts each descriptor Envoy sends (rule id, Service port, match, key parts) in Redis.
+
+use std::collections::BTreeMap;
+
+use breakwater_api::{
+    agent::{AgentConfig, RateLimitRule},
+    rate_limit::{Algorithm, Scope},
+};
+use envoy_types::pb::google::protobuf::Any;
+
+use super::{inbound::rule_id, type_url};
+use crate::policy::rate_limit::EffectiveLimit;
+
+/// The agent configuration for the limits that land on a pod, one rule per limit id.
+pub fn config<'a>(limits: impl IntoIterator<Item = &'a EffectiveLimit>) -> AgentConfig {
+    let mut rules = BTreeMap::new();
+    for effective in limits.into_iter().filter(|l| l.limit.scope() == Scope::Cluster) {
+        let limit = &effective.limit;
+        let id = rule_id(&effective.policy, limit);
+        let period = limit.rate.per.to_std().unwrap_or_default();
+        let algorithm = limit.algorithm();
+        rules.entry(id.clone()).or_insert_with(|| RateLimitRule {
+            id,
+            requests: limit.rate.requests,
+            period_ms: u64::try_from(period.as_millis()).unwrap_or(u64::MAX),
+            burst: if algorithm == Algorithm::TokenBucket { limit.burst.unwrap_or(0) } else { 0 },
+            algorithm,
+            shadow: limit.shadow,
+            failure_mode: effective.failure_mode,
+        });
+    }
+    AgentConfig { rate_limits: rules.into_values().collect() }
+}
+
+/// The ADS resource: the JSON encoding of the configuration, under the agent's type URL.
+pub fn resource(config: &AgentConfig) -> Any {
+    // Serializing plain derived types cannot fail; an empty body would read as no limits.
+    Any { type_url: type_url::AGENT.to_string(), value: serde_json::to_vec(config).unwrap_or_default() }
+}

@@ -1,0 +1,78 @@
+//! Policy fields that pass the schema but that Envoy cannot express as written. Each check
+//! names the field and says why, so validation can refuse the policy (`Accepted=False`)
+//! instead of the compiler dropping or bending what was asked. The compiler applies the
+//! same checks and leaves refused configuration out of every snapshot.
+
+use breakwater_api::{
+    CircuitBreakerPolicySpec, RateLimitPolicySpec,
+    common::Duration,
+    rate_limit::{Limit, Scope},
+};
+
+/// Why a RateLimitPolicy cannot be compiled as written, or Ok.
+pub fn rate_limit_policy(spec: &RateLimitPolicySpec) -> Result<(), String> {
+    for (index, limit) in spec.limits.iter().enumerate() {
+        rate_limit(limit).map_err(|err| format!("spec.limits[{index}].{err}"))?;
+    }
+    Ok(())
+}
+
+/// Why one limit cannot be compiled, or Ok. The message starts with the field path below
+/// the limit.
+pub fn rate_limit(limit: &Limit) -> Result<(), String> {
+    for (index, part) in limit.key.iter().flatten().enumerate() {
+        if part.remote_address == Some(false) {
+            return Err(format!(
+                "key[{index}].remoteAddress: false selects no counter; omit the key part, or set it to true to count per client address"
+            ));
+        }
+        if part.path == Some(false) {
+            return Err(format!(
+                "key[{index}].path: false selects no counter; omit the key part, or set it to true to count per path"
+            ));
+        }
+    }
+    if limit.scope() == Scope::Pod
+        && let Ok(per) = limit.rate.per.to_std()
+        && per.subsec_nanos() != 0
+    {
+        return Err(format!(
+            "rate.per: {} is not a whole number of seconds; scope Pod limits run in Envoy's local rate limiter, whose refill intervals are whole multiples of one second here",
+            limit.rate.per
+        ));
+    }
+    Ok(())
+}
+
+/// Why a CircuitBreakerPolicy cannot be compiled as written, or Ok.
+pub fn circuit_breaker_policy(spec: &CircuitBreakerPolicySpec) -> Result<(), String> {
+    let positive = |field: &str, value: Option<&Duration>, why: &str| match value.map(Duration::to_std) {
+        Some(Ok(d)) if d.is_zero() => Err(format!("spec.{field}: must be longer than 0s: {why}")),
+        _ => Ok(()),
+    };
+    positive(
+        "timeout",
+        spec.timeout.as_ref(),
+        "Envoy reads a zero route timeout as no deadline at all; omit timeout for no deadline",
+    )?;
+    if let Some(retry) = &spec.retry {
+        positive(
+            "retry.perTryTimeout",
+            retry.per_try_timeout.as_ref(),
+            "Envoy reads a zero per-try timeout as unset; omit perTryTimeout to bound attempts by timeout only",
+        )?;
+        positive(
+            "retry.backoff.base",
+            retry.backoff.as_ref().map(|b| &b.base),
+            "Envoy's retry backoff needs a positive base interval",
+        )?;
+    }
+    if let Some(outlier) = &spec.outlier_detection {
+        positive(
+            "outlierDetection.interval",
+            outlier.interval.as_ref(),
+            "Envoy needs a positive interval between ejection sweeps",
+        )?;
+    }
+    Ok(())
+}

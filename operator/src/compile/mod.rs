@@ -1,0 +1,389 @@
+//! The policy compiler: effective policies, Services, EndpointSlices and one proxy's
+//! identity in, that proxy's Envoy resources and agent configuration out. Pure and
+//! deterministic — the same inputs give the same bytes — so snapshots can be versioned by
+//! content and golden-tested.
+//!
+//! [`Compiled::new`] does the work that does not depend on the proxy once per inventory
+//! (effective policies, the outbound clusters, endpoints and virtual hosts);
+//! [`Compiled::snapshot`] adds what is particular to one pod. [`compile`] does both. The
+//! layout of the configuration is described in `docs/compiler.md`.
+
+mod agent;
+mod bootstrap;
+pub mod check;
+mod inbound;
+mod outbound;
+mod proto;
+mod workload;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
+
+use breakwater_api::{CircuitBreakerPolicySpec, agent::AgentConfig};
+use envoy_types::pb::{envoy::config::route::v3::VirtualHost, google::protobuf::Any};
+use k8s_openapi::api::{
+    core::v1::{Pod, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::ResourceExt;
+use prost::Message;
+
+pub use self::{
+    bootstrap::{XdsServer, bootstrap},
+    inbound::{MATCH_KEY, RLS_TIMEOUT_MS, TARGET_KEY},
+    outbound::DEFAULT_RETRY_ON,
+};
+use self::{inbound::InboundPort, workload::PortSpec};
+use crate::{
+    inventory::{Inventory, ObjectName, ServicePort},
+    policy::{
+        circuit_breaker::{self, Section},
+        rate_limit::{self, EffectiveLimit},
+    },
+};
+
+/// Names and ports of the configuration, shared with the sidecar injection and the docs.
+pub mod names {
+    /// The cluster DNS domain Service names are qualified with.
+    pub const CLUSTER_DOMAIN: &str = "cluster.local";
+    /// The outbound listener and its route configuration (the application's HTTP proxy).
+    pub const OUTBOUND_HTTP: &str = "outbound_http";
+    pub const OUTBOUND_PORT: u32 = 15001;
+    /// The inbound listener, where iptables redirects connections to the pod.
+    pub const INBOUND: &str = "inbound";
+    pub const INBOUND_PORT: u32 = 15006;
+    /// The inbound filter chain and cluster for ports without limits.
+    pub const INBOUND_PASSTHROUGH: &str = "inbound|passthrough";
+    /// The agent's rate-limit service on loopback (a bootstrap cluster).
+    pub const AGENT_CLUSTER: &str = "breakwater_agent";
+    pub const AGENT_PORT: u32 = 15081;
+    /// The operator's ADS server (a bootstrap cluster).
+    pub const XDS_CLUSTER: &str = "breakwater_xds";
+    /// Envoy's admin interface, on loopback only.
+    pub const ADMIN_PORT: u32 = 15000;
+    /// The name of the agent's resource.
+    pub const AGENT_RESOURCE: &str = "agent";
+    pub const LOCAL_RATELIMIT_FILTER: &str = "envoy.filters.http.local_ratelimit";
+}
+
+pub const CIRCUIT_BREAKER_POLICY: &str = "CircuitBreakerPolicy";
+pub const RATE_LIMIT_POLICY: &str = "RateLimitPolicy";
+
+/// Type URLs of the resources a snapshot carries (Envoy v3, plus the agent's own type).
+pub mod type_url {
+    pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+    pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+    pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+    pub const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+    pub const AGENT: &str = breakwater_api::agent::TYPE_URL;
+}
+
+/// The pod a proxy (Envoy sidecar and agent) runs in. Its ADS node id is `namespace/pod`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Proxy {
+    pub pod: ObjectName,
+}
+
+impl Proxy {
+    /// Parses an ADS node id (`namespace/pod`).
+    pub fn from_node_id(id: &str) -> Option<Self> {
+        let (namespace, pod) = id.split_once('/')?;
+        (!namespace.is_empty() && !pod.is_empty() && !pod.contains('/'))
+            .then(|| Self { pod: ObjectName::new(namespace, pod) })
+    }
+
+    pub fn node_id(&self) -> String {
+        self.pod.to_string()
+    }
+}
+
+/// A policy at one generation: what a snapshot "contains", for `Programmed`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyVersion {
+    pub kind: &'static str,
+    pub name: ObjectName,
+    pub generation: i64,
+}
+
+/// Everything one proxy is configured with.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Snapshot {
+    /// Resources by type URL, then by resource name, protobuf-encoded as `Any`.
+    pub resources: BTreeMap<&'static str, BTreeMap<String, Any>>,
+    /// The policies whose configuration this snapshot carries.
+    pub policies: BTreeSet<PolicyVersion>,
+}
+
+impl Snapshot {
+    fn insert(&mut self, type_url: &'static str, name: impl Into<String>, any: Any) {
+        self.resources.entry(type_url).or_default().insert(name.into(), any);
+    }
+
+    /// Adds another snapshot's resources and policies (the other wins on a name clash).
+    pub fn merge(&mut self, other: Snapshot) {
+        for (type_url, resources) in other.resources {
+            self.resources.entry(type_url).or_default().extend(resources);
+        }
+        self.policies.extend(other.policies);
+    }
+}
+
+/// The snapshot of one proxy: [`Compiled::new`] then [`Compiled::snapshot`]. When many
+/// proxies are compiled from one inventory, keep the [`Compiled`] and call `snapshot` for
+/// each: the effective policies and the outbound side are then computed once.
+pub fn compile(inventory: &Inventory, proxy: &Proxy) -> Snapshot {
+    Compiled::new(inventory).snapshot(proxy)
+}
+
+/// One Service port's virtual host, encoded once as a `RouteConfiguration.virtual_hosts`
+/// field: with the names valid everywhere, and with the short names its own namespace adds.
+#[derive(Debug)]
+struct EncodedHost {
+    namespace: String,
+    global: Vec<u8>,
+    local: Vec<u8>,
+}
+
+/// A Service with the ports the compiler configures.
+#[derive(Debug)]
+struct ServiceEntry {
+    name: ObjectName,
+    service: Arc<Service>,
+    ports: Vec<PortSpec>,
+}
+
+/// Everything of an inventory that does not depend on the proxy. Owns its data, so it can
+/// be shared (`Arc`) by whatever compiles snapshots for connected proxies.
+#[derive(Debug)]
+pub struct Compiled {
+    /// The resources every proxy gets: outbound clusters, endpoints and listener.
+    shared: Snapshot,
+    hosts: Vec<EncodedHost>,
+    services: BTreeMap<String, Vec<ServiceEntry>>,
+    rate_limits: BTreeMap<ServicePort, Vec<EffectiveLimit>>,
+    generations: BTreeMap<(&'static str, ObjectName), i64>,
+    pods: BTreeMap<ObjectName, Arc<Pod>>,
+}
+
+impl Compiled {
+    pub fn new(inventory: &Inventory) -> Self {
+        let generations = generations(inventory);
+        let refused_cb: BTreeSet<ObjectName> = inventory
+            .circuit_breakers
+            .iter()
+            .filter(|p| check::circuit_breaker_policy(&p.spec).is_err())
+            .map(|p| ObjectName::of(p.as_ref()))
+            .collect();
+        let refused_rl: BTreeSet<ObjectName> = inventory
+            .rate_limits
+            .iter()
+            .filter(|p| check::rate_limit_policy(&p.spec).is_err())
+            .map(|p| ObjectName::of(p.as_ref()))
+            .collect();
+        let circuit_breakers = circuit_breaker::effective(inventory);
+        let mut rate_limits = rate_limit::effective(inventory);
+        for limits in rate_limits.values_mut() {
+            limits.retain(|l| !refused_rl.contains(&l.policy));
+        }
+        rate_limits.retain(|_, limits| !limits.is_empty());
+
+        let slices = slices_by_service(inventory);
+        let mut shared = Snapshot::default();
+        let mut hosts = Vec::new();
+        let mut services: BTreeMap<String, Vec<ServiceEntry>> = BTreeMap::new();
+        let empty = crate::policy::circuit_breaker::empty_spec();
+        for (name, service) in &inventory.services {
+            let mut ports = workload::ports(service);
+            ports.sort_by_key(|p| p.number);
+            for port in &ports {
+                let key = ServicePort { service: name.clone(), port: port.key.clone() };
+                let (spec, sources) = match circuit_breakers.get(&key) {
+                    Some(effective) => accepted_sections(&effective.spec, &effective.sources, &refused_cb),
+                    None => (empty.clone(), BTreeMap::new()),
+                };
+                let cluster = outbound::cluster_name(name, port.number);
+                let endpoints = workload::endpoints(
+                    slices.get(name).into_iter().flatten().map(AsRef::as_ref),
+                    &port.name,
+                );
+                shared.insert(
+                    type_url::CLUSTER,
+                    &cluster,
+                    proto::any(&outbound::cluster(&cluster, port, &spec)),
+                );
+                shared.insert(
+                    type_url::ENDPOINT,
+                    &cluster,
+                    proto::any(&outbound::load_assignment(&cluster, &endpoints)),
+                );
+                let host = |local| outbound::virtual_host(name, port.number, &cluster, &spec, local);
+                hosts.push(EncodedHost {
+                    namespace: name.namespace.clone(),
+                    global: encode_host(&host(false)),
+                    local: encode_host(&host(true)),
+                });
+                for (section, source) in sources {
+                    // The breaker runs in the agent, whose contract has no breaker yet.
+                    if section != Section::Breaker {
+                        shared.policies.insert(version(&generations, CIRCUIT_BREAKER_POLICY, &source));
+                    }
+                }
+            }
+            services.entry(name.namespace.clone()).or_default().push(ServiceEntry {
+                name: name.clone(),
+                service: service.clone(),
+                ports,
+            });
+        }
+        shared.insert(type_url::LISTENER, names::OUTBOUND_HTTP, proto::any(&outbound::listener()));
+        Self { shared, hosts, services, rate_limits, generations, pods: inventory.pods.clone() }
+    }
+
+    /// The full snapshot of one proxy: [`shared`](Self::shared), the
+    /// [`outbound routes`](Self::outbound_routes) of its namespace, and its
+    /// [`local`](Self::local) part.
+    pub fn snapshot(&self, proxy: &Proxy) -> Snapshot {
+        let mut snapshot = self.shared().clone();
+        snapshot.insert(type_url::ROUTE, names::OUTBOUND_HTTP, self.outbound_routes(&proxy.pod.namespace));
+        snapshot.merge(self.local(proxy));
+        snapshot
+    }
+
+    /// The resources every proxy gets, whatever its pod: the outbound clusters, their
+    /// endpoints and the outbound listener, with the policies they carry.
+    pub fn shared(&self) -> &Snapshot {
+        &self.shared
+    }
+
+    /// What is particular to one pod: when the pod is known, the inbound listener, routes
+    /// and clusters and the policies they carry; and the agent's rules (empty for an
+    /// unknown pod, so its agent still gets an answer).
+    pub fn local(&self, proxy: &Proxy) -> Snapshot {
+        let mut snapshot = Snapshot::default();
+        let ports = self.pods.get(&proxy.pod).map(|pod| self.inbound_ports(pod));
+        let mut agent = AgentConfig::default();
+        if let Some(ports) = ports {
+            for port in &ports {
+                let name = inbound::cluster_name(port.target);
+                snapshot.insert(type_url::CLUSTER, &name, proto::any(&inbound::cluster(port)));
+                snapshot.insert(type_url::ROUTE, &name, proto::any(&inbound::route_config(port)));
+                for (_, limit) in &port.limits {
+                    snapshot.policies.insert(version(&self.generations, RATE_LIMIT_POLICY, &limit.policy));
+                }
+            }
+            snapshot.insert(
+                type_url::CLUSTER,
+                names::INBOUND_PASSTHROUGH,
+                proto::any(&inbound::passthrough_cluster()),
+            );
+            snapshot.insert(type_url::LISTENER, names::INBOUND, proto::any(&inbound::listener(&ports)));
+            agent = agent::config(ports.iter().flat_map(|p| p.limits.iter().map(|(_, l)| l)));
+        }
+        snapshot.insert(type_url::AGENT, names::AGENT_RESOURCE, agent::resource(&agent));
+        snapshot
+    }
+
+    /// The outbound route configuration (`outbound_http`) as seen from `namespace`: the
+    /// same for every pod of the namespace, so worth sharing between them. Assembled from
+    /// the encoded virtual hosts (the encoding of a message with a name and a list of
+    /// virtual hosts is the name's field followed by each host's field).
+    pub fn outbound_routes(&self, namespace: &str) -> Any {
+        let size: usize = self.hosts.iter().map(|h| h.global.len().max(h.local.len())).sum();
+        let mut value = Vec::with_capacity(size + 32);
+        prost::encoding::string::encode(1, &names::OUTBOUND_HTTP.to_string(), &mut value);
+        for host in &self.hosts {
+            value.extend_from_slice(if host.namespace == namespace { &host.local } else { &host.global });
+        }
+        Any { type_url: type_url::ROUTE.to_string(), value }
+    }
+
+    /// The limited ports of a pod: the Services of its namespace that select it, their
+    /// ports with rate limits, by the container port each lands on.
+    fn inbound_ports(&self, pod: &Pod) -> Vec<InboundPort> {
+        let mut by_target: BTreeMap<u16, InboundPort> = BTreeMap::new();
+        let namespace = pod.namespace().unwrap_or_default();
+        for entry in self.services.get(&namespace).into_iter().flatten() {
+            if !workload::selects(&entry.service, pod) {
+                continue;
+            }
+            for port in &entry.ports {
+                let key = ServicePort { service: entry.name.clone(), port: port.key.clone() };
+                let (Some(limits), Some(target)) =
+                    (self.rate_limits.get(&key), workload::target_port(port, pod))
+                else {
+                    continue;
+                };
+                let inbound =
+                    by_target.entry(target).or_insert_with(|| InboundPort { target, ..Default::default() });
+                inbound.http2 |= port.http2;
+                inbound.limits.extend(limits.iter().map(|l| (key.clone(), l.clone())));
+            }
+        }
+        by_target.into_values().collect()
+    }
+}
+
+fn encode_host(host: &VirtualHost) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(host.encoded_len() + 8);
+    prost::encoding::message::encode(2, host, &mut buf);
+    buf
+}
+
+fn generations(inventory: &Inventory) -> BTreeMap<(&'static str, ObjectName), i64> {
+    let cb = inventory
+        .circuit_breakers
+        .iter()
+        .map(|p| ((CIRCUIT_BREAKER_POLICY, ObjectName::of(p.as_ref())), p.metadata.generation));
+    let rl = inventory
+        .rate_limits
+        .iter()
+        .map(|p| ((RATE_LIMIT_POLICY, ObjectName::of(p.as_ref())), p.metadata.generation));
+    cb.chain(rl).map(|(key, generation)| (key, generation.unwrap_or(1))).collect()
+}
+
+fn version(
+    generations: &BTreeMap<(&'static str, ObjectName), i64>,
+    kind: &'static str,
+    name: &ObjectName,
+) -> PolicyVersion {
+    let generation = generations.get(&(kind, name.clone())).copied().unwrap_or(1);
+    PolicyVersion { kind, name: name.clone(), generation }
+}
+
+/// The EndpointSlices of each Service (by the `kubernetes.io/service-name` label).
+fn slices_by_service(inventory: &Inventory) -> BTreeMap<ObjectName, Vec<Arc<EndpointSlice>>> {
+    let mut by_service: BTreeMap<ObjectName, Vec<Arc<EndpointSlice>>> = BTreeMap::new();
+    for (name, slice) in &inventory.endpoint_slices {
+        if let Some(service) = slice.labels().get(workload::SERVICE_NAME_LABEL) {
+            by_service.entry(ObjectName::new(&name.namespace, service)).or_default().push(slice.clone());
+        }
+    }
+    by_service
+}
+
+/// The effective sections whose source policy the compiler accepts (see [`check`]), and
+/// where each came from.
+fn accepted_sections(
+    spec: &CircuitBreakerPolicySpec,
+    sources: &BTreeMap<Section, ObjectName>,
+    refused: &BTreeSet<ObjectName>,
+) -> (CircuitBreakerPolicySpec, BTreeMap<Section, ObjectName>) {
+    let mut spec = spec.clone();
+    let mut kept = BTreeMap::new();
+    for (section, source) in sources {
+        if !refused.contains(source) {
+            kept.insert(*section, source.clone());
+            continue;
+        }
+        match section {
+            Section::ConnectionLimits => spec.connection_limits = None,
+            Section::OutlierDetection => spec.outlier_detection = None,
+            Section::Retry => spec.retry = None,
+            Section::Timeout => spec.timeout = None,
+            Section::Breaker => spec.breaker = None,
+        }
+    }
+    (spec, kept)
+}

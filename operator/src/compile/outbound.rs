@@ -1,0 +1,253 @@
+//! The caller side, the same for every proxy: one EDS cluster per Service port with the
+//! port's connection limits, retry budget and outlier detection, its endpoints, and an HTTP
+//! proxy listener on loopback whose virtual hosts carry timeouts and retries.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use breakwater_api::{
+    CircuitBreakerPolicySpec,
+    circuit_breaker::{OutlierDetection as OutlierSpec, Retry},
+};
+use envoy_types::pb::{
+    envoy::{
+        config::{
+            cluster::v3::{
+                CircuitBreakers, Cluster, OutlierDetection,
+                circuit_breakers::{Thresholds, thresholds::RetryBudget},
+                cluster::{ClusterDiscoveryType, DiscoveryType, EdsClusterConfig},
+            },
+            core::v3::{Locality, RoutingPriority, TrafficDirection},
+            endpoint::v3::{ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint},
+            listener::v3::{Filter, FilterChain, Listener, filter},
+            route::v3::{
+                RetryPolicy, Route, RouteAction, RouteMatch, VirtualHost,
+                retry_policy::{RetryBackOff, RetryHostPredicate, retry_host_predicate},
+                route, route_action, route_match,
+            },
+        },
+        extensions::{
+            filters::{
+                http::router::v3::Router,
+                network::http_connection_manager::v3::{
+                    HttpConnectionManager, HttpFilter, Rds,
+                    http_connection_manager::{CodecType, RouteSpecifier},
+                    http_filter,
+                },
+            },
+            retry::host::previous_hosts::v3::PreviousHostsPredicate,
+        },
+        r#type::v3::Percent,
+    },
+    google::protobuf::Duration,
+};
+
+use super::{names, proto, workload::PortSpec};
+use crate::inventory::ObjectName;
+
+/// Envoy's own default, stated so the configuration says what it does.
+const CONNECT_TIMEOUT_MS: u64 = 5_000;
+/// Retried when a policy sets `retry` without `retryOn`: failures where the request never
+/// reached the application, so retrying is safe for every method.
+pub const DEFAULT_RETRY_ON: &str = "connect-failure,refused-stream";
+
+pub fn cluster_name(service: &ObjectName, port: u16) -> String {
+    format!("outbound|{port}|{}.{}.svc.{}", service.name, service.namespace, names::CLUSTER_DOMAIN)
+}
+
+/// The EDS cluster of one Service port. Limits a policy leaves unset are unlimited rather
+/// than Envoy's defaults (1024 connections, 3 retries…), which would cap traffic nobody
+/// asked Breakwater to cap.
+pub fn cluster(name: &str, port: &PortSpec, spec: &CircuitBreakerPolicySpec) -> Cluster {
+    let limits = spec.connection_limits.clone().unwrap_or_default();
+    let unlimited = |v: Option<u32>| proto::u32_value(v.unwrap_or(u32::MAX));
+    let thresholds = Thresholds {
+        priority: RoutingPriority::Default as i32,
+        max_connections: unlimited(limits.max_connections),
+        max_pending_requests: unlimited(limits.max_pending_requests),
+        max_requests: unlimited(limits.max_requests),
+        max_retries: unlimited(limits.max_retries),
+        retry_budget: spec.retry.as_ref().and_then(|r| r.budget.as_ref()).map(|budget| RetryBudget {
+            budget_percent: Some(Percent { value: f64::from(budget.percent) }),
+            min_retry_concurrency: budget.min_concurrency.and_then(proto::u32_value),
+            budget_interval: None,
+        }),
+        ..Default::default()
+    };
+    Cluster {
+        name: name.to_string(),
+        cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
+        eds_cluster_config: Some(EdsClusterConfig {
+            eds_config: Some(proto::ads()),
+            service_name: String::new(),
+        }),
+        connect_timeout: Some(proto::millis(CONNECT_TIMEOUT_MS)),
+        circuit_breakers: Some(CircuitBreakers { thresholds: vec![thresholds], ..Default::default() }),
+        outlier_detection: spec.outlier_detection.as_ref().map(outlier_detection),
+        typed_extension_protocol_options: if port.http2 {
+            proto::http2_upstream()
+        } else {
+            Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+/// Exactly the ejections the policy asks for: Envoy enables consecutive-5xx and
+/// success-rate ejection by default, so the detectors a policy does not name are switched
+/// off, and failure-percentage ejection (off by default) is enforced when it is named.
+fn outlier_detection(spec: &OutlierSpec) -> OutlierDetection {
+    let duration =
+        |d: &Option<breakwater_api::Duration>| d.as_ref().and_then(|d| d.to_std().ok()).map(proto::duration);
+    let failure = spec.failure_percentage.as_ref();
+    OutlierDetection {
+        consecutive_5xx: spec.consecutive_5xx.and_then(proto::u32_value),
+        enforcing_consecutive_5xx: proto::u32_value(if spec.consecutive_5xx.is_some() { 100 } else { 0 }),
+        enforcing_success_rate: proto::u32_value(0),
+        interval: duration(&spec.interval),
+        base_ejection_time: duration(&spec.base_ejection_time),
+        max_ejection_percent: spec.max_ejection_percent.and_then(proto::u32_value),
+        failure_percentage_threshold: failure.and_then(|f| proto::u32_value(f.threshold)),
+        enforcing_failure_percentage: failure.and_then(|_| proto::u32_value(100)),
+        failure_percentage_request_volume: failure.and_then(|f| f.request_volume).and_then(proto::u32_value),
+        failure_percentage_minimum_hosts: failure.and_then(|f| f.minimum_hosts).and_then(proto::u32_value),
+        ..Default::default()
+    }
+}
+
+/// The endpoints of one Service port, one locality per zone.
+pub fn load_assignment(
+    name: &str,
+    by_zone: &BTreeMap<String, BTreeSet<(String, u16)>>,
+) -> ClusterLoadAssignment {
+    ClusterLoadAssignment {
+        cluster_name: name.to_string(),
+        endpoints: by_zone
+            .iter()
+            .map(|(zone, addresses)| LocalityLbEndpoints {
+                locality: (!zone.is_empty()).then(|| Locality { zone: zone.clone(), ..Default::default() }),
+                lb_endpoints: addresses
+                    .iter()
+                    .map(|(ip, port)| LbEndpoint {
+                        host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+                            address: Some(proto::socket_address(ip, u32::from(*port))),
+                            ..Default::default()
+                        })),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+/// The names a caller may use for a Service port through the HTTP proxy. A Host header
+/// carries no port for port 80, so the port-less names belong to port 80 only; the short
+/// names (`svc`, `svc:port`) resolve in the caller's own namespace only, so they go into
+/// that namespace's route configuration (`local`).
+pub fn domains(service: &ObjectName, port: u16, local: bool) -> Vec<String> {
+    let (svc, ns, domain) = (&service.name, &service.namespace, names::CLUSTER_DOMAIN);
+    let mut hosts = Vec::new();
+    if local {
+        hosts.push(svc.clone());
+    }
+    hosts.extend([format!("{svc}.{ns}"), format!("{svc}.{ns}.svc"), format!("{svc}.{ns}.svc.{domain}")]);
+    let mut all: Vec<String> = if port == 80 { hosts.clone() } else { Vec::new() };
+    all.extend(hosts.iter().map(|h| format!("{h}:{port}")));
+    all
+}
+
+/// The virtual host of one Service port: every request goes to its cluster, with the
+/// policy's timeout and retries. Without a timeout the route has none (Envoy's default of
+/// 15s would cut long polls and streams nobody asked to cut).
+pub fn virtual_host(
+    service: &ObjectName,
+    port: u16,
+    cluster: &str,
+    spec: &CircuitBreakerPolicySpec,
+    local: bool,
+) -> VirtualHost {
+    let timeout =
+        spec.timeout.as_ref().and_then(|t| t.to_std().ok()).map_or_else(Duration::default, proto::duration);
+    VirtualHost {
+        name: format!("{}.{}.svc.{}:{port}", service.name, service.namespace, names::CLUSTER_DOMAIN),
+        domains: domains(service, port, local),
+        routes: vec![Route {
+            r#match: Some(RouteMatch {
+                path_specifier: Some(route_match::PathSpecifier::Prefix("/".to_string())),
+                ..Default::default()
+            }),
+            action: Some(route::Action::Route(RouteAction {
+                cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(cluster.to_string())),
+                timeout: Some(timeout),
+                retry_policy: spec.retry.as_ref().map(retry_policy),
+                ..Default::default()
+            })),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+fn retry_policy(retry: &Retry) -> RetryPolicy {
+    let retry_on = retry.retry_on.as_ref().map_or_else(
+        || DEFAULT_RETRY_ON.to_string(),
+        |on| on.iter().map(|c| c.as_str()).collect::<Vec<_>>().join(","),
+    );
+    let std = |d: &breakwater_api::Duration| d.to_std().ok().map(proto::duration);
+    RetryPolicy {
+        retry_on,
+        num_retries: proto::u32_value(retry.attempts),
+        per_try_timeout: retry.per_try_timeout.as_ref().and_then(std),
+        retry_back_off: retry
+            .backoff
+            .as_ref()
+            .map(|b| RetryBackOff { base_interval: std(&b.base), max_interval: std(&b.max) }),
+        // A retry should try another endpoint than the one that just failed.
+        retry_host_predicate: vec![RetryHostPredicate {
+            name: "envoy.retry_host_predicates.previous_hosts".to_string(),
+            config_type: Some(retry_host_predicate::ConfigType::TypedConfig(proto::any(
+                &PreviousHostsPredicate {},
+            ))),
+        }],
+        host_selection_retry_max_attempts: 3,
+        ..Default::default()
+    }
+}
+
+/// The application's HTTP proxy (`HTTP_PROXY=http://127.0.0.1:15001`).
+pub fn listener() -> Listener {
+    let hcm = HttpConnectionManager {
+        stat_prefix: names::OUTBOUND_HTTP.to_string(),
+        codec_type: CodecType::Auto as i32,
+        route_specifier: Some(RouteSpecifier::Rds(Rds {
+            config_source: Some(proto::ads()),
+            route_config_name: names::OUTBOUND_HTTP.to_string(),
+        })),
+        http_filters: vec![router()],
+        ..Default::default()
+    };
+    Listener {
+        name: names::OUTBOUND_HTTP.to_string(),
+        address: Some(proto::socket_address("127.0.0.1", names::OUTBOUND_PORT)),
+        filter_chains: vec![FilterChain { filters: vec![hcm_filter(&hcm)], ..Default::default() }],
+        traffic_direction: TrafficDirection::Outbound as i32,
+        ..Default::default()
+    }
+}
+
+pub fn router() -> HttpFilter {
+    HttpFilter {
+        name: "envoy.filters.http.router".to_string(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(proto::any(&Router::default()))),
+        ..Default::default()
+    }
+}
+
+pub fn hcm_filter(hcm: &HttpConnectionManager) -> Filter {
+    Filter {
+        name: "envoy.filters.network.http_connection_manager".to_string(),
+        config_type: Some(filter::ConfigType::TypedConfig(proto::any(hcm))),
+    }
+}

@@ -1,0 +1,190 @@
+//! `breakwater-operator`: parse arguments, set up logging, hand over to the library.
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+
+use breakwater_operator::{run, standalone, telemetry};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "breakwater-operator",
+    version,
+    about = "Kubernetes resilience policies: reconcile, or evaluate files standalone"
+)]
+struct Cli {
+    /// Log level (RUST_LOG overrides it).
+    #[arg(long, global = true, default_value = "info", env = "BREAKWATER_LOG_LEVEL")]
+    log_level: String,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value = "text", env = "BREAKWATER_LOG_FORMAT")]
+    log_format: telemetry::LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Reconcile Breakwater resources in the cluster (uses the in-cluster config or KUBECONFIG).
+    Run {
+        /// Policies here may select other namespaces and set mode Default/Override.
+        #[arg(long, default_value = "breakwater-system", env = "BREAKWATER_ROOT_NAMESPACE")]
+        root_namespace: String,
+        /// Address of /healthz, /readyz and /metrics.
+        #[arg(long, default_value = "0.0.0.0:8080")]
+        metrics_addr: SocketAddr,
+        /// Address of the ADS (xDS) server that Envoy sidecars and agents connect to.
+        #[arg(long, default_value = "0.0.0.0:18000")]
+        xds_addr: SocketAddr,
+        /// Elect a leader among replicas with a Lease (disable only with a single replica).
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        leader_election: bool,
+        /// Namespace of the leader Lease (normally the operator's own).
+        #[arg(long, env = "POD_NAMESPACE", default_value = "breakwater-system")]
+        leader_election_namespace: String,
+        /// This replica's identity.
+        #[arg(long, env = "POD_NAME", default_value = "breakwater-operator")]
+        identity: String,
+    },
+    /// Evaluate policies from YAML files, without a cluster.
+    Standalone {
+        /// Directory of YAML files (read recursively, multi-document).
+        #[arg(long, default_value = "examples")]
+        dir: PathBuf,
+        /// The root namespace, as in `run`.
+        #[arg(long, default_value = "breakwater-system")]
+        root_namespace: String,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value = "table")]
+        output: standalone::Format,
+        /// Print once and exit: 0 all accepted, 1 some not accepted, 2 unreadable files.
+        #[arg(long)]
+        once: bool,
+        /// Where to serve ADS while running (not with --once), so proxies can connect.
+        #[arg(long, default_value = "127.0.0.1:18000")]
+        xds_addr: SocketAddr,
+    },
+    /// Print the Envoy and agent configuration compiled for a proxy (or for every Pod in
+    /// DIR) as protobuf-JSON/YAML, with the sidecar bootstrap, without a cluster.
+    Render {
+        /// Directory of YAML files, as for `standalone` (Pods and EndpointSlices included).
+        #[arg(long, default_value = "examples")]
+        dir: PathBuf,
+        /// The proxy to render, as its node id NAMESPACE/POD; every Pod in DIR when omitted.
+        #[arg(long)]
+        proxy: Option<String>,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value = "yaml")]
+        output: breakwater_operator::render::Format,
+        /// The root namespace, as in `run`.
+        #[arg(long, default_value = "breakwater-system")]
+        root_namespace: String,
+        /// Host of the operator's ADS server, as the sidecar bootstrap names it.
+        #[arg(long, default_value = "breakwater.breakwater-system.svc")]
+        xds_host: String,
+        /// Port of the operator's ADS server, as the sidecar bootstrap names it.
+        #[arg(long, default_value_t = 18000)]
+        xds_port: u16,
+    },
+    /// Print the RBAC rules the operator needs, as JSON (the chart test checks against it).
+    Rbac,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init(&cli.log_level, cli.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Run {
+                root_namespace,
+                metrics_addr,
+                xds_addr,
+                leader_election,
+                leader_election_namespace,
+                identity,
+            } => {
+                let client = match kube::Client::try_default().await {
+                    Ok(client) => client,
+                    Err(err) => {
+                        tracing::error!(error = %err, "cannot configure a Kubernetes client");
+                        return ExitCode::FAILURE;
+                    }
+                };
+                let options = run::Options {
+                    root_namespace,
+                    metrics_addr,
+                    xds_addr,
+                    leader_election_namespace: leader_election.then_some(leader_election_namespace),
+                    identity,
+                };
+                match run::run(client, options, shutdown_signal()).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(err) => {
+                        tracing::error!(error = %err, "operator stopped");
+                        ExitCode::FAILURE
+                    }
+                }
+            }
+            Command::Standalone { dir, root_namespace, output, once, xds_addr } => {
+                let options = standalone::Options {
+                    dir,
+                    root_namespace,
+                    format: output,
+                    once,
+                    xds_addr: Some(xds_addr),
+                };
+                match standalone::run(options, shutdown_signal()).await {
+                    Ok(code) => ExitCode::from(code),
+                    Err(err) => {
+                        eprintln!("error: {err}");
+                        ExitCode::from(standalone::exit::UNREADABLE)
+                    }
+                }
+            }
+            Command::Render { dir, proxy, output, root_namespace, xds_host, xds_port } => {
+                let options = breakwater_operator::render::Options {
+                    dir,
+                    root_namespace,
+                    proxy,
+                    format: output,
+                    xds: breakwater_operator::compile::XdsServer { host: xds_host, port: xds_port },
+                };
+                ExitCode::from(breakwater_operator::render::run(&options))
+            }
+            Command::Rbac => {
+                println!("{:#}", breakwater_operator::rbac::to_json());
+                ExitCode::SUCCESS
+            }
+        }
+    })
+}
+
+/// Resolves on SIGTERM (Kubernetes stopping the pod) or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("interrupted; shutting down"),
+        () = term => tracing::info!("SIGTERM; shutting down"),
+    }
+}

@@ -1,0 +1,46 @@
+//! The API access the operator needs, and nothing more. The Helm chart's RBAC is tested
+//! against this list (`breakwater-operator rbac` prints it), so the two cannot drift apart.
+
+use k8s_openapi::api::rbac::v1::PolicyRule;
+use serde_json::json;
+
+fn rule(group: &str, resources: &[&str], verbs: &[&str]) -> PolicyRule {
+    PolicyRule {
+        api_groups: Some(vec![group.to_string()]),
+        resources: Some(resources.iter().map(|r| r.to_string()).collect()),
+        verbs: verbs.iter().map(|v| v.to_string()).collect(),
+        ..PolicyRule::default()
+    }
+}
+
+const KINDS: [&str; 4] = ["circuitbreakerpolicies", "lockleases", "outboxrelays", "ratelimitpolicies"];
+
+/// Cluster-wide rules: the controllers and the xDS feed (on every replica) watch every namespace.
+pub fn cluster_rules() -> Vec<PolicyRule> {
+    let status: Vec<String> = KINDS.iter().map(|k| format!("{k}/status")).collect();
+    let status: Vec<&str> = status.iter().map(String::as_str).collect();
+    vec![
+        // Controllers list and watch their kind (reflector + trigger streams).
+        rule(breakwater_api::common::GROUP, &KINDS, &["get", "list", "watch"]),
+        // Status is written by server-side apply (PATCH) on the status subresource.
+        rule(breakwater_api::common::GROUP, &status, &["get", "patch"]),
+        // Target resolution and selectors (namespaces, services); pods because the xDS feed
+        // compiles per-pod Envoy configuration from every Pod in the cluster.
+        rule("", &["namespaces", "pods", "services"], &["get", "list", "watch"]),
+        // The xDS feed builds endpoints (EDS) from EndpointSlices, cluster-wide.
+        rule("discovery.k8s.io", &["endpointslices"], &["get", "list", "watch"]),
+        // An OutboxRelay's connection Secret is read by name, never listed.
+        rule("", &["secrets"], &["get"]),
+        // Events on condition transitions (kube's Recorder creates, then patches a series).
+        rule("events.k8s.io", &["events"], &["create", "patch"]),
+    ]
+}
+
+/// Rules in the operator's own namespace: the leader-election Lease.
+pub fn namespaced_rules() -> Vec<PolicyRule> {
+    vec![rule("coordination.k8s.io", &["leases"], &["create", "get", "update"])]
+}
+
+pub fn to_json() -> serde_json::Value {
+    json!({"clusterRules": cluster_rules(), "namespacedRules": namespaced_rules()})
+}

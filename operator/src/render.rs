@@ -1,0 +1,272 @@
+//! `breakwater-operator render`: the configuration the compiler produces for a proxy,
+//! printed the way Envoy itself prints configuration — protobuf-JSON (or the same as YAML)
+//! with snake_case field names and every resource under its `@type`, laid out like the
+//! discovery responses the proxy receives, plus the sidecar's bootstrap. Envoy messages are
+//! rendered through prost-reflect with the descriptor set envoy-types ships (copied in by
+//! `build.rs`); the agent's resource is the JSON it already is.
+
+use std::{path::PathBuf, sync::OnceLock};
+
+use breakwater_api::agent::AgentConfig;
+use envoy_types::pb::google::protobuf::Any;
+use prost::Message;
+use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};
+use serde::{Serialize, Serializer};
+
+use crate::{
+    compile::{self, Compiled, Proxy, Snapshot, XdsServer, type_url},
+    standalone::{exit, load},
+};
+
+static DESCRIPTORS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/envoy_types.bin"));
+
+/// The order resource types are printed in: how a request travels through Envoy.
+pub const TYPE_ORDER: [&str; 5] =
+    [type_url::LISTENER, type_url::ROUTE, type_url::CLUSTER, type_url::ENDPOINT, type_url::AGENT];
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    #[default]
+    Yaml,
+    Json,
+}
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub dir: PathBuf,
+    pub root_namespace: String,
+    /// `namespace/pod`; every Pod of the directory when None.
+    pub proxy: Option<String>,
+    pub format: Format,
+    pub xds: XdsServer,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    #[error("the Envoy descriptor set is unreadable: {0}")]
+    Descriptors(String),
+    #[error("no message type {0} in the Envoy descriptor set")]
+    UnknownType(String),
+    #[error("cannot decode a {type_url} resource: {message}")]
+    Decode { type_url: String, message: String },
+    #[error("cannot print the configuration: {0}")]
+    Print(String),
+}
+
+fn pool() -> Result<&'static DescriptorPool, RenderError> {
+    static POOL: OnceLock<Result<DescriptorPool, String>> = OnceLock::new();
+    POOL.get_or_init(|| DescriptorPool::decode(DESCRIPTORS).map_err(|err| err.to_string()))
+        .as_ref()
+        .map_err(|err| RenderError::Descriptors(err.clone()))
+}
+
+/// Field names as in the .proto files (and Envoy's docs and config dumps); default values
+/// left out.
+const OPTIONS: SerializeOptions = SerializeOptions::new().use_proto_field_name(true);
+
+/// A protobuf message that serializes as protobuf-JSON.
+#[derive(Debug)]
+struct Proto(DynamicMessage);
+
+impl Serialize for Proto {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize_with_options(serializer, &OPTIONS)
+    }
+}
+
+/// One resource as a discovery response carries it: `{"@type": …, fields…}`.
+#[derive(Debug)]
+enum Resource {
+    Envoy(Proto),
+    /// The agent's configuration, printed as the JSON it travels as, under its `@type`.
+    Agent(AgentConfig),
+}
+
+/// A body printed under its `@type`, as protobuf-JSON prints an `Any`.
+#[derive(Serialize)]
+struct Typed<'a, T> {
+    #[serde(rename = "@type")]
+    type_url: &'a str,
+    #[serde(flatten)]
+    body: &'a T,
+}
+
+impl Serialize for Resource {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Envoy(message) => message.serialize(serializer),
+            Self::Agent(config) => Typed { type_url: type_url::AGENT, body: config }.serialize(serializer),
+        }
+    }
+}
+
+fn resource(any: &Any) -> Result<Resource, RenderError> {
+    let decode_err = |message: String| RenderError::Decode { type_url: any.type_url.clone(), message };
+    if any.type_url == type_url::AGENT {
+        // Through the contract type, so fields print in its order (id first), not sorted.
+        let config = serde_json::from_slice(&any.value).map_err(|err| decode_err(err.to_string()))?;
+        return Ok(Resource::Agent(config));
+    }
+    let name = "google.protobuf.Any";
+    let descriptor =
+        pool()?.get_message_by_name(name).ok_or_else(|| RenderError::UnknownType(name.into()))?;
+    let message = DynamicMessage::decode(descriptor, any.encode_to_vec().as_slice())
+        .map_err(|err| decode_err(err.to_string()))?;
+    Ok(Resource::Envoy(Proto(message)))
+}
+
+/// Resources of one type, as in a DiscoveryResponse.
+#[derive(Debug, Serialize)]
+struct Response {
+    type_url: &'static str,
+    resources: Vec<Resource>,
+}
+
+#[derive(Debug, Serialize)]
+struct PolicyEntry {
+    kind: &'static str,
+    namespace: String,
+    name: String,
+    generation: i64,
+}
+
+/// Everything printed for one proxy.
+#[derive(Debug, Serialize)]
+pub struct Rendered {
+    node: String,
+    /// The policies whose configuration the snapshot carries.
+    policies: Vec<PolicyEntry>,
+    bootstrap: Proto,
+    discovery: Vec<Response>,
+}
+
+/// Renders one proxy's snapshot and bootstrap.
+pub fn render(proxy: &Proxy, snapshot: &Snapshot, xds: &XdsServer) -> Result<Rendered, RenderError> {
+    let bootstrap_name = "envoy.config.bootstrap.v3.Bootstrap";
+    let bootstrap_descriptor = pool()?
+        .get_message_by_name(bootstrap_name)
+        .ok_or_else(|| RenderError::UnknownType(bootstrap_name.into()))?;
+    let bootstrap = DynamicMessage::decode(
+        bootstrap_descriptor,
+        compile::bootstrap(proxy, xds).encode_to_vec().as_slice(),
+    )
+    .map_err(|err| RenderError::Decode { type_url: bootstrap_name.into(), message: err.to_string() })?;
+    let mut discovery = Vec::new();
+    for type_url in TYPE_ORDER {
+        let Some(resources) = snapshot.resources.get(type_url) else { continue };
+        discovery.push(Response {
+            type_url,
+            resources: resources.values().map(resource).collect::<Result<_, _>>()?,
+        });
+    }
+    Ok(Rendered {
+        node: proxy.node_id(),
+        policies: snapshot
+            .policies
+            .iter()
+            .map(|p| PolicyEntry {
+                kind: p.kind,
+                namespace: p.name.namespace.clone(),
+                name: p.name.name.clone(),
+                generation: p.generation,
+            })
+            .collect(),
+        bootstrap: Proto(bootstrap),
+        discovery,
+    })
+}
+
+/// Prints rendered proxies: YAML documents separated by `---`, or JSON (one object for one
+/// proxy, an array for several).
+pub fn print(rendered: &[Rendered], format: Format, single: bool) -> Result<String, RenderError> {
+    let print_err = |err: &dyn std::fmt::Display| RenderError::Print(err.to_string());
+    match format {
+        Format::Yaml => {
+            let mut out = String::new();
+            for (index, doc) in rendered.iter().enumerate() {
+                if index > 0 {
+                    out.push_str("---\n");
+                }
+                out.push_str(&format!("# proxy {}\n", doc.node));
+                // Long type URLs stay on one line (no folded `>-` blocks).
+                let mut yaml_options = serde_saphyr::SerializerOptions::default();
+                yaml_options.prefer_block_scalars = false;
+                out.push_str(
+                    &serde_saphyr::to_string_with_options(doc, yaml_options).map_err(|e| print_err(&e))?,
+                );
+            }
+            Ok(out)
+        }
+        Format::Json if single && rendered.len() == 1 => {
+            serde_json::to_string_pretty(&rendered[0]).map_err(|e| print_err(&e))
+        }
+        Format::Json => serde_json::to_string_pretty(rendered).map_err(|e| print_err(&e)),
+    }
+}
+
+/// Renders every proxy of a loaded directory (or the one asked for).
+pub fn render_dir(
+    inventory: &crate::inventory::Inventory,
+    proxies: &[Proxy],
+    xds: &XdsServer,
+) -> Result<Vec<Rendered>, RenderError> {
+    let compiled = Compiled::new(inventory);
+    proxies.iter().map(|proxy| render(proxy, &compiled.snapshot(proxy), xds)).collect()
+}
+
+/// Runs `render`; returns the exit code (0 printed, 1 bad arguments, 2 unreadable files).
+pub fn run(options: &Options) -> u8 {
+    let loaded = match load::load_dir(&options.dir, &options.root_namespace) {
+        Ok(loaded) => loaded,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return exit::UNREADABLE;
+        }
+    };
+    for rejected in &loaded.rejected {
+        for error in &rejected.errors {
+            eprintln!(
+                "error: {}: {} {} is invalid and is not compiled: {error}",
+                rejected.source, rejected.kind, rejected.name
+            );
+        }
+    }
+    let inventory = &loaded.inventory;
+    let proxies: Vec<Proxy> = match &options.proxy {
+        Some(id) => match Proxy::from_node_id(id) {
+            Some(proxy) => {
+                if !inventory.pods.contains_key(&proxy.pod) {
+                    eprintln!(
+                        "note: no Pod {id} in {}: rendering the outbound configuration only",
+                        options.dir.display()
+                    );
+                }
+                vec![proxy]
+            }
+            None => {
+                eprintln!("error: --proxy {id:?} is not NAMESPACE/POD");
+                return 1;
+            }
+        },
+        None => inventory.pods.keys().map(|pod| Proxy { pod: pod.clone() }).collect(),
+    };
+    if proxies.is_empty() {
+        eprintln!(
+            "note: no Pods in {}: add Pods (and their EndpointSlices), or name one with --proxy NAMESPACE/POD",
+            options.dir.display()
+        );
+        return 0;
+    }
+    let printed = render_dir(inventory, &proxies, &options.xds)
+        .and_then(|rendered| print(&rendered, options.format, options.proxy.is_some()));
+    match printed {
+        Ok(text) => {
+            println!("{}", text.trim_end());
+            0
+        }
+        Err(err) => {
+            eprintln!("error: {err}");
+            exit::UNREADABLE
+        }
+    }
+}

@@ -1,0 +1,231 @@
+//! Standalone mode: the controllers' validation, target resolution and merge, run on YAML
+//! files instead of an API server. `--once` prints the outcome and exits; otherwise the
+//! files are watched and every change is re-evaluated.
+
+pub mod load;
+pub mod output;
+
+use std::{
+    collections::BTreeMap,
+    hash::{Hash, Hasher},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use serde_json::Value;
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use self::load::Loaded;
+use crate::{
+    error::Result,
+    http::State,
+    inventory::ObjectName,
+    policy::{Assessment, Verdict, reason},
+    resource::Policy,
+    status::{self, OwnedStatus, owned_status},
+    xds::SnapshotCache,
+    xds::{self, AdsServer},
+};
+
+/// How the outcome is printed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// A table like `kubectl get`.
+    Table,
+    /// Every object with its computed status, as a `kind: List`.
+    Json,
+}
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub dir: PathBuf,
+    pub root_namespace: String,
+    pub format: Format,
+    pub once: bool,
+    /// Where to serve ADS (not with `once`); None serves none.
+    pub xds_addr: Option<std::net::SocketAddr>,
+}
+
+/// Exit codes of `standalone`.
+pub mod exit {
+    pub const ACCEPTED: u8 = 0;
+    pub const NOT_ACCEPTED: u8 = 1;
+    pub const UNREADABLE: u8 = 2;
+}
+
+/// One evaluated object: what it is and the status the API server would hold for it.
+#[derive(Clone, Debug)]
+pub struct Row {
+    pub kind: String,
+    pub name: ObjectName,
+    pub object: Value,
+    pub status: OwnedStatus,
+}
+
+impl Row {
+    pub fn accepted(&self) -> bool {
+        self.status.conditions.iter().any(|c| c.type_ == "Accepted" && c.status == "True")
+    }
+}
+
+type Previous = BTreeMap<(String, ObjectName), Vec<Condition>>;
+
+/// Evaluates every loaded object. `previous` holds the conditions of the last evaluation, so
+/// that transition times only move on a change, as in the cluster.
+pub fn evaluate(loaded: &Loaded, cache: Option<&SnapshotCache>, previous: &Previous, now: &Time) -> Vec<Row> {
+    let inventory = &loaded.inventory;
+    let accepted_rows = Policy::all(inventory).into_iter().map(|policy| {
+        let assessment = policy.assess(inventory);
+        let generation = policy.meta().generation;
+        let programmed = status::programmed(&assessment, cache, policy.kind(), &policy.name(), generation);
+        (policy.kind().to_string(), policy.name(), policy.to_json(), assessment, programmed, generation)
+    });
+    let rejected_rows = loaded.rejected.iter().map(|rejected| {
+        let assessment = Assessment {
+            accepted: Verdict::fail(reason::INVALID, rejected.errors.join("; ")),
+            resolved_refs: None,
+            targets: None,
+        };
+        let programmed = status::programmed(&assessment, cache, &rejected.kind, &rejected.name, None);
+        (rejected.kind.clone(), rejected.name.clone(), rejected.object.clone(), assessment, programmed, None)
+    });
+    let mut rows: Vec<Row> = accepted_rows
+        .chain(rejected_rows)
+        .map(|(kind, name, object, assessment, programmed, generation)| {
+            let before = previous.get(&(kind.clone(), name.clone())).map(Vec::as_slice).unwrap_or_default();
+            let status = owned_status(&assessment, programmed, generation, before, now);
+            Row { kind, name, object, status }
+        })
+        .collect();
+    rows.sort_by(|a, b| (&a.kind, &a.name).cmp(&(&b.kind, &b.name)));
+    rows
+}
+
+fn now() -> Time {
+    Time(jiff::Timestamp::now())
+}
+
+/// Loads the directory and reports what the API server would refuse; None when a file
+/// cannot be read or parsed (reported too).
+fn load_and_report(options: &Options) -> Option<Loaded> {
+    let loaded = match load::load_dir(&options.dir, &options.root_namespace) {
+        Ok(loaded) => loaded,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return None;
+        }
+    };
+    for rejected in &loaded.rejected {
+        for error in &rejected.errors {
+            eprintln!("error: {}: {} {} is invalid: {error}", rejected.source, rejected.kind, rejected.name);
+        }
+    }
+    for (source, what) in &loaded.ignored {
+        eprintln!(
+            "note: {source}: ignoring {what} (standalone mode reads Namespaces, Services, EndpointSlices, Pods, Secrets and Breakwater kinds)"
+        );
+    }
+    Some(loaded)
+}
+
+/// Evaluates and renders the outcome; remembers the conditions for transition times.
+fn evaluate_and_render(
+    loaded: &Loaded,
+    cache: Option<&SnapshotCache>,
+    format: Format,
+    previous: &mut Previous,
+) -> (String, u8) {
+    let rows = evaluate(loaded, cache, previous, &now());
+    let printed = match format {
+        Format::Table => output::table(&rows),
+        Format::Json => output::json(&rows),
+    };
+    *previous =
+        rows.iter().map(|r| ((r.kind.clone(), r.name.clone()), r.status.conditions.clone())).collect();
+    let code = if rows.iter().all(Row::accepted) { exit::ACCEPTED } else { exit::NOT_ACCEPTED };
+    (printed, code)
+}
+
+/// Runs standalone mode until `shutdown` resolves (or once, with `--once`). Without
+/// `--once` it also serves ADS, so proxies (or test clients) can connect and acknowledge,
+/// and reprints whenever the outcome changes: files edited, or a proxy ACKed or NACKed.
+pub async fn run(options: Options, shutdown: impl std::future::Future<Output = ()>) -> Result<u8> {
+    let mut previous = Previous::new();
+    if options.once {
+        let Some(loaded) = load_and_report(&options) else { return Ok(exit::UNREADABLE) };
+        let (printed, code) = evaluate_and_render(&loaded, None, options.format, &mut previous);
+        println!("{printed}");
+        return Ok(code);
+    }
+    let cache = Arc::new(SnapshotCache::default());
+    let stop = CancellationToken::new();
+    let _stop_on_return = stop.clone().drop_guard();
+    if let Some(addr) = options.xds_addr {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        tracing::info!(addr = %listener.local_addr()?, "serving ADS; proxies connect with node id NAMESPACE/POD");
+        let ads = AdsServer::new(cache.clone(), Arc::new(State::default()));
+        tokio::spawn(xds::serve(listener, ads, stop.clone().cancelled_owned()));
+    }
+    let mut changes = cache.subscribe_changes();
+    let mut seen = fingerprint(&options.dir);
+    let mut loaded = load_and_report(&options);
+    if let Some(loaded) = &loaded {
+        publish(&cache, loaded);
+    }
+    let mut code = exit::UNREADABLE;
+    let mut last = String::new();
+    tokio::pin!(shutdown);
+    loop {
+        if let Some(current) = &loaded {
+            let (printed, status) = evaluate_and_render(current, Some(&cache), options.format, &mut previous);
+            code = status;
+            if printed != last {
+                println!("{printed}");
+                last = printed;
+            }
+        }
+        tokio::select! {
+            () = &mut shutdown => return Ok(code),
+            changed = changes.changed() => if changed.is_err() { return Ok(code) },
+            () = tokio::time::sleep(Duration::from_millis(500)) => {
+                let current = fingerprint(&options.dir);
+                if current != seen {
+                    seen = current;
+                    tracing::info!(dir = %options.dir.display(), "files changed; re-evaluating");
+                    loaded = load_and_report(&options);
+                    if let Some(loaded) = &loaded {
+                        publish(&cache, loaded);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn publish(cache: &SnapshotCache, loaded: &Loaded) {
+    cache.set_compiler(xds::feed::compiler(&loaded.inventory));
+}
+
+/// A hash of every YAML file's path and contents: polling it is portable and cheap for the
+/// few files a policy directory holds.
+fn fingerprint(dir: &Path) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    let mut stack = vec![dir.to_path_buf()];
+    let mut files = Vec::new();
+    while let Some(path) = stack.pop() {
+        match std::fs::read_dir(&path) {
+            Ok(entries) => stack.extend(entries.flatten().map(|e| e.path())),
+            Err(_) => files.push(path),
+        }
+    }
+    files.sort();
+    for file in files.iter().filter(|f| f.extension().is_some_and(|e| e == "yaml" || e == "yml")) {
+        file.hash(&mut hasher);
+        std::fs::read(file).unwrap_or_default().hash(&mut hasher);
+    }
+    hasher.finish()
+}

@@ -1,0 +1,261 @@
+//! The aggregated discovery service (ADS, state of the world, v3). Each stream serves one
+//! proxy: it answers every subscribed type with the resources of the proxy's snapshot,
+//! pushes when the snapshot changes, and records ACKs and NACKs in the cache. Per the xDS
+//! protocol, a request whose nonce is not the last one sent on its type is stale and
+//! ignored; a NACK keeps the proxy on its last good configuration and is not answered with
+//! the same version again.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Instant,
+};
+
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+    aggregated_discovery_service_server::{AggregatedDiscoveryService, AggregatedDiscoveryServiceServer},
+};
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::cache::{SnapshotCache, version};
+use crate::{
+    compile::{Proxy, Snapshot},
+    http::State,
+    metrics::TypeLabel,
+};
+
+#[derive(Clone, Debug)]
+pub struct AdsServer {
+    cache: Arc<SnapshotCache>,
+    state: Arc<State>,
+    /// Open while this replica may take streams: only the leader writes `Programmed`, so
+    /// only the leader must hold the streams whose ACKs decide it.
+    open: Arc<AtomicBool>,
+}
+
+impl AdsServer {
+    /// A server that always accepts streams (standalone mode, tests).
+    pub fn new(cache: Arc<SnapshotCache>, state: Arc<State>) -> Self {
+        Self::gated(cache, state, Arc::new(AtomicBool::new(true)))
+    }
+
+    /// A server that accepts streams only while `open` is set; others are told to retry.
+    pub fn gated(cache: Arc<SnapshotCache>, state: Arc<State>, open: Arc<AtomicBool>) -> Self {
+        Self { cache, state, open }
+    }
+
+    pub fn into_service(self) -> AggregatedDiscoveryServiceServer<Self> {
+        AggregatedDiscoveryServiceServer::new(self)
+    }
+}
+
+/// Serves ADS on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    server: AdsServer,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .add_service(server.into_service())
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
+type DeltaStream = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for AdsServer {
+    type StreamAggregatedResourcesStream = ResponseStream;
+    type DeltaAggregatedResourcesStream = DeltaStream;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<ResponseStream>, Status> {
+        if !self.open.load(Ordering::Acquire) {
+            // Envoy reconnects with backoff and the Service sends it to another replica.
+            return Err(Status::unavailable("this replica is a standby; the leader serves xDS"));
+        }
+        let (tx, rx) = mpsc::channel(32);
+        let (cache, state) = (self.cache.clone(), self.state.clone());
+        // The stream's response headers must go out before the first request arrives
+        // (clients may wait for them), so the node is identified in the spawned task.
+        tokio::spawn(async move {
+            let mut inbound = request.into_inner();
+            let first = match inbound.message().await {
+                Ok(Some(first)) => first,
+                Ok(None) | Err(_) => return,
+            };
+            let node_id = first.node.as_ref().map(|n| n.id.clone()).unwrap_or_default();
+            let Some(proxy) = Proxy::from_node_id(&node_id) else {
+                let refusal = Status::invalid_argument(format!("node id {node_id:?} is not NAMESPACE/POD"));
+                let _ = tx.send(Err(refusal)).await;
+                return;
+            };
+            ProxyStream::new(proxy, cache, state, tx).run(first, inbound).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        _request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<DeltaStream>, Status> {
+        Err(Status::unimplemented("Breakwater serves state-of-the-world ADS; set api_type: GRPC"))
+    }
+}
+
+/// What this stream last sent on one type.
+#[derive(Debug, Default)]
+struct Sent {
+    names: Option<BTreeSet<String>>,
+    version: Option<String>,
+    nonce: String,
+    at: Option<Instant>,
+}
+
+struct ProxyStream {
+    proxy: Proxy,
+    cache: Arc<SnapshotCache>,
+    state: Arc<State>,
+    tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    types: BTreeMap<String, Sent>,
+    nonces: u64,
+}
+
+impl ProxyStream {
+    fn new(
+        proxy: Proxy,
+        cache: Arc<SnapshotCache>,
+        state: Arc<State>,
+        tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    ) -> Self {
+        Self { proxy, cache, state, tx, types: BTreeMap::new(), nonces: 0 }
+    }
+
+    async fn run(mut self, first: DiscoveryRequest, mut inbound: Streaming<DiscoveryRequest>) {
+        let mut snapshots = self.cache.connect(&self.proxy);
+        self.state.metrics.xds_connected.inc();
+        tracing::info!(node = %self.proxy.node_id(), "proxy connected");
+        let mut snapshot = snapshots.borrow_and_update().clone();
+        let mut next = Some(first);
+        loop {
+            if let Some(request) = next.take()
+                && self.handle(request, &snapshot).await.is_err()
+            {
+                break;
+            }
+            tokio::select! {
+                request = inbound.message() => match request {
+                    Ok(Some(request)) => next = Some(request),
+                    Ok(None) => break,
+                    Err(status) => {
+                        tracing::debug!(node = %self.proxy.node_id(), %status, "stream ended");
+                        break;
+                    }
+                },
+                changed = snapshots.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    snapshot = snapshots.borrow_and_update().clone();
+                    if self.push_all(&snapshot).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        self.cache.disconnect(&self.proxy);
+        self.state.metrics.xds_connected.dec();
+        tracing::info!(node = %self.proxy.node_id(), "proxy disconnected");
+    }
+
+    /// Handles one request: stale nonce, NACK, ACK or a (new) subscription.
+    async fn handle(&mut self, request: DiscoveryRequest, snapshot: &Snapshot) -> Result<(), Closed> {
+        let type_url = request.type_url.clone();
+        let names: Option<BTreeSet<String>> =
+            (!request.resource_names.is_empty()).then(|| request.resource_names.iter().cloned().collect());
+        let label = TypeLabel::of(&type_url);
+        let first_on_type = !self.types.contains_key(&type_url);
+        let sent = self.types.entry(type_url.clone()).or_default();
+        if !request.response_nonce.is_empty() && request.response_nonce != sent.nonce {
+            return Ok(()); // Answers an older response: superseded, ignore.
+        }
+        if sent.names != names || first_on_type {
+            sent.names = names.clone();
+            self.cache.subscribe(&self.proxy, &type_url, names.clone());
+        }
+        if let Some(error) = &request.error_detail {
+            let rejected = sent.version.clone().unwrap_or_default();
+            self.state.metrics.xds_nacks.get_or_create(&label).inc();
+            tracing::warn!(node = %self.proxy.node_id(), type_url, version = rejected, error = error.message, "configuration rejected");
+            self.cache.nack(&self.proxy, &type_url, &rejected, &error.message);
+            return Ok(());
+        }
+        if !request.response_nonce.is_empty() {
+            self.state.metrics.xds_acks.get_or_create(&label).inc();
+            if let Some(at) = sent.at.take() {
+                self.state.metrics.xds_push_latency.observe(at.elapsed().as_secs_f64());
+            }
+            self.cache.ack(&self.proxy, &type_url, &request.version_info);
+        } else if first_on_type && !request.version_info.is_empty() {
+            // A reconnecting proxy says what it holds; if that is current, nothing to send.
+            let current = version(snapshot, &type_url, names.as_ref());
+            if request.version_info == current {
+                sent.version = Some(current.clone());
+                self.cache.ack(&self.proxy, &type_url, &current);
+            }
+        }
+        self.push(&type_url, snapshot).await
+    }
+
+    async fn push_all(&mut self, snapshot: &Snapshot) -> Result<(), Closed> {
+        let types: Vec<String> = self.types.keys().cloned().collect();
+        for type_url in types {
+            self.push(&type_url, snapshot).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends the type's resources if their version differs from what was last sent.
+    async fn push(&mut self, type_url: &str, snapshot: &Snapshot) -> Result<(), Closed> {
+        let Some(sent) = self.types.get_mut(type_url) else { return Ok(()) };
+        let current = version(snapshot, type_url, sent.names.as_ref());
+        if sent.version.as_deref() == Some(current.as_str()) {
+            return Ok(());
+        }
+        let resources = snapshot
+            .resources
+            .get(type_url)
+            .into_iter()
+            .flatten()
+            .filter(|(name, _)| sent.names.as_ref().is_none_or(|n| n.contains(*name)))
+            .map(|(_, any)| any.clone())
+            .collect();
+        self.nonces += 1;
+        sent.nonce = self.nonces.to_string();
+        sent.version = Some(current.clone());
+        sent.at = Some(Instant::now());
+        let response = DiscoveryResponse {
+            version_info: current,
+            resources,
+            type_url: type_url.to_string(),
+            nonce: sent.nonce.clone(),
+            ..DiscoveryResponse::default()
+        };
+        self.state.metrics.xds_pushes.get_or_create(&TypeLabel::of(type_url)).inc();
+        self.tx.send(Ok(response)).await.map_err(|_| Closed)
+    }
+}
+
+/// The client went away.
+#[derive(Debug)]
+struct Closed;

@@ -1,0 +1,94 @@
+//! `breakwater-operator render` as a user runs it: one proxy or every Pod, YAML or JSON, the
+//! bootstrap's xDS address from flags, and what happens with an unknown or malformed proxy.
+
+use std::{path::Path, process::Command};
+
+const BIN: &str = env!("CARGO_BIN_EXE_breakwater-operator");
+const API_POD: &str = "shop/api-7c9f8d6b5-x2kqp";
+
+fn render(args: &[&str]) -> (Option<i32>, String, String) {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let output = Command::new(BIN)
+        .args(["render", "--dir", examples.to_str().expect("utf-8 path")])
+        .args(args)
+        .output()
+        .expect("binary runs");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn one_proxy_as_json_is_a_discovery_like_document() {
+    let (code, stdout, stderr) =
+        render(&["--proxy", API_POD, "-o", "json", "--xds-host", "xds.example", "--xds-port", "9901"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let doc: serde_json::Value = serde_json::from_str(&stdout).expect("one JSON object");
+    assert_eq!(doc["node"], API_POD);
+    let types: Vec<&str> = doc["discovery"]
+        .as_array()
+        .expect("discovery")
+        .iter()
+        .map(|r| r["type_url"].as_str().expect("type_url"))
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "type.googleapis.com/envoy.config.listener.v3.Listener",
+            "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
+            "type.googleapis.com/envoy.config.cluster.v3.Cluster",
+            "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
+            "type.googleapis.com/breakwater.agent.v1alpha1.AgentConfig",
+        ]
+    );
+    for response in doc["discovery"].as_array().expect("discovery") {
+        for resource in response["resources"].as_array().expect("resources") {
+            assert_eq!(resource["@type"], response["type_url"]);
+        }
+    }
+    let xds = &doc["bootstrap"]["static_resources"]["clusters"][0];
+    assert_eq!(xds["name"], "breakwater_xds");
+    let address = &xds["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"];
+    assert_eq!(address["socket_address"]["address"], "xds.example");
+    assert_eq!(address["socket_address"]["port_value"], 9901);
+    assert_eq!(doc["bootstrap"]["node"]["id"], API_POD);
+}
+
+#[test]
+fn every_pod_as_yaml_documents() {
+    let (code, stdout, stderr) = render(&[]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let proxies: Vec<&str> = stdout.lines().filter_map(|l| l.strip_prefix("# proxy ")).collect();
+    assert_eq!(
+        proxies,
+        [
+            "billing/billing-worker-84c6d5f7b9-tq9vd",
+            "billing/ledger-6f4d9c8b7-k2j5n",
+            "shop/api-7c9f8d6b5-m4n8z",
+            API_POD,
+            "shop/payments-5d8b7c4f9-q7wzt",
+        ]
+    );
+    assert_eq!(stdout.lines().filter(|l| *l == "---").count(), 4);
+}
+
+#[test]
+fn an_unknown_pod_gets_the_outbound_side_with_a_note() {
+    let (code, stdout, stderr) = render(&["--proxy", "shop/not-a-pod", "-o", "json"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("no Pod shop/not-a-pod"), "{stderr}");
+    let doc: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
+    let listeners = &doc["discovery"][0]["resources"];
+    assert_eq!(listeners.as_array().map(Vec::len), Some(1));
+    assert_eq!(listeners[0]["name"], "outbound_http");
+}
+
+#[test]
+fn a_malformed_proxy_is_refused() {
+    let (code, stdout, stderr) = render(&["--proxy", "just-a-pod"]);
+    assert_eq!(code, Some(1));
+    assert!(stdout.is_empty());
+    assert!(stderr.contains("is not NAMESPACE/POD"), "{stderr}");
+}

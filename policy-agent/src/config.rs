@@ -1,0 +1,254 @@
+//! The rules this agent enforces, and where they come from.
+//!
+//! [`RuleSet`] is the validated form of the operator's [`AgentConfig`]: rules by id, each
+//! with its [`Limit`] and its metric handles already resolved, so a decision does one hash
+//! lookup and no allocation to find its rule. [`RuleHolder`] publishes the current set
+//! through an `ArcSwapOption`: a decision loads it without a lock, a new configuration
+//! replaces it in one atomic store, and decisions in flight finish on the set they began
+//! with.
+//!
+//! A [`ConfigSource`] feeds the holder: a file (YAML or JSON, re-read when it changes —
+//! standalone use, tests, and a ConfigMap) or a watch channel (what the ADS subscription
+//! will publish into).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwapOption;
+use breakwater_api::agent::{AgentConfig, RateLimitRule};
+use breakwater_api::rate_limit::FailureMode;
+use tokio::sync::watch;
+
+use crate::algorithm::Limit;
+use crate::metrics::{Metrics, RuleCounters};
+
+/// One rule, ready to enforce.
+#[derive(Debug)]
+pub struct CompiledRule {
+    pub rule: RateLimitRule,
+    pub limit: Limit,
+    pub counters: RuleCounters,
+}
+
+/// A validated configuration.
+#[derive(Debug, Default)]
+pub struct RuleSet {
+    pub rules: HashMap<String, Arc<CompiledRule>>,
+    /// True when no rule fails closed: then the agent is useful (it admits) even without
+    /// Redis, and readiness does not wait for it.
+    pub all_fail_open: bool,
+    /// Set by [`RuleHolder::store`]: distinct for every rule set published.
+    pub generation: u64,
+}
+
+/// Why a configuration was refused. The previous configuration stays in force.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("cannot parse {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("rate limit {id:?}: {source}")]
+    Rule { id: String, source: crate::algorithm::LimitError },
+    #[error("rate limit id {0:?} appears twice")]
+    Duplicate(String),
+    #[error("a rate limit has an empty id")]
+    EmptyId,
+}
+
+impl RuleSet {
+    pub fn compile(config: &AgentConfig, metrics: &Metrics) -> Result<Self, ConfigError> {
+        let mut rules = HashMap::with_capacity(config.rate_limits.len());
+        for rule in &config.rate_limits {
+            if rule.id.is_empty() {
+                return Err(ConfigError::EmptyId);
+            }
+            let limit =
+                Limit::from_rule(rule).map_err(|source| ConfigError::Rule { id: rule.id.clone(), source })?;
+            let compiled =
+                CompiledRule { rule: rule.clone(), limit, counters: metrics.rule_counters(&rule.id) };
+            if rules.insert(rule.id.clone(), Arc::new(compiled)).is_some() {
+                return Err(ConfigError::Duplicate(rule.id.clone()));
+            }
+        }
+        let all_fail_open = config.rate_limits.iter().all(|r| r.failure_mode == FailureMode::Open);
+        Ok(RuleSet { rules, all_fail_open, generation: 0 })
+    }
+}
+
+/// The current rule set; empty until a first configuration arrives.
+#[derive(Debug, Default)]
+pub struct RuleHolder {
+    current: ArcSwapOption<RuleSet>,
+    published: std::sync::atomic::AtomicU64,
+}
+
+impl RuleHolder {
+    pub fn load(&self) -> Option<Arc<RuleSet>> {
+        self.current.load_full()
+    }
+
+    pub fn store(&self, mut rules: RuleSet) {
+        rules.generation = self.published.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        self.current.store(Some(Arc::new(rules)));
+    }
+}
+
+/// Where the configuration comes from.
+#[derive(Debug)]
+pub enum ConfigSource {
+    /// A YAML or JSON file holding an [`AgentConfig`], checked for changes every `poll`
+    /// (by modification time, size and content, so ConfigMap symlink swaps are seen).
+    File { path: PathBuf, poll: Duration },
+    /// Configurations pushed by another task (the ADS client, tests); `None` means none yet.
+    Channel(watch::Receiver<Option<AgentConfig>>),
+}
+
+/// Parses a configuration file: JSON when it looks like JSON, YAML otherwise.
+pub fn parse_file(path: &Path, text: &str) -> Result<AgentConfig, ConfigError> {
+    let parse_error = |message: String| ConfigError::Parse { path: path.to_path_buf(), message };
+    let is_json = path.extension().is_some_and(|e| e == "json") || text.trim_start().starts_with('{');
+    if is_json {
+        serde_json::from_str(text).map_err(|e| parse_error(e.to_string()))
+    } else {
+        serde_saphyr::from_str(text).map_err(|e| parse_error(e.to_string()))
+    }
+}
+
+pub fn read_file(path: &Path) -> Result<(AgentConfig, String), ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+    Ok((parse_file(path, &text)?, text))
+}
+
+/// Applies one configuration: compiles it and swaps it in, or keeps the old one.
+pub fn apply(
+    holder: &RuleHolder,
+    metrics: &Metrics,
+    config: &AgentConfig,
+    on_swap: &dyn Fn(),
+) -> Result<(), ConfigError> {
+    match RuleSet::compile(config, metrics) {
+        Ok(rules) => {
+            let count = rules.rules.len();
+            holder.store(rules);
+            on_swap();
+            metrics.config_applied(count);
+            tracing::info!(rules = count, "rate-limit configuration applied");
+            Ok(())
+        }
+        Err(error) => {
+            metrics.config_rejected();
+            Err(error)
+        }
+    }
+}
+
+/// Follows `source` until `stop` fires, applying every configuration it yields.
+pub async fn follow(
+    source: ConfigSource,
+    holder: Arc<RuleHolder>,
+    metrics: Arc<Metrics>,
+    on_swap: Arc<dyn Fn() + Send + Sync>,
+    mut stop: watch::Receiver<bool>,
+) {
+    match source {
+        ConfigSource::File { path, poll } => {
+            let mut last: Option<(Option<SystemTime>, u64, String)> = None;
+            loop {
+                let stamp = std::fs::metadata(&path).ok().map(|m| (m.modified().ok(), m.len()));
+                let changed = match (&last, &stamp) {
+                    (Some((mtime, len, _)), Some((m, l))) => mtime != m || len != l,
+                    _ => true,
+                };
+                if changed {
+                    match read_file(&path) {
+                        Ok((config, text)) => {
+                            let same = last.as_ref().is_some_and(|(_, _, old)| *old == text);
+                            if !same && let Err(error) = apply(&holder, &metrics, &config, &*on_swap) {
+                                tracing::error!(%error, "configuration refused; keeping the previous one");
+                            }
+                            let (m, l) = stamp.unwrap_or((None, 0));
+                            last = Some((m, l, text));
+                        }
+                        Err(error) => {
+                            if last.is_some() || holder.load().is_none() {
+                                tracing::error!(%error, "configuration unreadable; keeping the previous one");
+                                metrics.config_rejected();
+                            }
+                            // Retry on the next poll even if the stamp stays the same.
+                            last = None;
+                        }
+                    }
+                }
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    _ = tokio::time::sleep(poll) => {}
+                }
+            }
+        }
+        ConfigSource::Channel(mut rx) => loop {
+            let config = rx.borrow_and_update().clone();
+            if let Some(config) = config
+                && let Err(error) = apply(&holder, &metrics, &config, &*on_swap)
+            {
+                tracing::error!(%error, "configuration refused; keeping the previous one");
+            }
+            tokio::select! {
+                _ = stop.changed() => return,
+                changed = rx.changed() => if changed.is_err() { return },
+            }
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use breakwater_api::rate_limit::Algorithm;
+
+    fn rule(id: &str, requests: u32) -> RateLimitRule {
+        RateLimitRule {
+            id: id.into(),
+            requests,
+            period_ms: 1000,
+            burst: 0,
+            algorithm: Algorithm::FixedWindow,
+            shadow: false,
+            failure_mode: FailureMode::Open,
+        }
+    }
+
+    #[test]
+    fn refuses_duplicates_and_zero_rates() {
+        let metrics = Metrics::default();
+        let dup = AgentConfig { rate_limits: vec![rule("a", 1), rule("a", 2)] };
+        assert!(matches!(RuleSet::compile(&dup, &metrics), Err(ConfigError::Duplicate(id)) if id == "a"));
+        let zero = AgentConfig { rate_limits: vec![rule("z", 0)] };
+        let error = RuleSet::compile(&zero, &metrics).unwrap_err().to_string();
+        assert_eq!(error, "rate limit \"z\": requests must be at least 1");
+    }
+
+    #[test]
+    fn parses_yaml_and_json() {
+        let yaml = "rateLimits:\n- {id: a/b/c, requests: 5, periodMs: 1000, algorithm: FixedWindow, failureMode: Closed}\n";
+        let config = parse_file(Path::new("c.yaml"), yaml).unwrap();
+        assert_eq!(config.rate_limits[0].requests, 5);
+        assert_eq!(config.rate_limits[0].failure_mode, FailureMode::Closed);
+        let json = serde_json::to_string(&config).unwrap();
+        assert_eq!(parse_file(Path::new("c.json"), &json).unwrap(), config);
+        let error = parse_file(Path::new("bad.yaml"), "rateLimits: 3").unwrap_err().to_string();
+        assert!(error.starts_with("cannot parse bad.yaml"), "{error}");
+    }
+
+    #[test]
+    fn fail_open_only_when_every_rule_is() {
+        let metrics = Metrics::default();
+        let mut config = AgentConfig { rate_limits: vec![rule("a", 1)] };
+        assert!(RuleSet::compile(&config, &metrics).unwrap().all_fail_open);
+        config.rate_limits.push(RateLimitRule { failure_mode: FailureMode::Closed, ..rule("b", 1) });
+        assert!(!RuleSet::compile(&config, &metrics).unwrap().all_fail_open);
+    }
+}

@@ -1,0 +1,187 @@
+//! `breakwater-agent`: parse flags, start logging, call [`breakwater_agent::run`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use breakwater_agent::config::ConfigSource;
+use breakwater_agent::limiter::LimiterSettings;
+use breakwater_agent::store::{RedisSettings, RedisTopology};
+use breakwater_agent::{Listeners, Settings, StoreSettings};
+use clap::Parser;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "breakwater-agent",
+    version,
+    about = "Breakwater per-pod agent: Envoy's rate-limit service on Redis"
+)]
+struct Cli {
+    /// The agent configuration (YAML or JSON `AgentConfig`), re-read when it changes.
+    #[arg(long, env = "BREAKWATER_AGENT_CONFIG")]
+    config: PathBuf,
+    /// How often to check the configuration file for changes.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    config_poll: Duration,
+    /// The rate-limit gRPC service (Envoy's `rate_limit_service`); loopback in a pod.
+    #[arg(long, default_value = "127.0.0.1:8081")]
+    grpc_addr: SocketAddr,
+    /// /healthz, /readyz and /metrics.
+    #[arg(long, default_value = "0.0.0.0:9102")]
+    http_addr: SocketAddr,
+    /// Redis URL (`redis://[:password@]host:port[/db]`). Without it (and without
+    /// --redis-cluster), counters are kept in memory: correct for one agent only.
+    #[arg(long, env = "BREAKWATER_REDIS_URL", conflicts_with = "redis_cluster")]
+    redis_url: Option<String>,
+    /// Redis Cluster seed nodes, comma-separated URLs.
+    #[arg(long, env = "BREAKWATER_REDIS_CLUSTER", value_delimiter = ',')]
+    redis_cluster: Vec<String>,
+    /// Multiplexed Redis connections to spread decisions over.
+    #[arg(long, default_value_t = 1)]
+    redis_connections: usize,
+    /// How long a decision waits for Redis before answering by the rule's failure mode.
+    #[arg(long, default_value = "5ms", value_parser = parse_duration)]
+    deadline: Duration,
+    /// Prefix of every counter key.
+    #[arg(long, default_value = "bw")]
+    key_prefix: String,
+    /// Over-limit counters remembered locally (0 disables the cache).
+    #[arg(long, default_value_t = 65_536)]
+    over_limit_cache: usize,
+    /// Worker threads (default: one per core).
+    #[arg(long)]
+    worker_threads: Option<usize>,
+    #[arg(long, env = "BREAKWATER_LOG_LEVEL", default_value = "info")]
+    log_level: String,
+    /// text or json
+    #[arg(long, env = "BREAKWATER_LOG_FORMAT", default_value = "text")]
+    log_format: String,
+}
+
+/// `250us`, `5ms`, `2s`, `1m`.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let split =
+        s.find(|c: char| !c.is_ascii_digit()).ok_or_else(|| format!("{s:?} has no unit (us, ms, s, m)"))?;
+    let (number, unit) = s.split_at(split);
+    let n: u64 = number.parse().map_err(|_| format!("{s:?} does not start with a number"))?;
+    match unit {
+        "us" => Ok(Duration::from_micros(n)),
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("{s:?}: unknown unit {unit:?} (us, ms, s, m)")),
+    }
+}
+
+fn init_logging(cli: &Cli) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cli.log_level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if cli.log_format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli);
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if let Some(n) = cli.worker_threads {
+        runtime.worker_threads(n.max(1));
+    }
+    let runtime = match runtime.build() {
+        Ok(rt) => rt,
+        Err(error) => {
+            eprintln!("error: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(start(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn start(cli: Cli) -> Result<(), String> {
+    // Refuse a missing or broken configuration at start, where the error is visible.
+    breakwater_agent::config::read_file(&cli.config).map_err(|e| e.to_string())?;
+    let topology = match (&cli.redis_url, cli.redis_cluster.is_empty()) {
+        (Some(url), _) => Some(RedisTopology::Standalone(url.clone())),
+        (None, false) => Some(RedisTopology::Cluster(cli.redis_cluster.clone())),
+        (None, true) => None,
+    };
+    let store = match topology {
+        Some(topology) => {
+            let mut redis = RedisSettings::new(topology);
+            redis.connections = cli.redis_connections.max(1);
+            StoreSettings::Redis(redis)
+        }
+        None => {
+            tracing::warn!("no --redis-url: counters are kept in memory and are not shared between agents");
+            StoreSettings::Memory
+        }
+    };
+    let listeners = Listeners {
+        grpc: tokio::net::TcpListener::bind(cli.grpc_addr)
+            .await
+            .map_err(|e| format!("bind {}: {e}", cli.grpc_addr))?,
+        http: tokio::net::TcpListener::bind(cli.http_addr)
+            .await
+            .map_err(|e| format!("bind {}: {e}", cli.http_addr))?,
+    };
+    let settings = Settings {
+        config: ConfigSource::File { path: cli.config.clone(), poll: cli.config_poll },
+        store,
+        limiter: LimiterSettings {
+            deadline: cli.deadline,
+            key_prefix: cli.key_prefix.clone(),
+            cache_capacity: cli.over_limit_cache,
+        },
+    };
+    breakwater_agent::run(listeners, settings, shutdown_signal()).await.map_err(|e| e.to_string())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("5ms"), Ok(Duration::from_millis(5)));
+        assert_eq!(parse_duration("250us"), Ok(Duration::from_micros(250)));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("5h").is_err());
+    }
+}

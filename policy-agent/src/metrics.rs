@@ -1,0 +1,157 @@
+//! The agent's Prometheus metrics. Per-rule counters are resolved once, when a
+//! configuration is compiled, and kept with the rule: a decision increments atomics and
+//! never looks up a label set.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    rule: String,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
+/// The outcomes of one rule's decisions.
+#[derive(Clone, Debug, Default)]
+pub struct RuleCounters {
+    /// Admitted by the store.
+    pub ok: Counter,
+    /// Rejected by the store.
+    pub over_limit: Counter,
+    /// Rejected by the over-limit cache, without asking the store.
+    pub over_limit_cached: Counter,
+    /// A shadow rule that would have rejected (the request was admitted).
+    pub shadow_over_limit: Counter,
+    /// The store did not answer in time or failed: admitted (failureMode Open).
+    pub failure_open: Counter,
+    /// The store did not answer in time or failed: rejected (failureMode Closed).
+    pub failure_closed: Counter,
+}
+
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    decisions: Family<DecisionLabels, Counter>,
+    unknown: Family<ReasonLabels, Counter>,
+    store_errors: Family<KindLabels, Counter>,
+    pub requests: Counter,
+    pub request_duration: Histogram,
+    config_reloads: Family<ReasonLabels, Counter>,
+    config_rules: Gauge,
+    pub store_up: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("breakwater_agent");
+        let decisions = Family::<DecisionLabels, Counter>::default();
+        registry.register(
+            "rate_limit_decisions",
+            "Descriptor decisions by rule and result (ok, over_limit, over_limit_cached, shadow_over_limit, failure_open, failure_closed)",
+            decisions.clone(),
+        );
+        let unknown = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "rate_limit_unknown_descriptors",
+            "Descriptors admitted because no rule matched them (reason: no_limit_key, unknown_rule, other_domain)",
+            unknown.clone(),
+        );
+        let store_errors = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "store_errors",
+            "Counter-store calls that failed (kind: timeout, transient, permanent)",
+            store_errors.clone(),
+        );
+        let requests = Counter::default();
+        registry.register("rate_limit_requests", "ShouldRateLimit calls answered", requests.clone());
+        let request_duration = Histogram::new(exponential_buckets(0.000_05, 2.0, 16));
+        registry.register(
+            "rate_limit_request_duration_seconds",
+            "Time to answer one ShouldRateLimit call",
+            request_duration.clone(),
+        );
+        let config_reloads = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Configurations received (reason: applied, rejected)",
+            config_reloads.clone(),
+        );
+        let config_rules = Gauge::default();
+        registry.register("config_rules", "Rate-limit rules in force", config_rules.clone());
+        let store_up = Gauge::default();
+        registry.register("store_up", "1 while the counter store answers its health probe", store_up.clone());
+        Metrics {
+            registry,
+            decisions,
+            unknown,
+            store_errors,
+            requests,
+            request_duration,
+            config_reloads,
+            config_rules,
+            store_up,
+        }
+    }
+}
+
+impl Metrics {
+    pub fn rule_counters(&self, rule: &str) -> RuleCounters {
+        let get =
+            |result| self.decisions.get_or_create(&DecisionLabels { rule: rule.to_string(), result }).clone();
+        RuleCounters {
+            ok: get("ok"),
+            over_limit: get("over_limit"),
+            over_limit_cached: get("over_limit_cached"),
+            shadow_over_limit: get("shadow_over_limit"),
+            failure_open: get("failure_open"),
+            failure_closed: get("failure_closed"),
+        }
+    }
+
+    pub fn unknown_descriptor(&self, reason: &'static str) {
+        self.unknown.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    pub fn unknown_descriptors(&self, reason: &'static str) -> u64 {
+        self.unknown.get_or_create(&ReasonLabels { reason }).get()
+    }
+
+    pub fn store_error(&self, kind: &'static str) {
+        self.store_errors.get_or_create(&KindLabels { kind }).inc();
+    }
+
+    pub fn store_errors(&self, kind: &'static str) -> u64 {
+        self.store_errors.get_or_create(&KindLabels { kind }).get()
+    }
+
+    pub fn config_applied(&self, rules: usize) {
+        self.config_reloads.get_or_create(&ReasonLabels { reason: "applied" }).inc();
+        self.config_rules.set(i64::try_from(rules).unwrap_or(i64::MAX));
+    }
+
+    pub fn config_rejected(&self) {
+        self.config_reloads.get_or_create(&ReasonLabels { reason: "rejected" }).inc();
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
