@@ -42,8 +42,11 @@ fn copy_descriptor_set() -> Result<(), String> {
 fn envoy_types_dir() -> Result<PathBuf, String> {
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
     let manifest_dir = env::var("CARGO_MANIFEST_DIR").map_err(|_| "CARGO_MANIFEST_DIR is not set")?;
+    // Only the target's packages: on a fresh registry, packages of other platforms were never
+    // downloaded, and `--offline` would fail on them.
+    let target = env::var("TARGET").map_err(|_| "TARGET is not set")?;
     let output = Command::new(&cargo)
-        .args(["metadata", "--format-version", "1", "--offline"])
+        .args(["metadata", "--format-version", "1", "--offline", "--filter-platform", &target])
         .current_dir(&manifest_dir)
         .output()
         .map_err(|err| format!("cannot run `{cargo} metadata` to locate envoy-types: {err}"))?;
