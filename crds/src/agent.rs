@@ -25,6 +25,25 @@ pub struct AgentConfig {
     /// Scope-Cluster rate limits, sorted by id.
     #[serde(default)]
     pub rate_limits: Vec<RateLimitRule>,
+    /// The `LockLease`s this pod may take, sorted by id.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub leases: Vec<LeaseRule>,
+}
+
+/// One `LockLease` a pod's agent may grant to its pod.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LeaseRule {
+    /// `<namespace>/<name>` of the LockLease: names its grants in Redis, shared by every
+    /// agent that grants it.
+    pub id: String,
+    /// The name the pod asks for (`/v1/leases/NAME`): the LockLease's name, since a pod
+    /// only sees leases of its own namespace.
+    pub name: String,
+    /// How long a grant lasts unless renewed, in milliseconds.
+    pub ttl_ms: u64,
+    /// How many holders at once: 1 for a lock, N for a semaphore.
+    pub holders: u32,
 }
 
 /// One limit of one policy, as the agent enforces it.
@@ -65,9 +84,16 @@ mod tests {
                 shadow: false,
                 failure_mode: FailureMode::Open,
             }],
+            leases: vec![LeaseRule {
+                id: "billing/invoice-run".into(),
+                name: "invoice-run".into(),
+                ttl_ms: 30_000,
+                holders: 1,
+            }],
         };
         let json = serde_json::to_string(&config).expect("serializes");
         assert!(json.contains(r#""periodMs":60000"#), "{json}");
+        assert!(json.contains(r#""ttlMs":30000"#), "{json}");
         assert_eq!(serde_json::from_str::<AgentConfig>(&json).expect("parses"), config);
     }
 }

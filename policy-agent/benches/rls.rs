@@ -335,6 +335,7 @@ async fn run() -> BenchResult<()> {
             exact_rule(Algorithm::SlidingWindow, exact_n),
             exact_rule(Algorithm::FixedWindow, exact_n),
         ],
+        ..Default::default()
     };
     let config_path = dir.path().join("agent.json");
     std::fs::write(&config_path, serde_json::to_string(&config)?)?;

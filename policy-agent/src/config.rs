@@ -224,9 +224,9 @@ mod tests {
     #[test]
     fn refuses_duplicates_and_zero_rates() {
         let metrics = Metrics::default();
-        let dup = AgentConfig { rate_limits: vec![rule("a", 1), rule("a", 2)] };
+        let dup = AgentConfig { rate_limits: vec![rule("a", 1), rule("a", 2)], ..Default::default() };
         assert!(matches!(RuleSet::compile(&dup, &metrics), Err(ConfigError::Duplicate(id)) if id == "a"));
-        let zero = AgentConfig { rate_limits: vec![rule("z", 0)] };
+        let zero = AgentConfig { rate_limits: vec![rule("z", 0)], ..Default::default() };
         let error = RuleSet::compile(&zero, &metrics).unwrap_err().to_string();
         assert_eq!(error, "rate limit \"z\": requests must be at least 1");
     }
@@ -246,7 +246,7 @@ mod tests {
     #[test]
     fn fail_open_only_when_every_rule_is() {
         let metrics = Metrics::default();
-        let mut config = AgentConfig { rate_limits: vec![rule("a", 1)] };
+        let mut config = AgentConfig { rate_limits: vec![rule("a", 1)], ..Default::default() };
         assert!(RuleSet::compile(&config, &metrics).unwrap().all_fail_open);
         config.rate_limits.push(RateLimitRule { failure_mode: FailureMode::Closed, ..rule("b", 1) });
         assert!(!RuleSet::compile(&config, &metrics).unwrap().all_fail_open);

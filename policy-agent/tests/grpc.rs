@@ -150,6 +150,7 @@ async fn over_loopback_with_config_pushed_on_a_channel() {
     config_tx
         .send(Some(AgentConfig {
             rate_limits: vec![rule("shop/api/wire", Algorithm::TokenBucket, 3, Duration::from_secs(60))],
+            ..Default::default()
         }))
         .unwrap();
     wait_until("ready", Duration::from_secs(5), || async { get(agent.http, "/readyz").await.0 == 200 }).await;
@@ -184,7 +185,7 @@ async fn over_loopback_with_config_pushed_on_a_channel() {
     // this very counter for another 20 s): a burst of 10 makes room at once.
     let mut raised = rule("shop/api/wire", Algorithm::TokenBucket, 3, Duration::from_secs(60));
     raised.burst = 10;
-    config_tx.send(Some(AgentConfig { rate_limits: vec![raised] })).unwrap();
+    config_tx.send(Some(AgentConfig { rate_limits: vec![raised], ..Default::default() })).unwrap();
     let mut client2 = client.clone();
     wait_until("the raised limit is in force", Duration::from_secs(5), || {
         let mut c = client2.clone();

@@ -31,7 +31,7 @@ pub fn config<'a>(limits: impl IntoIterator<Item = &'a EffectiveLimit>) -> Agent
             failure_mode: effective.failure_mode,
         });
     }
-    AgentConfig { rate_limits: rules.into_values().collect() }
+    AgentConfig { rate_limits: rules.into_values().collect(), ..AgentConfig::default() }
 }
 
 /// The ADS resource: the JSON encoding of the configuration, under the agent's type URL.

@@ -276,7 +276,10 @@ pub fn limiter<S: CounterStore>(
 ) -> Arc<Limiter<S>> {
     let metrics = Arc::new(Metrics::default());
     let holder = Arc::new(RuleHolder::default());
-    holder.store(RuleSet::compile(&AgentConfig { rate_limits: rules }, &metrics).expect("valid rules"));
+    holder.store(
+        RuleSet::compile(&AgentConfig { rate_limits: rules, ..Default::default() }, &metrics)
+            .expect("valid rules"),
+    );
     Arc::new(Limiter::new(store, holder, metrics, settings))
 }
 
