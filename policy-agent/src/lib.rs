@@ -19,6 +19,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+pub mod ads;
 pub mod algorithm;
 pub mod cache;
 pub mod config;

@@ -1,0 +1,173 @@
+//! The agent's own subscription on the operator's ADS server: state-of-the-world, one type
+//! ([`TYPE_URL`]), node id `NAMESPACE/POD` — the same node id as the pod's Envoy, so the
+//! operator counts the agent's ACKs with the pod's when it reports `Programmed`.
+//!
+//! Each response is checked before it is ACKed: a configuration the agent would refuse is
+//! NACKed with the reason (the operator shows it in the policy's status) and the previous
+//! one stays in force. Accepted configurations are published on a watch channel, which the
+//! agent follows like any other [`crate::config::ConfigSource::Channel`]. The stream is
+//! re-opened with backoff when it ends; the re-opening request names the version in force,
+//! so the operator sends nothing when that is still current.
+
+use std::time::Duration;
+
+use breakwater_api::agent::{AgentConfig, TYPE_URL};
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::google::rpc::Status;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+
+/// `google.rpc.Code.INVALID_ARGUMENT`, the code of a NACK.
+const INVALID_ARGUMENT: i32 = 3;
+
+#[derive(Debug, Clone)]
+pub struct AdsSettings {
+    /// The operator's xDS endpoint, e.g. `http://breakwater-xds.breakwater-system:18000`.
+    pub endpoint: String,
+    /// `NAMESPACE/POD`.
+    pub node_id: String,
+    /// First and longest wait between attempts to (re)open the stream.
+    pub backoff: (Duration, Duration),
+}
+
+/// What one response means for the agent: the configuration to apply and ACK, or the
+/// reason to NACK it.
+pub fn decode(
+    response: &DiscoveryResponse,
+    check: &dyn Fn(&AgentConfig) -> Result<(), String>,
+) -> Result<AgentConfig, String> {
+    if response.type_url != TYPE_URL {
+        return Err(format!("unexpected type {:?}", response.type_url));
+    }
+    let config = match response.resources.as_slice() {
+        // The operator always sends the resource; none means "nothing for this pod".
+        [] => AgentConfig::default(),
+        [any] if any.type_url == TYPE_URL => serde_json::from_slice(&any.value)
+            .map_err(|e| format!("agent configuration is not valid JSON for this agent: {e}"))?,
+        [any] => return Err(format!("resource has type {:?}, expected {TYPE_URL:?}", any.type_url)),
+        more => return Err(format!("{} resources, expected one agent configuration", more.len())),
+    };
+    check(&config)?;
+    Ok(config)
+}
+
+/// Follows the operator until `stop` fires, publishing every accepted configuration.
+pub async fn follow(
+    settings: AdsSettings,
+    configs: watch::Sender<Option<AgentConfig>>,
+    check: impl Fn(&AgentConfig) -> Result<(), String> + Send + Sync + 'static,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut accepted_version = String::new();
+    let mut backoff = settings.backoff.0;
+    loop {
+        let session = subscribe(&settings, &configs, &check, &mut accepted_version);
+        let outcome = tokio::select! {
+            _ = stop.wait_for(|stop| *stop) => return,
+            outcome = session => outcome,
+        };
+        match outcome {
+            Ok(()) => {
+                tracing::info!(endpoint = settings.endpoint, "xDS stream closed by the operator; reopening");
+                backoff = settings.backoff.0;
+            }
+            Err(error) => {
+                tracing::warn!(endpoint = settings.endpoint, %error, retry_in = ?backoff, "xDS stream failed");
+            }
+        }
+        tokio::select! {
+            _ = stop.wait_for(|stop| *stop) => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(settings.backoff.1);
+    }
+}
+
+/// One stream: subscribe, then ACK or NACK every response until the stream ends.
+async fn subscribe(
+    settings: &AdsSettings,
+    configs: &watch::Sender<Option<AgentConfig>>,
+    check: &(dyn Fn(&AgentConfig) -> Result<(), String> + Send + Sync),
+    accepted_version: &mut String,
+) -> Result<(), String> {
+    let mut client = AggregatedDiscoveryServiceClient::connect(settings.endpoint.clone())
+        .await
+        .map_err(|e| format!("connect {}: {e}", settings.endpoint))?;
+    let (requests, outbound) = mpsc::channel(4);
+    let request = |version: &str, nonce: &str, error: Option<String>| DiscoveryRequest {
+        version_info: version.to_string(),
+        node: Some(Node { id: settings.node_id.clone(), ..Node::default() }),
+        type_url: TYPE_URL.to_string(),
+        response_nonce: nonce.to_string(),
+        error_detail: error.map(|message| Status { code: INVALID_ARGUMENT, message, details: vec![] }),
+        ..DiscoveryRequest::default()
+    };
+    // The channel has room: the first send cannot wait.
+    let _ = requests.send(request(accepted_version, "", None)).await;
+    let mut responses = client
+        .stream_aggregated_resources(ReceiverStream::new(outbound))
+        .await
+        .map_err(|status| format!("open stream: {}", status.message()))?
+        .into_inner();
+    tracing::info!(
+        endpoint = settings.endpoint,
+        node = settings.node_id,
+        "subscribed to the agent configuration"
+    );
+    while let Some(response) = responses.message().await.map_err(|status| status.message().to_string())? {
+        let reply = match decode(&response, check) {
+            Ok(config) => {
+                *accepted_version = response.version_info.clone();
+                configs.send_replace(Some(config));
+                request(accepted_version, &response.nonce, None)
+            }
+            Err(reason) => {
+                tracing::error!(version = response.version_info, %reason, "agent configuration rejected (NACK)");
+                request(accepted_version, &response.nonce, Some(reason))
+            }
+        };
+        if requests.send(reply).await.is_err() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::google::protobuf::Any;
+
+    fn response(resources: Vec<Any>) -> DiscoveryResponse {
+        DiscoveryResponse { type_url: TYPE_URL.into(), resources, ..DiscoveryResponse::default() }
+    }
+
+    fn any(value: &str) -> Any {
+        Any { type_url: TYPE_URL.into(), value: value.as_bytes().to_vec() }
+    }
+
+    fn accept(_: &AgentConfig) -> Result<(), String> {
+        Ok(())
+    }
+
+    #[test]
+    fn decodes_one_resource_or_none() {
+        let config = decode(&response(vec![any(r#"{"rateLimits":[]}"#)]), &accept).unwrap();
+        assert_eq!(config, AgentConfig::default());
+        assert_eq!(decode(&response(vec![]), &accept).unwrap(), AgentConfig::default());
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_apply() {
+        let error = decode(&response(vec![any("{not json")]), &accept).unwrap_err();
+        assert!(error.starts_with("agent configuration is not valid JSON"), "{error}");
+        let two = decode(&response(vec![any("{}"), any("{}")]), &accept).unwrap_err();
+        assert_eq!(two, "2 resources, expected one agent configuration");
+        let refused = decode(&response(vec![any("{}")]), &|_| Err("no".to_string())).unwrap_err();
+        assert_eq!(refused, "no");
+        let wrong = DiscoveryResponse { type_url: "x".into(), ..DiscoveryResponse::default() };
+        assert_eq!(decode(&wrong, &accept).unwrap_err(), "unexpected type \"x\"");
+    }
+}
