@@ -1,20 +1,27 @@
-//! The agent's share of a pod's configuration: the scope Cluster rate limits of the
-//! Services the pod backs, as the `breakwater_api::agent` contract defines them. The agent
-//! counts each descriptor Envoy sends (rule id, Service port, match, key parts) in Redis.
+//! The agent's share of a pod's configuration, as the `breakwater_api::agent` contract
+//! defines it: the scope Cluster rate limits of the Services the pod backs (the agent counts
+//! each descriptor Envoy sends — rule id, Service port, match, key parts — in Redis), and the
+//! LockLeases the pod may take.
 
 use std::collections::BTreeMap;
 
 use breakwater_api::{
-    agent::{AgentConfig, RateLimitRule},
+    LockLease,
+    agent::{AgentConfig, LeaseRule, RateLimitRule},
     rate_limit::{Algorithm, Scope},
 };
 use envoy_types::pb::google::protobuf::Any;
+use kube::ResourceExt;
 
 use super::{inbound::rule_id, type_url};
-use crate::policy::rate_limit::EffectiveLimit;
+use crate::{inventory::ObjectName, policy::rate_limit::EffectiveLimit};
 
-/// The agent configuration for the limits that land on a pod, one rule per limit id.
-pub fn config<'a>(limits: impl IntoIterator<Item = &'a EffectiveLimit>) -> AgentConfig {
+/// The agent configuration for the limits that land on a pod (one rule per limit id) and
+/// the leases it may take (sorted by id).
+pub fn config<'a>(
+    limits: impl IntoIterator<Item = &'a EffectiveLimit>,
+    leases: impl IntoIterator<Item = &'a LockLease>,
+) -> AgentConfig {
     let mut rules = BTreeMap::new();
     for effective in limits.into_iter().filter(|l| l.limit.scope() == Scope::Cluster) {
         let limit = &effective.limit;
@@ -31,7 +38,21 @@ pub fn config<'a>(limits: impl IntoIterator<Item = &'a EffectiveLimit>) -> Agent
             failure_mode: effective.failure_mode,
         });
     }
-    AgentConfig { rate_limits: rules.into_values().collect(), ..AgentConfig::default() }
+    let leases: BTreeMap<String, LeaseRule> =
+        leases.into_iter().filter_map(lease_rule).map(|rule| (rule.id.clone(), rule)).collect();
+    AgentConfig { rate_limits: rules.into_values().collect(), leases: leases.into_values().collect() }
+}
+
+/// A LockLease as the agent grants it; None for a ttl the agent could not use (refused by
+/// `policy::lock_lease::assess`, so never Accepted either).
+fn lease_rule(lease: &LockLease) -> Option<LeaseRule> {
+    let ttl = lease.spec.ttl.to_std().ok()?;
+    Some(LeaseRule {
+        id: ObjectName::of(lease).to_string(),
+        name: lease.name_any(),
+        ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+        holders: lease.spec.holders,
+    })
 }
 
 /// The ADS resource: the JSON encoding of the configuration, under the agent's type URL.

@@ -21,7 +21,7 @@ use std::{
     sync::Arc,
 };
 
-use breakwater_api::{CircuitBreakerPolicySpec, agent::AgentConfig};
+use breakwater_api::{CircuitBreakerPolicySpec, LockLease, agent::AgentConfig};
 use envoy_types::pb::{envoy::config::route::v3::VirtualHost, google::protobuf::Any};
 use k8s_openapi::api::{
     core::v1::{Pod, Service},
@@ -40,8 +40,10 @@ use crate::{
     inventory::{Inventory, ObjectName, ServicePort},
     policy::{
         circuit_breaker::{self, Section},
+        lock_lease,
         rate_limit::{self, EffectiveLimit},
     },
+    selector,
 };
 
 /// Names and ports of the configuration, shared with the sidecar injection and the docs.
@@ -70,6 +72,17 @@ pub mod names {
 
 pub const CIRCUIT_BREAKER_POLICY: &str = "CircuitBreakerPolicy";
 pub const RATE_LIMIT_POLICY: &str = "RateLimitPolicy";
+pub const LOCK_LEASE: &str = "LockLease";
+
+/// The resource types whose acknowledgement programs a policy of `kind`, when narrower than
+/// every type its proxy subscribed to. A LockLease lives in the agent's configuration only,
+/// so what Envoy says about its listeners and routes neither programs nor rejects it.
+pub fn carried_by(kind: &str) -> Option<&'static [&'static str]> {
+    match kind {
+        LOCK_LEASE => Some(&[type_url::AGENT]),
+        _ => None,
+    }
+}
 
 /// Type URLs of the resources a snapshot carries (Envoy v3, plus the agent's own type).
 pub mod type_url {
@@ -163,6 +176,8 @@ pub struct Compiled {
     hosts: Vec<EncodedHost>,
     services: BTreeMap<String, Vec<ServiceEntry>>,
     rate_limits: BTreeMap<ServicePort, Vec<EffectiveLimit>>,
+    /// Accepted LockLeases by namespace, in name order.
+    leases: BTreeMap<String, Vec<Arc<LockLease>>>,
     generations: BTreeMap<(&'static str, ObjectName), i64>,
     pods: BTreeMap<ObjectName, Arc<Pod>>,
 }
@@ -238,7 +253,14 @@ impl Compiled {
             });
         }
         shared.insert(type_url::LISTENER, names::OUTBOUND_HTTP, proto::any(&outbound::listener()));
-        Self { shared, hosts, services, rate_limits, generations, pods: inventory.pods.clone() }
+        let mut leases: BTreeMap<String, Vec<Arc<LockLease>>> = BTreeMap::new();
+        for lease in inventory.lock_leases.iter().filter(|l| lock_lease::assess(l).accepted.ok) {
+            leases.entry(lease.namespace().unwrap_or_default()).or_default().push(lease.clone());
+        }
+        for of_namespace in leases.values_mut() {
+            of_namespace.sort_by_key(|l| l.name_any());
+        }
+        Self { shared, hosts, services, rate_limits, leases, generations, pods: inventory.pods.clone() }
     }
 
     /// The full snapshot of one proxy: [`shared`](Self::shared), the
@@ -258,13 +280,14 @@ impl Compiled {
     }
 
     /// What is particular to one pod: when the pod is known, the inbound listener, routes
-    /// and clusters and the policies they carry; and the agent's rules (empty for an
-    /// unknown pod, so its agent still gets an answer).
+    /// and clusters and the policies they carry; and the agent's rules and leases (empty
+    /// for an unknown pod, so its agent still gets an answer).
     pub fn local(&self, proxy: &Proxy) -> Snapshot {
         let mut snapshot = Snapshot::default();
-        let ports = self.pods.get(&proxy.pod).map(|pod| self.inbound_ports(pod));
         let mut agent = AgentConfig::default();
-        if let Some(ports) = ports {
+        if let Some(pod) = self.pods.get(&proxy.pod) {
+            let ports = self.inbound_ports(pod);
+            let leases = self.leases_of(pod);
             for port in &ports {
                 let name = inbound::cluster_name(port.target);
                 snapshot.insert(type_url::CLUSTER, &name, proto::any(&inbound::cluster(port)));
@@ -279,7 +302,17 @@ impl Compiled {
                 proto::any(&inbound::passthrough_cluster()),
             );
             snapshot.insert(type_url::LISTENER, names::INBOUND, proto::any(&inbound::listener(&ports)));
-            agent = agent::config(ports.iter().flat_map(|p| p.limits.iter().map(|(_, l)| l)));
+            for lease in &leases {
+                snapshot.policies.insert(version(
+                    &self.generations,
+                    LOCK_LEASE,
+                    &ObjectName::of(lease.as_ref()),
+                ));
+            }
+            agent = agent::config(
+                ports.iter().flat_map(|p| p.limits.iter().map(|(_, l)| l)),
+                leases.iter().map(AsRef::as_ref),
+            );
         }
         snapshot.insert(type_url::AGENT, names::AGENT_RESOURCE, agent::resource(&agent));
         snapshot
@@ -297,6 +330,18 @@ impl Compiled {
             value.extend_from_slice(if host.namespace == namespace { &host.local } else { &host.global });
         }
         Any { type_url: type_url::ROUTE.to_string(), value }
+    }
+
+    /// The accepted LockLeases of the pod's namespace whose podSelector matches its labels.
+    fn leases_of(&self, pod: &Pod) -> Vec<Arc<LockLease>> {
+        let namespace = pod.namespace().unwrap_or_default();
+        self.leases
+            .get(&namespace)
+            .into_iter()
+            .flatten()
+            .filter(|lease| selector::matches(&lease.spec.pod_selector, pod.labels()))
+            .cloned()
+            .collect()
     }
 
     /// The limited ports of a pod: the Services of its namespace that select it, their
@@ -340,7 +385,11 @@ fn generations(inventory: &Inventory) -> BTreeMap<(&'static str, ObjectName), i6
         .rate_limits
         .iter()
         .map(|p| ((RATE_LIMIT_POLICY, ObjectName::of(p.as_ref())), p.metadata.generation));
-    cb.chain(rl).map(|(key, generation)| (key, generation.unwrap_or(1))).collect()
+    let ll = inventory
+        .lock_leases
+        .iter()
+        .map(|p| ((LOCK_LEASE, ObjectName::of(p.as_ref())), p.metadata.generation));
+    cb.chain(rl).chain(ll).map(|(key, generation)| (key, generation.unwrap_or(1))).collect()
 }
 
 fn version(

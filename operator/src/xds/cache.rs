@@ -13,7 +13,7 @@ use std::{
 use tokio::sync::watch;
 
 use crate::{
-    compile::{Proxy, Snapshot},
+    compile::{Proxy, Snapshot, carried_by},
     inventory::ObjectName,
     policy::{Verdict, reason},
 };
@@ -184,9 +184,12 @@ impl SnapshotCache {
     }
 
     /// `Programmed` for a policy at `generation`: True once every connected proxy whose
-    /// configuration carries the policy has acknowledged the version with this generation.
+    /// configuration carries the policy has acknowledged the version with this generation,
+    /// of every type it subscribed to — or, for kinds that [`carried_by`] narrows, of those
+    /// types only (a LockLease: the agent's configuration).
     pub fn programmed(&self, kind: &str, name: &ObjectName, generation: i64) -> Verdict {
         let inner = self.lock();
+        let relevant = carried_by(kind);
         let mut applies = 0;
         let mut acked = 0;
         let mut rejections = Vec::new();
@@ -196,7 +199,10 @@ impl SnapshotCache {
             let Some(carried) = carried else { continue };
             applies += 1;
             let mut all_acked = carried.generation == generation;
-            for (type_url, state) in &node.types {
+            let mut subscribed = false;
+            let types = node.types.iter().filter(|(t, _)| relevant.is_none_or(|r| r.contains(&t.as_str())));
+            for (type_url, state) in types {
+                subscribed = true;
                 let current = version(&snapshot, type_url, state.names.as_ref());
                 if let Some((rejected, message)) = &state.rejected
                     && *rejected == current
@@ -205,8 +211,8 @@ impl SnapshotCache {
                 }
                 all_acked &= state.acked.as_deref() == Some(current.as_str());
             }
-            // A proxy that has not subscribed to anything yet has acknowledged nothing.
-            if all_acked && !node.types.is_empty() {
+            // A proxy that has not subscribed to the policy's types has acknowledged nothing.
+            if all_acked && subscribed {
                 acked += 1;
             }
         }

@@ -78,15 +78,15 @@ async fn server(world: &World) -> (String, Arc<SnapshotCache>) {
     (format!("http://{addr}"), cache)
 }
 
-/// One proxy's ADS stream.
-struct Client {
+/// One proxy's ADS stream (also used by the LockLease tests, as an agent's stream).
+pub(crate) struct Client {
     requests: mpsc::Sender<DiscoveryRequest>,
     responses: Streaming<DiscoveryResponse>,
     node: String,
 }
 
 impl Client {
-    async fn connect(endpoint: &str, node: &str) -> Self {
+    pub(crate) async fn connect(endpoint: &str, node: &str) -> Self {
         let mut client =
             AggregatedDiscoveryServiceClient::connect(endpoint.to_string()).await.expect("connect");
         let (requests, rx) = mpsc::channel(16);
@@ -98,7 +98,14 @@ impl Client {
         Self { requests, responses, node: node.to_string() }
     }
 
-    async fn send(&self, type_: &str, names: &[&str], version: &str, nonce: &str, error: Option<&str>) {
+    pub(crate) async fn send(
+        &self,
+        type_: &str,
+        names: &[&str],
+        version: &str,
+        nonce: &str,
+        error: Option<&str>,
+    ) {
         let request = DiscoveryRequest {
             version_info: version.to_string(),
             node: Some(Node { id: self.node.clone(), ..Node::default() }),
@@ -115,19 +122,19 @@ impl Client {
         self.requests.send(request).await.expect("send request");
     }
 
-    async fn subscribe(&self, type_: &str, names: &[&str]) {
+    pub(crate) async fn subscribe(&self, type_: &str, names: &[&str]) {
         self.send(type_, names, "", "", None).await;
     }
 
-    async fn ack(&self, response: &DiscoveryResponse, names: &[&str]) {
+    pub(crate) async fn ack(&self, response: &DiscoveryResponse, names: &[&str]) {
         self.send(&response.type_url, names, &response.version_info, &response.nonce, None).await;
     }
 
-    async fn nack(&self, response: &DiscoveryResponse, previous_version: &str, message: &str) {
+    pub(crate) async fn nack(&self, response: &DiscoveryResponse, previous_version: &str, message: &str) {
         self.send(&response.type_url, &[], previous_version, &response.nonce, Some(message)).await;
     }
 
-    async fn next(&mut self) -> DiscoveryResponse {
+    pub(crate) async fn next(&mut self) -> DiscoveryResponse {
         tokio::time::timeout(DEADLINE, self.responses.message())
             .await
             .expect("a response within the deadline")

@@ -6,7 +6,7 @@
 
 use std::{collections::BTreeMap, path::Path};
 
-use breakwater_api::agent::{AgentConfig, LIMIT_KEY, RateLimitRule};
+use breakwater_api::agent::{AgentConfig, LIMIT_KEY, LeaseRule, RateLimitRule};
 use breakwater_operator::{
     compile::{self, Compiled, PolicyVersion, Proxy, Snapshot, names, type_url},
     inventory::{Inventory, ObjectName},
@@ -611,6 +611,83 @@ fn unknown_pods_get_the_outbound_side_only() {
     assert!(s.resources[type_url::CLUSTER].keys().all(|k| k.starts_with("outbound|")));
     assert!(agent(&s).rate_limits.is_empty());
     assert!(s.policies.iter().all(|p| p.kind != compile::RATE_LIMIT_POLICY));
+}
+
+// ---- LockLease: the agent's leases --------------------------------------------------------
+
+fn lock_lease(namespace: &str, name: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: breakwater.dev/v1alpha1\nkind: LockLease\nmetadata: {{name: {name}, namespace: {namespace}, generation: 4}}\nspec:\n{spec}"
+    )
+}
+
+fn leases() -> String {
+    [
+        lock_lease("shop", "reindex", "  ttl: 1m30s\n  holders: 3\n  podSelector: {matchLabels: {app: api}}"),
+        lock_lease(
+            "shop",
+            "cron",
+            "  ttl: 30s\n  podSelector: {matchExpressions: [{key: app, operator: In, values: [api, web]}]}",
+        ),
+        lock_lease("shop", "web-only", "  ttl: 10s\n  podSelector: {matchLabels: {app: web}}"),
+        lock_lease("lab", "lab-lock", "  ttl: 10s\n  podSelector: {}"),
+    ]
+    .join("\n---\n")
+}
+
+#[test]
+fn a_pod_gets_the_leases_of_its_namespace_that_select_it_sorted_by_id() {
+    let s = snapshot(&leases(), API_POD);
+    let rule = |id: &str, name: &str, ttl_ms, holders| LeaseRule {
+        id: id.into(),
+        name: name.into(),
+        ttl_ms,
+        holders,
+    };
+    assert_eq!(
+        agent(&s).leases,
+        [rule("shop/cron", "cron", 30_000, 1), rule("shop/reindex", "reindex", 90_000, 3)],
+        "ttl in milliseconds, holders as declared, holders defaulting to 1"
+    );
+    let web = snapshot(&leases(), "shop/web-1");
+    let ids = |s: &Snapshot| agent(s).leases.into_iter().map(|l| l.id).collect::<Vec<_>>();
+    assert_eq!(ids(&web), ["shop/cron", "shop/web-only"], "a pod the selector does not match gets nothing");
+    // lab/api-1 has the labels shop/reindex selects, but leases stay in their namespace; an
+    // empty podSelector selects every pod of its own.
+    assert_eq!(ids(&snapshot(&leases(), "lab/api-1")), ["lab/lab-lock"]);
+    // An unknown pod has no labels to match: no leases.
+    assert!(agent(&snapshot(&leases(), "shop/api-gone")).leases.is_empty());
+    // Without leases the JSON has no `leases` field, as before LockLeases existed.
+    let plain = &snapshot("", API_POD).resources[type_url::AGENT][names::AGENT_RESOURCE];
+    assert!(!String::from_utf8_lossy(&plain.value).contains("leases"));
+}
+
+#[test]
+fn snapshot_carries_the_leases_it_grants_at_their_generation() {
+    let s = snapshot(&leases(), API_POD);
+    let carried: Vec<PolicyVersion> =
+        s.policies.iter().filter(|p| p.kind == compile::LOCK_LEASE).cloned().collect();
+    let version = |name: &str| PolicyVersion {
+        kind: compile::LOCK_LEASE,
+        name: ObjectName::new("shop", name),
+        generation: 4,
+    };
+    assert_eq!(carried, [version("cron"), version("reindex")]);
+    assert_eq!(compile::carried_by(compile::LOCK_LEASE), Some(&[type_url::AGENT][..]));
+    assert_eq!(compile::carried_by(compile::RATE_LIMIT_POLICY), None);
+}
+
+#[test]
+fn a_refused_lease_is_neither_granted_nor_claimed() {
+    // NotIn without values is refused (the API server's rule), yet would match every pod.
+    let refused = lock_lease(
+        "shop",
+        "odd",
+        "  ttl: 30s\n  podSelector: {matchExpressions: [{key: app, operator: NotIn}]}",
+    );
+    let s = snapshot(&refused, API_POD);
+    assert!(agent(&s).leases.is_empty());
+    assert!(s.policies.iter().all(|p| p.kind != compile::LOCK_LEASE), "{:?}", s.policies);
 }
 
 // ---- outbound names and endpoints --------------------------------------------------------

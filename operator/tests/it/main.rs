@@ -10,6 +10,7 @@ mod compile_props;
 mod compile_render_cli;
 mod controller;
 mod leader;
+mod lease_programmed;
 mod merge;
 mod programmed;
 mod standalone_cli;

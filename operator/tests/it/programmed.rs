@@ -1,6 +1,7 @@
 //! The examples end to end without a cluster: compiled by the real compiler, served over
 //! ADS on loopback, fetched and acknowledged by one gRPC client per example Pod — after
-//! which every Service policy reports `Programmed=True`, as standalone mode prints it.
+//! which every Service policy and LockLease reports `Programmed=True`, as standalone mode
+//! prints it.
 
 use std::{path::Path, sync::Arc, time::Duration};
 
@@ -76,8 +77,8 @@ async fn every_example_policy_is_programmed_once_its_proxies_ack() {
     let give_up = tokio::time::Instant::now() + DEADLINE;
     loop {
         let rows = evaluate();
-        let service_policies: Vec<_> =
-            rows.iter().filter(|r| r.kind == "RateLimitPolicy" || r.kind == "CircuitBreakerPolicy").collect();
+        let service_policies: Vec<_> = rows.iter().filter(|r| r.kind != "OutboxRelay").collect();
+        assert!(service_policies.iter().any(|r| r.kind == "LockLease"), "the examples declare a lease");
         if service_policies.iter().all(|r| programmed(r)) {
             for row in service_policies {
                 let message = &condition(row).message;

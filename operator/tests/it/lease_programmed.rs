@@ -1,0 +1,128 @@
+//! `Programmed` for a LockLease, over real gRPC ADS streams: the lease lives in the agent's
+//! configuration only, so it is programmed when the agents of the pods it selects have
+//! acknowledged the agent type at its generation — whatever Envoy says about its listeners —
+//! and rejected when one of those agents NACKs it.
+
+use std::{collections::BTreeMap, path::Path, sync::Arc, time::Duration};
+
+use breakwater_api::agent::AgentConfig;
+use breakwater_operator::{
+    compile::{self, type_url},
+    http::State,
+    inventory::{Inventory, ObjectName},
+    standalone::load::{Loaded, load_text},
+    xds::{AdsServer, SnapshotCache, feed},
+};
+use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
+
+use crate::ads::Client;
+
+const DEADLINE: Duration = Duration::from_secs(10);
+const WORKER: &str = "billing/worker-1";
+const LEDGER: &str = "billing/ledger-1";
+
+fn world(ttl: &str, generation: i64) -> Inventory {
+    let text = format!(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: worker-1, namespace: billing, labels: {{app: worker}}}}
+spec: {{containers: [{{name: w, image: w}}]}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: ledger-1, namespace: billing, labels: {{app: ledger}}}}
+spec: {{containers: [{{name: l, image: l}}]}}
+---
+apiVersion: breakwater.dev/v1alpha1
+kind: LockLease
+metadata: {{name: invoice-run, namespace: billing, generation: {generation}}}
+spec:
+  ttl: {ttl}
+  podSelector: {{matchLabels: {{app: worker}}}}
+"#
+    );
+    let mut loaded = Loaded { inventory: Inventory::new("breakwater-system"), ..Loaded::default() };
+    load_text(Path::new("world.yaml"), &text, &mut loaded, &mut BTreeMap::new()).expect("world loads");
+    assert!(loaded.rejected.is_empty(), "{:?}", loaded.rejected);
+    loaded.inventory
+}
+
+fn lease_ttl(response: &DiscoveryResponse) -> Vec<u64> {
+    let config: AgentConfig =
+        serde_json::from_slice(&response.resources[0].value).expect("agent config is JSON");
+    config.leases.iter().map(|l| l.ttl_ms).collect()
+}
+
+/// Waits (with a deadline) until the lease's Programmed verdict at `generation` has `reason`.
+async fn lease_verdict(cache: &SnapshotCache, generation: i64, reason: &str) -> String {
+    let mut changes = cache.subscribe_changes();
+    let name = ObjectName::new("billing", "invoice-run");
+    let give_up = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let verdict = cache.programmed(compile::LOCK_LEASE, &name, generation);
+        if verdict.reason == reason {
+            return verdict.message;
+        }
+        let left = give_up.saturating_duration_since(tokio::time::Instant::now());
+        assert!(
+            tokio::time::timeout(left, changes.changed()).await.is_ok(),
+            "Programmed never became {reason}; last: {} {}",
+            verdict.reason,
+            verdict.message
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_lease_is_programmed_by_the_agents_of_the_pods_it_selects() {
+    let cache = Arc::new(SnapshotCache::default());
+    cache.set_compiler(feed::compiler(&world("30s", 1)));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
+    let ads = AdsServer::new(cache.clone(), Arc::new(State::default()));
+    tokio::spawn(breakwater_operator::xds::serve(listener, ads, std::future::pending()));
+    assert_eq!(lease_verdict(&cache, 1, "Pending").await, "no connected proxy carries this policy yet");
+
+    // The worker's Envoy and agent each open a stream under the pod's node id; the ledger's
+    // agent connects too, but the lease does not select its pod.
+    let mut envoy = Client::connect(&endpoint, WORKER).await;
+    let mut agent = Client::connect(&endpoint, WORKER).await;
+    let mut ledger = Client::connect(&endpoint, LEDGER).await;
+    envoy.subscribe(type_url::LISTENER, &[]).await;
+    agent.subscribe(type_url::AGENT, &[]).await;
+    ledger.subscribe(type_url::AGENT, &[]).await;
+    let listeners = envoy.next().await;
+    let v1 = agent.next().await;
+    assert_eq!(lease_ttl(&v1), [30_000]);
+    let ledger_config = ledger.next().await;
+    assert_eq!(lease_ttl(&ledger_config), Vec::<u64>::new(), "the ledger may not take the lease");
+    ledger.ack(&ledger_config, &[]).await;
+    assert_eq!(lease_verdict(&cache, 1, "Pending").await, "acknowledged by 0/1 proxies");
+
+    // Envoy rejecting its listeners neither programs nor rejects the lease. A stream
+    // handles requests in order, so once a later subscription is answered the NACK is in.
+    envoy.nack(&listeners, "", "listener inbound: bad filter chain").await;
+    envoy.subscribe(type_url::CLUSTER, &[]).await;
+    assert_eq!(envoy.next().await.type_url, type_url::CLUSTER);
+    let name = ObjectName::new("billing", "invoice-run");
+    let verdict = cache.programmed(compile::LOCK_LEASE, &name, 1);
+    assert_eq!((verdict.reason, verdict.message.as_str()), ("Pending", "acknowledged by 0/1 proxies"));
+    // ...the worker's agent acknowledging its configuration programs it.
+    agent.ack(&v1, &[]).await;
+    assert_eq!(lease_verdict(&cache, 1, "Programmed").await, "acknowledged by 1/1 proxies");
+
+    // A new generation is pushed to the agent; the old ACK does not program it, a NACK
+    // rejects it with the agent's message, a later ACK programs it.
+    cache.set_compiler(feed::compiler(&world("45s", 2)));
+    let v2 = agent.next().await;
+    assert_eq!(lease_ttl(&v2), [45_000]);
+    assert_eq!(lease_verdict(&cache, 2, "Pending").await, "acknowledged by 0/1 proxies");
+    agent.nack(&v2, &v1.version_info, "lease billing/invoice-run: ttl too long").await;
+    let rejected = lease_verdict(&cache, 2, "Rejected").await;
+    assert!(rejected.contains("billing/worker-1: lease billing/invoice-run: ttl too long"), "{rejected}");
+    cache.set_compiler(feed::compiler(&world("40s", 3)));
+    let v3 = agent.next().await;
+    agent.ack(&v3, &[]).await;
+    assert_eq!(lease_verdict(&cache, 3, "Programmed").await, "acknowledged by 1/1 proxies");
+}
