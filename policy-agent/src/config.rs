@@ -7,17 +7,21 @@
 //! replaces it in one atomic store, and decisions in flight finish on the set they began
 //! with.
 //!
+//! The same configuration declares the leases this pod may take ([`LeaseRule`]s): they are
+//! validated with the rules (a bad lease refuses the whole configuration, like a bad rate
+//! limit) and handed to the lease manager on every swap.
+//!
 //! A [`ConfigSource`] feeds the holder: a file (YAML or JSON, re-read when it changes —
 //! standalone use, tests, and a ConfigMap) or a watch channel (what the ADS subscription
 //! will publish into).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
-use breakwater_api::agent::{AgentConfig, RateLimitRule};
+use breakwater_api::agent::{AgentConfig, LeaseRule, RateLimitRule};
 use breakwater_api::rate_limit::FailureMode;
 use tokio::sync::watch;
 
@@ -39,6 +43,8 @@ pub struct RuleSet {
     /// True when no rule fails closed: then the agent is useful (it admits) even without
     /// Redis, and readiness does not wait for it.
     pub all_fail_open: bool,
+    /// The leases this pod may take, validated, in the configuration's order (by id).
+    pub leases: Vec<LeaseRule>,
     /// Set by [`RuleHolder::store`]: distinct for every rule set published.
     pub generation: u64,
 }
@@ -56,6 +62,65 @@ pub enum ConfigError {
     Duplicate(String),
     #[error("a rate limit has an empty id")]
     EmptyId,
+    #[error("lease {name:?} (id {id:?}): {problem}")]
+    Lease { id: String, name: String, problem: String },
+}
+
+/// The longest lease TTL the agent accepts (the CRD allows 1 h): keeps every expiry a
+/// small number of microseconds and a stuck holder's lease bounded.
+pub const MAX_LEASE_TTL_MS: u64 = 24 * 3600 * 1000;
+
+/// Checks the leases of one configuration: ids and names present and unique, names usable
+/// in a URL path and as a file name (the leader file), a TTL, at least one holder.
+pub fn validate_leases(leases: &[LeaseRule]) -> Result<(), ConfigError> {
+    let mut ids = HashSet::with_capacity(leases.len());
+    let mut names = HashSet::with_capacity(leases.len());
+    for lease in leases {
+        let refuse = |problem: String| ConfigError::Lease {
+            id: lease.id.clone(),
+            name: lease.name.clone(),
+            problem,
+        };
+        if lease.id.is_empty() {
+            return Err(refuse("empty id".into()));
+        }
+        if let Err(problem) = check_lease_name(&lease.name) {
+            return Err(refuse(problem));
+        }
+        if lease.ttl_ms == 0 || lease.ttl_ms > MAX_LEASE_TTL_MS {
+            return Err(refuse(format!("ttlMs must be between 1 and {MAX_LEASE_TTL_MS}, got {}", lease.ttl_ms)));
+        }
+        if lease.holders == 0 {
+            return Err(refuse("holders must be at least 1".into()));
+        }
+        if !ids.insert(lease.id.as_str()) {
+            return Err(refuse("the id appears twice".into()));
+        }
+        if !names.insert(lease.name.as_str()) {
+            return Err(refuse("the name appears twice".into()));
+        }
+    }
+    Ok(())
+}
+
+/// A Kubernetes object name (DNS-1123 subdomain): what the operator sends, and safe as a
+/// path segment and a file name.
+pub fn check_lease_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("empty name".into());
+    }
+    if name.len() > 253 {
+        return Err(format!("name is {} characters long, at most 253", name.len()));
+    }
+    let allowed = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.';
+    if let Some(c) = name.chars().find(|&c| !allowed(c)) {
+        return Err(format!("name has {c:?}: only lowercase letters, digits, '-' and '.'"));
+    }
+    let alnum = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    if !alnum(name.chars().next()) || !alnum(name.chars().last()) {
+        return Err("name must start and end with a letter or digit".into());
+    }
+    Ok(())
 }
 
 impl RuleSet {
@@ -73,8 +138,9 @@ impl RuleSet {
                 return Err(ConfigError::Duplicate(rule.id.clone()));
             }
         }
+        validate_leases(&config.leases)?;
         let all_fail_open = config.rate_limits.iter().all(|r| r.failure_mode == FailureMode::Open);
-        Ok(RuleSet { rules, all_fail_open, generation: 0 })
+        Ok(RuleSet { rules, all_fail_open, leases: config.leases.clone(), generation: 0 })
     }
 }
 
@@ -90,9 +156,12 @@ impl RuleHolder {
         self.current.load_full()
     }
 
-    pub fn store(&self, mut rules: RuleSet) {
+    /// Publishes `rules` and returns them as published.
+    pub fn store(&self, mut rules: RuleSet) -> Arc<RuleSet> {
         rules.generation = self.published.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-        self.current.store(Some(Arc::new(rules)));
+        let rules = Arc::new(rules);
+        self.current.store(Some(rules.clone()));
+        rules
     }
 }
 
@@ -123,20 +192,25 @@ pub fn read_file(path: &Path) -> Result<(AgentConfig, String), ConfigError> {
     Ok((parse_file(path, &text)?, text))
 }
 
+/// What runs after every swap, with the set now in force: clears the over-limit cache and
+/// hands the leases to the lease manager.
+pub type OnSwap = dyn Fn(&RuleSet) + Send + Sync;
+
 /// Applies one configuration: compiles it and swaps it in, or keeps the old one.
 pub fn apply(
     holder: &RuleHolder,
     metrics: &Metrics,
     config: &AgentConfig,
-    on_swap: &dyn Fn(),
+    on_swap: &dyn Fn(&RuleSet),
 ) -> Result<(), ConfigError> {
     match RuleSet::compile(config, metrics) {
         Ok(rules) => {
             let count = rules.rules.len();
-            holder.store(rules);
-            on_swap();
+            let leases = rules.leases.len();
+            let rules = holder.store(rules);
+            on_swap(&rules);
             metrics.config_applied(count);
-            tracing::info!(rules = count, "rate-limit configuration applied");
+            tracing::info!(rules = count, leases, "configuration applied");
             Ok(())
         }
         Err(error) => {
@@ -151,7 +225,7 @@ pub async fn follow(
     source: ConfigSource,
     holder: Arc<RuleHolder>,
     metrics: Arc<Metrics>,
-    on_swap: Arc<dyn Fn() + Send + Sync>,
+    on_swap: Arc<OnSwap>,
     mut stop: watch::Receiver<bool>,
 ) {
     match source {
@@ -250,5 +324,60 @@ mod tests {
         assert!(RuleSet::compile(&config, &metrics).unwrap().all_fail_open);
         config.rate_limits.push(RateLimitRule { failure_mode: FailureMode::Closed, ..rule("b", 1) });
         assert!(!RuleSet::compile(&config, &metrics).unwrap().all_fail_open);
+    }
+
+    fn lease(id: &str, name: &str, ttl_ms: u64, holders: u32) -> LeaseRule {
+        LeaseRule { id: id.into(), name: name.into(), ttl_ms, holders }
+    }
+
+    #[test]
+    fn a_bad_lease_refuses_the_whole_configuration() {
+        let metrics = Metrics::default();
+        let good = AgentConfig {
+            rate_limits: vec![rule("a", 1)],
+            leases: vec![lease("ns/lock", "lock", 10_000, 1), lease("ns/pool", "pool", 500, 3)],
+        };
+        assert_eq!(RuleSet::compile(&good, &metrics).unwrap().leases, good.leases);
+        let refused = |leases: Vec<LeaseRule>| {
+            let config = AgentConfig { rate_limits: vec![rule("a", 1)], leases };
+            RuleSet::compile(&config, &metrics).unwrap_err().to_string()
+        };
+        assert_eq!(refused(vec![lease("", "x", 1, 1)]), "lease \"x\" (id \"\"): empty id");
+        assert_eq!(refused(vec![lease("ns/x", "", 1, 1)]), "lease \"\" (id \"ns/x\"): empty name");
+        assert_eq!(
+            refused(vec![lease("ns/x", "x", 0, 1)]),
+            "lease \"x\" (id \"ns/x\"): ttlMs must be between 1 and 86400000, got 0"
+        );
+        assert_eq!(
+            refused(vec![lease("ns/x", "x", 1000, 0)]),
+            "lease \"x\" (id \"ns/x\"): holders must be at least 1"
+        );
+        assert_eq!(
+            refused(vec![lease("ns/x", "x", 1000, 1), lease("ns/x", "y", 1000, 1)]),
+            "lease \"y\" (id \"ns/x\"): the id appears twice"
+        );
+        assert_eq!(
+            refused(vec![lease("ns/x", "x", 1000, 1), lease("other/x", "x", 1000, 1)]),
+            "lease \"x\" (id \"other/x\"): the name appears twice"
+        );
+        for bad in ["../etc", "a/b", "Lock", "-a", "a.", ".."] {
+            let error = refused(vec![lease("ns/x", bad, 1000, 1)]);
+            assert!(error.contains("name"), "{bad}: {error}");
+        }
+    }
+
+    #[test]
+    fn every_swap_hands_over_the_set_in_force() {
+        let metrics = Metrics::default();
+        let holder = RuleHolder::default();
+        let seen = std::sync::Mutex::new(Vec::new());
+        let on_swap = |rules: &RuleSet| seen.lock().unwrap().push(rules.leases.clone());
+        let one = AgentConfig { leases: vec![lease("ns/x", "x", 1000, 1)], ..Default::default() };
+        apply(&holder, &metrics, &one, &on_swap).unwrap();
+        let bad = AgentConfig { leases: vec![lease("ns/y", "y", 0, 1)], ..Default::default() };
+        assert!(apply(&holder, &metrics, &bad, &on_swap).is_err());
+        apply(&holder, &metrics, &AgentConfig::default(), &on_swap).unwrap();
+        assert_eq!(*seen.lock().unwrap(), vec![one.leases.clone(), vec![]]);
+        assert!(holder.load().unwrap().leases.is_empty());
     }
 }

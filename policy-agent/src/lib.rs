@@ -117,9 +117,9 @@ pub async fn serve<S: CounterStore>(
     let limiter = Arc::new(Limiter::new(store, rules.clone(), metrics.clone(), limiter_settings));
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let on_swap: Arc<dyn Fn() + Send + Sync> = {
+    let on_swap: Arc<config::OnSwap> = {
         let limiter = limiter.clone();
-        Arc::new(move || limiter.clear_cache())
+        Arc::new(move |_: &config::RuleSet| limiter.clear_cache())
     };
     let config_task = tokio::spawn(config::follow(source, rules, metrics, on_swap, stop_rx.clone()));
 

@@ -25,6 +25,11 @@ struct KindLabels {
     kind: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LeaseLabels {
+    lease: String,
+}
+
 /// The outcomes of one rule's decisions.
 #[derive(Clone, Debug, Default)]
 pub struct RuleCounters {
@@ -53,6 +58,7 @@ pub struct Metrics {
     config_reloads: Family<ReasonLabels, Counter>,
     config_rules: Gauge,
     pub store_up: Gauge,
+    lease_leader: Family<LeaseLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -94,6 +100,12 @@ impl Default for Metrics {
         registry.register("config_rules", "Rate-limit rules in force", config_rules.clone());
         let store_up = Gauge::default();
         registry.register("store_up", "1 while the counter store answers its health probe", store_up.clone());
+        let lease_leader = Family::<LeaseLabels, Gauge>::default();
+        registry.register(
+            "lease_leader",
+            "1 while this agent's pod leads the lease (leader election, --leader), else 0",
+            lease_leader.clone(),
+        );
         Metrics {
             registry,
             decisions,
@@ -104,6 +116,7 @@ impl Default for Metrics {
             config_reloads,
             config_rules,
             store_up,
+            lease_leader,
         }
     }
 }
@@ -145,6 +158,11 @@ impl Metrics {
 
     pub fn config_rejected(&self) {
         self.config_reloads.get_or_create(&ReasonLabels { reason: "rejected" }).inc();
+    }
+
+    /// The leader gauge of one lease (the name pods ask for).
+    pub fn lease_leader(&self, lease: &str) -> Gauge {
+        self.lease_leader.get_or_create(&LeaseLabels { lease: lease.to_string() }).clone()
     }
 
     /// The Prometheus text exposition.
