@@ -8,6 +8,7 @@
 //! - [`limiter`]: descriptors → counters → a `RateLimitResponse`, with deadlines, failure
 //!   modes and the over-limit cache ([`cache`]);
 //! - [`config`]: the rules in force, swapped atomically, fed from a file or a channel;
+//! - [`lease`]: leases (locks and semaphores) with fencing tokens, in Redis or in memory;
 //! - [`grpc`], [`http`], [`metrics`]: the servers around it.
 //!
 //! [`run`] takes bound listeners and a shutdown future, so tests bind `127.0.0.1:0` and stop
@@ -25,6 +26,7 @@ pub mod cache;
 pub mod config;
 pub mod grpc;
 pub mod http;
+pub mod lease;
 pub mod limiter;
 pub mod metrics;
 pub mod store;

@@ -233,7 +233,9 @@ pub fn counter_key(
     key
 }
 
-fn escape_into(out: &mut String, s: &str) {
+/// Percent-escapes the characters key names use as separators (`%`, `:`, `=`) and the hash
+/// tag's braces; shared with the lease keys.
+pub(crate) fn escape_into(out: &mut String, s: &str) {
     for c in s.chars() {
         match c {
             '%' => out.push_str("%25"),

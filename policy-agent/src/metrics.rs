@@ -30,6 +30,18 @@ struct LeaseLabels {
     lease: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LeaseOpLabels {
+    lease: String,
+    op: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LeaseKindLabels {
+    lease: String,
+    kind: &'static str,
+}
+
 /// The outcomes of one rule's decisions.
 #[derive(Clone, Debug, Default)]
 pub struct RuleCounters {
@@ -59,6 +71,10 @@ pub struct Metrics {
     config_rules: Gauge,
     pub store_up: Gauge,
     lease_leader: Family<LeaseLabels, Gauge>,
+    lease_grants: Family<LeaseLabels, Counter>,
+    lease_busy: Family<LeaseLabels, Counter>,
+    lease_not_holder: Family<LeaseOpLabels, Counter>,
+    lease_store_errors: Family<LeaseKindLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -106,6 +122,26 @@ impl Default for Metrics {
             "1 while this agent's pod leads the lease (leader election, --leader), else 0",
             lease_leader.clone(),
         );
+        let lease_grants = Family::<LeaseLabels, Counter>::default();
+        registry.register("lease_grants", "Leases granted, by lease id", lease_grants.clone());
+        let lease_busy = Family::<LeaseLabels, Counter>::default();
+        registry.register(
+            "lease_busy",
+            "Acquisitions refused because the lease was still fully held when the wait ended, by lease id",
+            lease_busy.clone(),
+        );
+        let lease_not_holder = Family::<LeaseOpLabels, Counter>::default();
+        registry.register(
+            "lease_not_holder",
+            "Renewals and releases refused because the caller no longer held the grant (op: renew, release)",
+            lease_not_holder.clone(),
+        );
+        let lease_store_errors = Family::<LeaseKindLabels, Counter>::default();
+        registry.register(
+            "lease_store_errors",
+            "Lease calls the store failed, by lease id (kind: transient, permanent)",
+            lease_store_errors.clone(),
+        );
         Metrics {
             registry,
             decisions,
@@ -117,6 +153,10 @@ impl Default for Metrics {
             config_rules,
             store_up,
             lease_leader,
+            lease_grants,
+            lease_busy,
+            lease_not_holder,
+            lease_store_errors,
         }
     }
 }
@@ -163,6 +203,40 @@ impl Metrics {
     /// The leader gauge of one lease (the name pods ask for).
     pub fn lease_leader(&self, lease: &str) -> Gauge {
         self.lease_leader.get_or_create(&LeaseLabels { lease: lease.to_string() }).clone()
+    }
+
+    pub fn lease_granted(&self, lease: &str) {
+        self.lease_grants.get_or_create(&LeaseLabels { lease: lease.into() }).inc();
+    }
+
+    pub fn lease_grants(&self, lease: &str) -> u64 {
+        self.lease_grants.get_or_create(&LeaseLabels { lease: lease.into() }).get()
+    }
+
+    pub fn lease_was_busy(&self, lease: &str) {
+        self.lease_busy.get_or_create(&LeaseLabels { lease: lease.into() }).inc();
+    }
+
+    pub fn lease_busy(&self, lease: &str) -> u64 {
+        self.lease_busy.get_or_create(&LeaseLabels { lease: lease.into() }).get()
+    }
+
+    /// `op`: `renew` or `release`.
+    pub fn lease_refused(&self, lease: &str, op: &'static str) {
+        self.lease_not_holder.get_or_create(&LeaseOpLabels { lease: lease.into(), op }).inc();
+    }
+
+    pub fn lease_not_holder(&self, lease: &str, op: &'static str) -> u64 {
+        self.lease_not_holder.get_or_create(&LeaseOpLabels { lease: lease.into(), op }).get()
+    }
+
+    /// `kind`: `transient` or `permanent` ([`crate::store::ErrorKind::label`]).
+    pub fn lease_store_error(&self, lease: &str, kind: &'static str) {
+        self.lease_store_errors.get_or_create(&LeaseKindLabels { lease: lease.into(), kind }).inc();
+    }
+
+    pub fn lease_store_errors(&self, lease: &str, kind: &'static str) -> u64 {
+        self.lease_store_errors.get_or_create(&LeaseKindLabels { lease: lease.into(), kind }).get()
     }
 
     /// The Prometheus text exposition.

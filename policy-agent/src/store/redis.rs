@@ -16,7 +16,7 @@ use std::time::Duration;
 use arc_swap::ArcSwapOption;
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster_async::ClusterConnection;
-use redis::{AsyncConnectionConfig, Client, RedisError, Script};
+use redis::{AsyncConnectionConfig, Client, FromRedisValue, RedisError, Script, ScriptInvocation};
 use tokio::sync::{Notify, oneshot};
 
 use super::{CounterStore, StoreError};
@@ -194,6 +194,27 @@ impl RedisStore {
         Ok((pool, conn))
     }
 
+    /// Runs one script invocation (its keys and arguments already bound) on the shared
+    /// connections and converts the reply to `T`: `EVALSHA`, re-loading the script when
+    /// Redis answers `NOSCRIPT`; a failure is classified, and one that broke the connection
+    /// is reported to the background task. No deadline of its own: callers bound it (the
+    /// limiter's per-decision deadline, the lease store's per-call one). A reply `T` cannot
+    /// be built from is a permanent error.
+    pub async fn run_script<T: FromRedisValue>(
+        &self,
+        invocation: &ScriptInvocation<'_>,
+    ) -> Result<T, StoreError> {
+        let (pool, conn) = self.connection()?;
+        let reply: Result<T, RedisError> = match conn {
+            Conn::Standalone(mut c) => invocation.invoke_async(&mut c).await,
+            Conn::Cluster(mut c) => invocation.invoke_async(&mut c).await,
+        };
+        reply.map_err(|error| {
+            self.report(&pool, &error);
+            classify(&error)
+        })
+    }
+
     fn report(&self, pool: &Arc<Pool>, error: &RedisError) {
         if error.is_unrecoverable_error() || error.is_connection_dropped() || error.is_connection_refusal() {
             self.inner.up.store(false, Ordering::SeqCst);
@@ -239,23 +260,13 @@ pub fn classify(error: &RedisError) -> StoreError {
 
 impl CounterStore for RedisStore {
     async fn hit(&self, key: &str, limit: &Limit, hits: u32) -> Result<Verdict, StoreError> {
-        let (pool, conn) = self.connection()?;
         let mut invocation = self.script(limit).key(key);
         for arg in limit.script_args(hits) {
             invocation.arg(arg);
         }
-        let reply: Result<Vec<i64>, RedisError> = match conn {
-            Conn::Standalone(mut c) => invocation.invoke_async(&mut c).await,
-            Conn::Cluster(mut c) => invocation.invoke_async(&mut c).await,
-        };
-        match reply {
-            Ok(reply) => Verdict::from_reply(&reply)
-                .ok_or_else(|| StoreError::permanent(format!("unexpected script reply {reply:?}"))),
-            Err(error) => {
-                self.report(&pool, &error);
-                Err(classify(&error))
-            }
-        }
+        let reply: Vec<i64> = self.run_script(&invocation).await?;
+        Verdict::from_reply(&reply)
+            .ok_or_else(|| StoreError::permanent(format!("unexpected script reply {reply:?}")))
     }
 
     fn is_up(&self) -> bool {

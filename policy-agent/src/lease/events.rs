@@ -1,0 +1,60 @@
+//! Lease events: the lease scripts publish a lease's id on `<prefix>:lease-events` whenever
+//! they grant, release or drop an expired grant (from inside the script, so a subscriber
+//! never hears of a change before it is visible). A message carries only the id: readers
+//! fetch the state itself ([`super::LeaseStore::state`]), so a missed or duplicated message
+//! costs a read, never a wrong status.
+//!
+//! Pub/sub delivery is at most once and ends with the connection: the stream [`subscribe`]
+//! returns ends when the connection drops, and the subscriber resubscribes and then re-reads
+//! every lease (what the operator does, besides its periodic reconciliation).
+
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+
+use crate::store::StoreError;
+use crate::store::redis::{classify, redact};
+
+/// How long subscribing may take (connect and `SUBSCRIBE`).
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The channel leases under `prefix` are published on.
+pub fn channel(prefix: &str) -> String {
+    format!("{prefix}:lease-events")
+}
+
+/// Subscribes to the lease events under `prefix` on the standalone Redis at `url`: a stream
+/// of lease ids as published, which ends when the connection does.
+pub async fn subscribe(
+    url: &str,
+    prefix: &str,
+) -> Result<impl Stream<Item = String> + Send + 'static, StoreError> {
+    let client = redis::Client::open(url)
+        .map_err(|e| StoreError::permanent(format!("redis url {}: {e}", redact(url))))?;
+    let channel = channel(prefix);
+    let subscribed = async {
+        let mut pubsub = client.get_async_pubsub().await?;
+        pubsub.subscribe(&channel).await?;
+        Ok::<_, redis::RedisError>(pubsub)
+    };
+    let pubsub = match tokio::time::timeout(SUBSCRIBE_TIMEOUT, subscribed).await {
+        Ok(Ok(pubsub)) => pubsub,
+        Ok(Err(error)) => return Err(classify(&error)),
+        Err(_) => {
+            return Err(StoreError::transient(format!(
+                "subscribing to {channel} on {} took more than {}s",
+                redact(url),
+                SUBSCRIBE_TIMEOUT.as_secs()
+            )));
+        }
+    };
+    Ok(pubsub.into_on_message().filter_map(|message| async move {
+        match message.get_payload::<String>() {
+            Ok(id) => Some(id),
+            Err(error) => {
+                tracing::warn!(%error, "ignoring a lease event that is not a UTF-8 lease id");
+                None
+            }
+        }
+    }))
+}
