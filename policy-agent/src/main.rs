@@ -8,14 +8,15 @@ use std::time::Duration;
 use breakwater_agent::config::ConfigSource;
 use breakwater_agent::limiter::LimiterSettings;
 use breakwater_agent::store::{RedisSettings, RedisTopology};
-use breakwater_agent::{Listeners, Settings, StoreSettings};
+use breakwater_agent::lease::leader::LeaderSettings;
+use breakwater_agent::{LeaseSettings, Listeners, Settings, StoreSettings};
 use clap::Parser;
 
 #[derive(Parser, Debug)]
 #[command(
     name = "breakwater-agent",
     version,
-    about = "Breakwater per-pod agent: Envoy's rate-limit service on Redis"
+    about = "Breakwater per-pod agent: Envoy's rate-limit service and leases on Redis"
 )]
 struct Cli {
     /// The agent configuration (YAML or JSON `AgentConfig`), re-read when it changes.
@@ -30,6 +31,27 @@ struct Cli {
     /// /healthz, /readyz and /metrics.
     #[arg(long, default_value = "0.0.0.0:9102")]
     http_addr: SocketAddr,
+    /// The lease API (/v1/leases/...) the pod's containers call; keep it on loopback.
+    #[arg(long, default_value = "127.0.0.1:15082")]
+    lease_addr: SocketAddr,
+    /// This pod's name (the downward API's metadata.name); holder ids start with
+    /// NAMESPACE/POD. Defaults to $HOSTNAME, which Kubernetes sets to the pod name.
+    #[arg(long, env = "POD_NAME")]
+    pod_name: Option<String>,
+    /// This pod's namespace (the downward API's metadata.namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pod_namespace: String,
+    /// Keep this lease on the pod's behalf and report whether the pod leads
+    /// (GET /v1/leases/LEASE/leader, and --leader-dir). Repeatable.
+    #[arg(long = "leader", value_name = "LEASE", env = "BREAKWATER_LEADER", value_delimiter = ',')]
+    leaders: Vec<String>,
+    /// While the pod leads a --leader lease, DIR/LEASE holds its fencing token; the file is
+    /// removed when the pod steps down.
+    #[arg(long, value_name = "DIR", env = "BREAKWATER_LEADER_DIR")]
+    leader_dir: Option<PathBuf>,
+    /// How long one lease operation waits for Redis before failing (503 StoreUnavailable).
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    lease_deadline: Duration,
     /// Redis URL (`redis://[:password@]host:port[/db]`). Without it (and without
     /// --redis-cluster), counters are kept in memory: correct for one agent only.
     #[arg(long, env = "BREAKWATER_REDIS_URL", conflicts_with = "redis_cluster")]
@@ -112,9 +134,31 @@ fn main() -> ExitCode {
     }
 }
 
+/// `NAMESPACE/POD`, from the flags or, for the name, the host name.
+fn pod_id(cli: &Cli) -> Result<String, String> {
+    let name = match &cli.pod_name {
+        Some(name) => name.clone(),
+        None => std::env::var("HOSTNAME")
+            .ok()
+            .filter(|h| !h.is_empty())
+            .ok_or("--pod-name (POD_NAME) is not set and neither is HOSTNAME")?,
+    };
+    if name.is_empty() || name.contains('/') || cli.pod_namespace.is_empty() || cli.pod_namespace.contains('/') {
+        return Err(format!("pod {:?} in namespace {:?}: both must be non-empty, without '/'", name, cli.pod_namespace));
+    }
+    Ok(format!("{}/{}", cli.pod_namespace, name))
+}
+
 async fn start(cli: Cli) -> Result<(), String> {
     // Refuse a missing or broken configuration at start, where the error is visible.
     breakwater_agent::config::read_file(&cli.config).map_err(|e| e.to_string())?;
+    for lease in &cli.leaders {
+        breakwater_agent::config::check_lease_name(lease).map_err(|e| format!("--leader {lease:?}: {e}"))?;
+    }
+    let pod = pod_id(&cli)?;
+    if let Some(dir) = &cli.leader_dir {
+        std::fs::create_dir_all(dir).map_err(|e| format!("--leader-dir {}: {e}", dir.display()))?;
+    }
     let topology = match (&cli.redis_url, cli.redis_cluster.is_empty()) {
         (Some(url), _) => Some(RedisTopology::Standalone(url.clone())),
         (None, false) => Some(RedisTopology::Cluster(cli.redis_cluster.clone())),
@@ -138,6 +182,9 @@ async fn start(cli: Cli) -> Result<(), String> {
         http: tokio::net::TcpListener::bind(cli.http_addr)
             .await
             .map_err(|e| format!("bind {}: {e}", cli.http_addr))?,
+        lease: tokio::net::TcpListener::bind(cli.lease_addr)
+            .await
+            .map_err(|e| format!("bind {}: {e}", cli.lease_addr))?,
     };
     let settings = Settings {
         config: ConfigSource::File { path: cli.config.clone(), poll: cli.config_poll },
@@ -146,6 +193,12 @@ async fn start(cli: Cli) -> Result<(), String> {
             deadline: cli.deadline,
             key_prefix: cli.key_prefix.clone(),
             cache_capacity: cli.over_limit_cache,
+        },
+        leases: LeaseSettings {
+            pod,
+            leaders: cli.leaders.clone(),
+            leader: LeaderSettings { dir: cli.leader_dir.clone(), ..LeaderSettings::default() },
+            deadline: cli.lease_deadline,
         },
     };
     breakwater_agent::run(listeners, settings, shutdown_signal()).await.map_err(|e| e.to_string())

@@ -90,6 +90,7 @@ async fn listeners() -> Listeners {
     Listeners {
         grpc: TcpListener::bind("127.0.0.1:0").await.unwrap(),
         http: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        lease: TcpListener::bind("127.0.0.1:0").await.unwrap(),
     }
 }
 
@@ -136,6 +137,7 @@ async fn over_loopback_with_config_pushed_on_a_channel() {
         config: ConfigSource::Channel(config_rx),
         store: StoreSettings::Memory,
         limiter: exact_settings(unique_prefix("loopback")),
+        leases: Default::default(),
     })
     .await;
     wait_until("healthz", Duration::from_secs(5), || async { get(agent.http, "/healthz").await.0 == 200 })
@@ -236,6 +238,7 @@ async fn run_on_redis_with_a_config_file_that_changes() {
         config: ConfigSource::File { path: path.clone(), poll: Duration::from_millis(20) },
         store: StoreSettings::Redis(redis),
         limiter: exact_settings(unique_prefix("file")),
+        leases: Default::default(),
     })
     .await;
     wait_until("ready", Duration::from_secs(5), || async { get(agent.http, "/readyz").await.0 == 200 }).await;

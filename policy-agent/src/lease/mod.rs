@@ -23,7 +23,10 @@ use std::time::Duration;
 
 use crate::store::StoreError;
 
+pub mod api;
+pub mod backend;
 pub mod events;
+pub mod leader;
 pub mod manager;
 pub mod memory;
 pub mod redis;
