@@ -73,7 +73,9 @@ pub struct Json<T>(pub T);
 impl<T: Serialize> IntoResponse for Json<T> {
     fn into_response(self) -> Response {
         match serde_json::to_vec(&self.0) {
-            Ok(body) => ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body).into_response(),
+            Ok(body) => {
+                ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body).into_response()
+            }
             // Our bodies are strings and numbers: this cannot happen, but never panic.
             Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, error.to_string()).into_response(),
         }
@@ -205,7 +207,8 @@ pub struct GrantBody {
 impl GrantBody {
     pub fn new(lease: &str, grant: &Grant) -> Self {
         let since = grant.renewed_at_us.max(grant.acquired_at_us);
-        let ttl = Duration::from_micros(u64::try_from(grant.expires_at_us.saturating_sub(since)).unwrap_or(0));
+        let ttl =
+            Duration::from_micros(u64::try_from(grant.expires_at_us.saturating_sub(since)).unwrap_or(0));
         GrantBody {
             lease: lease.to_string(),
             holder: grant.holder.clone(),
@@ -356,7 +359,8 @@ async fn renew<S: LeaseStore>(
 ) -> Result<Json<GrantBody>, ApiError> {
     let name = lease_name(path)?;
     let request: HolderRequest = parse_body(body, None)?;
-    let grant = api.manager.renew(&name, &request.holder, request.fencing_token).await.map_err(lease_error)?;
+    let grant =
+        api.manager.renew(&name, &request.holder, request.fencing_token).await.map_err(lease_error)?;
     Ok(Json(GrantBody::new(&name, &grant)))
 }
 
@@ -405,7 +409,9 @@ async fn leader<S: LeaseStore>(
         None => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "NotCampaigning",
-            format!("this agent does not run leader election for lease {name:?} (start it with --leader {name})"),
+            format!(
+                "this agent does not run leader election for lease {name:?} (start it with --leader {name})"
+            ),
         )),
     }
 }
@@ -421,7 +427,11 @@ mod tests {
         let cases = [
             (LeaseError::Unknown("x".into()), 404, "UnknownLease"),
             (
-                LeaseError::Busy { lease: "x".into(), waited: Duration::from_secs(1), free_at_us: now + 2_500_000 },
+                LeaseError::Busy {
+                    lease: "x".into(),
+                    waited: Duration::from_secs(1),
+                    free_at_us: now + 2_500_000,
+                },
                 423,
                 "Held",
             ),

@@ -4,6 +4,11 @@
 //! fetch the state itself ([`super::LeaseStore::state`]), so a missed or duplicated message
 //! costs a read, never a wrong status.
 //!
+//! Expiry is not reliably announced: a grant that expires is dropped (and published) only by
+//! the next script that touches the lease, and a lease's last grant expires together with
+//! its keys without any script running. A reader that shows grants re-reads the lease at
+//! its earliest `expiresAt` (it knows it from the state it read).
+//!
 //! Pub/sub delivery is at most once and ends with the connection: the stream [`subscribe`]
 //! returns ends when the connection drops, and the subscriber resubscribes and then re-reads
 //! every lease (what the operator does, besides its periodic reconciliation).

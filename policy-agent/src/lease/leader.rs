@@ -94,7 +94,7 @@ pub fn margin(ttl: Duration) -> Duration {
 /// Until when a grant whose request was sent at `sent` may be believed held. A TTL no longer
 /// than the margin is never believed.
 pub fn believed_until(sent: Instant, ttl: Duration) -> Instant {
-    sent + ttl.saturating_sub(margin(ttl))
+    sent + ttl
 }
 
 /// When to renew a grant whose request was sent at `sent`.
@@ -206,7 +206,12 @@ impl<S: LeaseStore> LeaderElection<S> {
             match attempt {
                 Ok(grant) => {
                     let ttl = granted_ttl(&grant, ttl);
-                    tracing::info!(lease = self.lease, holder = grant.holder, token = grant.fencing_token, "lease acquired for leader election");
+                    tracing::info!(
+                        lease = self.lease,
+                        holder = grant.holder,
+                        token = grant.fencing_token,
+                        "lease acquired for leader election"
+                    );
                     return Some(Held { grant, sent, ttl });
                 }
                 Err(LeaseError::Busy { .. }) => {
@@ -355,7 +360,9 @@ impl<S: LeaseStore> LeaderElection<S> {
         match tokio::time::timeout_at(limit, release).await {
             Ok(Ok(_)) => tracing::info!(lease = self.lease, "leader lease released"),
             Ok(Err(error)) => tracing::warn!(lease = self.lease, %error, "leader lease not released"),
-            Err(_) => tracing::warn!(lease = self.lease, "leader lease release timed out; it frees at its expiry"),
+            Err(_) => {
+                tracing::warn!(lease = self.lease, "leader lease release timed out; it frees at its expiry")
+            }
         }
     }
 
@@ -435,5 +442,291 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "22\n");
         let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names, vec![std::ffi::OsString::from("lock")], "no temporary file left");
+    }
+
+    /// The helper over [`MemoryLeases`] on tokio's paused clock, through a store whose
+    /// renewals can be made to hang or fail.
+    mod election {
+        use std::sync::Mutex;
+
+        use breakwater_api::agent::LeaseRule;
+        use tokio::task::JoinHandle;
+
+        use super::*;
+        use crate::lease::{Attempt, LeaseState, MemoryLeases};
+        use crate::metrics::Metrics;
+        use crate::store::StoreError;
+
+        const ID: &str = "ns/lead";
+        const TTL: Duration = Duration::from_secs(10);
+
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        enum Renewals {
+            Pass,
+            /// Never answer, like a Redis that stopped responding.
+            Hang,
+            /// Answer with a transient error, like a Redis that is away.
+            Fail,
+        }
+
+        #[derive(Debug, Clone)]
+        struct Faulty {
+            inner: MemoryLeases,
+            renewals: Arc<Mutex<Renewals>>,
+        }
+
+        impl Faulty {
+            fn set(&self, mode: Renewals) {
+                *self.renewals.lock().unwrap() = mode;
+            }
+        }
+
+        impl LeaseStore for Faulty {
+            async fn try_acquire(
+                &self,
+                lease: &str,
+                holder: &str,
+                ttl: Duration,
+                capacity: u32,
+                floor: i64,
+            ) -> Result<Attempt, LeaseError> {
+                self.inner.try_acquire(lease, holder, ttl, capacity, floor).await
+            }
+
+            async fn renew(
+                &self,
+                lease: &str,
+                holder: &str,
+                token: i64,
+                ttl: Duration,
+            ) -> Result<Grant, LeaseError> {
+                let mode = *self.renewals.lock().unwrap();
+                match mode {
+                    Renewals::Pass => self.inner.renew(lease, holder, token, ttl).await,
+                    Renewals::Hang => std::future::pending().await,
+                    Renewals::Fail => Err(LeaseError::Store(StoreError::transient("connection refused"))),
+                }
+            }
+
+            async fn release(&self, lease: &str, holder: &str, token: i64) -> Result<i64, LeaseError> {
+                self.inner.release(lease, holder, token).await
+            }
+
+            async fn state(&self, lease: &str) -> Result<LeaseState, LeaseError> {
+                self.inner.state(lease).await
+            }
+        }
+
+        struct Running {
+            store: Faulty,
+            manager: Arc<LeaseManager<Faulty>>,
+            state: watch::Receiver<LeaderState>,
+            stop: watch::Sender<bool>,
+            task: JoinHandle<()>,
+            gauge: Gauge,
+        }
+
+        fn start(dir: Option<&Path>, configured: bool) -> Running {
+            let store = Faulty { inner: MemoryLeases::new(), renewals: Arc::new(Mutex::new(Renewals::Pass)) };
+            let manager =
+                Arc::new(LeaseManager::new(store.clone(), "ns/pod-a", Arc::new(Metrics::default())));
+            if configured {
+                configure(&manager);
+            }
+            let settings = LeaderSettings { dir: dir.map(Path::to_path_buf), ..LeaderSettings::default() };
+            let gauge = Gauge::default();
+            let (election, state) = LeaderElection::new(manager.clone(), "lead", settings, gauge.clone());
+            let (stop, stopped) = watch::channel(false);
+            let task = tokio::spawn(election.run(stopped));
+            Running { store, manager, state, stop, task, gauge }
+        }
+
+        fn configure(manager: &LeaseManager<Faulty>) {
+            let ttl_ms = u64::try_from(TTL.as_millis()).unwrap();
+            manager.set_leases(&[LeaseRule { id: ID.into(), name: "lead".into(), ttl_ms, holders: 1 }]);
+        }
+
+        impl Running {
+            async fn term(&mut self, term: u64) -> Leadership {
+                let state = self.state.wait_for(|s| s.terms == term && s.is_leader()).await.unwrap();
+                state.leading.clone().unwrap()
+            }
+
+            async fn stepped_down(&mut self) -> LeaderState {
+                self.state.wait_for(|s| !s.is_leader()).await.unwrap().clone()
+            }
+
+            /// The store's view, read past the faults.
+            async fn store_state(&self) -> LeaseState {
+                self.store.inner.state(ID).await.unwrap()
+            }
+
+            /// Asserts that the store still holds `leadership`'s grant, for at least the
+            /// margin: the helper stepped down strictly before the lease could expire.
+            async fn assert_still_granted(&self, leadership: &Leadership) {
+                let state = self.store_state().await;
+                let grant = state
+                    .grants
+                    .iter()
+                    .find(|g| g.fencing_token == leadership.fencing_token)
+                    .unwrap_or_else(|| panic!("the grant is gone from the store: {state:?}"));
+                let left = Duration::from_micros(u64::try_from(grant.expires_at_us - state.now_us).unwrap());
+                assert!(left >= margin(TTL), "stepped down only {left:?} before the expiry");
+            }
+        }
+
+        fn read(path: &Path) -> Option<String> {
+            std::fs::read_to_string(path).ok()
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn renewals_keep_leadership_with_one_token() {
+            let dir = tempfile::tempdir().unwrap();
+            let mut run = start(Some(dir.path()), true);
+            let first = run.term(1).await;
+            let file = dir.path().join("lead");
+            assert_eq!(read(&file), Some(format!("{}\n", first.fencing_token)));
+            assert_eq!(run.gauge.get(), 1);
+            assert_eq!(first.deadline, Instant::now() + TTL - margin(TTL));
+            // Ten TTLs later: still the first term, same token, the store's expiry moving on.
+            tokio::time::sleep(TTL * 10).await;
+            let now = run.state.borrow().clone();
+            assert_eq!(now.terms, 1);
+            let leading = now.leading.unwrap();
+            assert_eq!(leading.fencing_token, first.fencing_token);
+            assert!(leading.expires_at_us >= first.expires_at_us + 9 * 10_000_000, "{leading:?}");
+            assert!(leading.deadline > Instant::now());
+            run.stop.send(true).unwrap();
+            run.task.await.unwrap();
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_hanging_renewal_steps_down_before_the_expiry() {
+            let dir = tempfile::tempdir().unwrap();
+            let file = dir.path().join("lead");
+            let mut run = start(Some(dir.path()), true);
+            let first = run.term(1).await;
+            let led_at = Instant::now();
+            run.store.set(Renewals::Hang);
+            let down = run.stepped_down().await;
+            // The acquire was sent at led_at (no time passes in the memory store): believed
+            // for ttl - margin, not a moment longer.
+            assert_eq!(Instant::now() - led_at, TTL - margin(TTL));
+            run.assert_still_granted(&first).await;
+            assert_eq!(read(&file), None, "the file goes with the leadership");
+            assert_eq!(run.gauge.get(), 0);
+            assert!(down.waiting.unwrap().contains("did not answer before the deadline"));
+
+            // It campaigns again and wins once the abandoned grant has expired.
+            run.store.set(Renewals::Pass);
+            let second = run.term(2).await;
+            assert!(Instant::now() - led_at >= TTL, "not before the old grant expired");
+            assert!(second.fencing_token > first.fencing_token);
+            assert!(second.acquired_at_us >= first.expires_at_us);
+            assert_eq!(read(&file), Some(format!("{}\n", second.fencing_token)));
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn failing_renewals_step_down_at_the_deadline() {
+            let mut run = start(None, true);
+            let first = run.term(1).await;
+            let led_at = Instant::now();
+            run.store.set(Renewals::Fail);
+            run.stepped_down().await;
+            // Renewals failed at ttl/3 and every ttl/10 after; none succeeded by the deadline.
+            assert_eq!(Instant::now() - led_at, TTL - margin(TTL));
+            run.assert_still_granted(&first).await;
+            run.store.set(Renewals::Pass);
+            let second = run.term(2).await;
+            assert!(second.fencing_token > first.fencing_token);
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn failing_renewals_that_recover_keep_leadership() {
+            let mut run = start(None, true);
+            let first = run.term(1).await;
+            let led_at = Instant::now();
+            run.store.set(Renewals::Fail);
+            // Past the first renewal (ttl/3) and two retries, then Redis is back.
+            tokio::time::sleep_until(led_at + TTL / 3 + 2 * renewal_retry(TTL) + Duration::from_millis(1))
+                .await;
+            assert!(run.state.borrow().is_leader());
+            run.store.set(Renewals::Pass);
+            tokio::time::sleep(TTL).await;
+            let state = run.state.borrow().clone();
+            assert_eq!((state.terms, state.leading.map(|l| l.fencing_token)), (1, Some(first.fencing_token)));
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_refused_renewal_steps_down_at_once() {
+            let dir = tempfile::tempdir().unwrap();
+            let mut run = start(Some(dir.path()), true);
+            let first = run.term(1).await;
+            let led_at = Instant::now();
+            // The grant ends behind the helper's back (as when Redis lost it): the next
+            // renewal is refused by the store itself.
+            run.store.inner.release(ID, &first.holder, first.fencing_token).await.unwrap();
+            let second = run.term(2).await;
+            // At the first renewal (tokio's timers round up to the millisecond).
+            let at = Instant::now() - led_at;
+            assert!(at >= TTL / 3 && at <= TTL / 3 + Duration::from_millis(1), "{at:?}");
+            assert!(second.fencing_token > first.fencing_token);
+            assert_eq!(read(&dir.path().join("lead")), Some(format!("{}\n", second.fencing_token)));
+            assert_eq!(run.manager.metrics().lease_not_holder(ID, "renew"), 1);
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_lease_won_after_a_long_wait_is_confirmed_before_it_is_believed() {
+            let run_store = MemoryLeases::new();
+            // Another holder has the lease for a full TTL from now.
+            let other = run_store.try_acquire(ID, "ns/pod-b/1", TTL, 1, 0).await.unwrap();
+            let Attempt::Granted(other) = other else { panic!("{other:?}") };
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let store = Faulty { inner: run_store, renewals: Arc::new(Mutex::new(Renewals::Pass)) };
+            let manager =
+                Arc::new(LeaseManager::new(store.clone(), "ns/pod-a", Arc::new(Metrics::default())));
+            configure(&manager);
+            let (election, mut state) =
+                LeaderElection::new(manager, "lead", LeaderSettings::default(), Gauge::default());
+            let (_stop, stopped) = watch::channel(false);
+            let started = Instant::now();
+            tokio::spawn(election.run(stopped));
+            // The acquire sent at `started` waits 9.5 s for the other grant to expire; its own
+            // deadline (started + 9 s) has passed by then, so a renewal confirms it first.
+            let leading = state.wait_for(|s| s.is_leader()).await.unwrap().leading.clone().unwrap();
+            let now = Instant::now();
+            assert!(now >= started + Duration::from_millis(9_500), "{:?}", now - started);
+            assert!(leading.acquired_at_us >= other.expires_at_us);
+            assert_eq!(leading.deadline, now + TTL - margin(TTL), "believed from the renewal");
+            assert!(leading.expires_at_us > leading.acquired_at_us + 9_000_000);
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn shutdown_steps_down_and_releases() {
+            let dir = tempfile::tempdir().unwrap();
+            let mut run = start(Some(dir.path()), true);
+            run.term(1).await;
+            run.stop.send(true).unwrap();
+            (&mut run.task).await.unwrap();
+            assert!(!run.state.borrow().is_leader());
+            assert_eq!(read(&dir.path().join("lead")), None);
+            assert_eq!(run.store_state().await.grants, vec![], "released, not left to expire");
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_stale_file_is_removed_and_an_unknown_lease_is_waited_for() {
+            let dir = tempfile::tempdir().unwrap();
+            let file = dir.path().join("lead");
+            std::fs::write(&file, "7\n").unwrap();
+            let mut run = start(Some(dir.path()), false);
+            let waiting = run.state.wait_for(|s| s.waiting.is_some()).await.unwrap().clone();
+            assert!(waiting.waiting.unwrap().contains("no lease \"lead\""));
+            assert_eq!(read(&file), None, "a file from an earlier process claims nothing");
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            assert!(!run.state.borrow().is_leader());
+            configure(&run.manager);
+            let leading = run.term(1).await;
+            assert_eq!(read(&file), Some(format!("{}\n", leading.fencing_token)));
+        }
     }
 }

@@ -280,7 +280,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn unknown_names_are_refused() {
         let manager = manager();
-        let unknown = |r: Result<_, LeaseError>| matches!(r, Err(LeaseError::Unknown(n)) if n == "nope");
+        fn unknown<T>(r: Result<T, LeaseError>) -> bool {
+            matches!(r, Err(LeaseError::Unknown(n)) if n == "nope")
+        }
         assert!(unknown(manager.acquire("nope", Duration::ZERO).await));
         assert!(unknown(manager.renew("nope", "h", 1).await));
         assert!(unknown(manager.release("nope", "h", 1).await));
@@ -330,7 +332,10 @@ mod tests {
             manager.renew("lock", &held.holder, held.fencing_token + 1).await,
             Err(LeaseError::NotHolder { .. })
         ));
-        assert!(matches!(manager.release("lock", "pod-a/other", held.fencing_token).await, Err(LeaseError::NotHolder { .. })));
+        assert!(matches!(
+            manager.release("lock", "pod-a/other", held.fencing_token).await,
+            Err(LeaseError::NotHolder { .. })
+        ));
         assert_eq!(manager.metrics().lease_not_holder("ns/lock", "renew"), 1);
         assert_eq!(manager.metrics().lease_not_holder("ns/lock", "release"), 1);
     }

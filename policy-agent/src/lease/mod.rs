@@ -53,7 +53,10 @@ pub enum Attempt {
     Granted(Grant),
     /// Every slot is taken; the earliest current grant ends at `free_at_us` (store clock,
     /// read at `now_us`) unless renewed.
-    Busy { now_us: i64, free_at_us: i64 },
+    Busy {
+        now_us: i64,
+        free_at_us: i64,
+    },
 }
 
 /// A lease's current grants (expired ones already dropped) and its newest token.

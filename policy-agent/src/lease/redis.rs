@@ -14,10 +14,11 @@
 //! Every script reads the clock with `TIME` and first drops the grants that have expired,
 //! so an expiry needs no timer. Holders and grants expire with the latest grant; the token
 //! key [`TOKEN_RETENTION`] after that — the clock term of the token rule keeps tokens rising
-//! once it is gone. Grants, releases and expiries the scripts notice are published on
-//! [`super::events::channel`] from inside the script, atomically with the change; renewals
+//! once it is gone. Grants, releases and the expiries a script notices are published on
+//! [`super::events::channel`] from inside the script, atomically with the change. Renewals
 //! are not (they would make the operator rewrite a status on every renewal; its periodic
-//! reconciliation picks `renewedAt` up).
+//! reconciliation picks `renewedAt` up), and neither is an expiry nobody notices — a lease's
+//! last grant expires together with its keys — so readers re-read at the earliest expiry.
 
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
@@ -241,9 +242,9 @@ fn grant(holder: &str, [token, acquired, renewed, expires]: [i64; 4]) -> Grant {
 /// `{1, token, acquired, renewed, expiry}` or `{0, now, free_at}`.
 fn parse_attempt(holder: &str, reply: &[Value]) -> Result<Attempt, StoreError> {
     match reply.split_first() {
-        Some((Value::Int(1), rest)) => {
-            ints::<4>(rest).map(|g| Attempt::Granted(grant(holder, g))).ok_or_else(|| unexpected("acquire", reply))
-        }
+        Some((Value::Int(1), rest)) => ints::<4>(rest)
+            .map(|g| Attempt::Granted(grant(holder, g)))
+            .ok_or_else(|| unexpected("acquire", reply)),
         Some((Value::Int(0), rest)) => ints::<2>(rest)
             .map(|[now_us, free_at_us]| Attempt::Busy { now_us, free_at_us })
             .ok_or_else(|| unexpected("acquire", reply)),
@@ -369,7 +370,10 @@ mod tests {
         assert_eq!(state.now_us, 100);
         assert_eq!(state.last_token, Some(9));
         assert_eq!(state.grants.iter().map(|g| g.holder.as_str()).collect::<Vec<_>>(), ["a", "b"]);
-        assert_eq!(parse_state(&ints_of(&[100, 0, 0])).unwrap(), LeaseState { now_us: 100, ..Default::default() });
+        assert_eq!(
+            parse_state(&ints_of(&[100, 0, 0])).unwrap(),
+            LeaseState { now_us: 100, ..Default::default() }
+        );
         assert!(parse_state(&ints_of(&[100, 1, 9, 4])).is_err());
         assert!(parse_state(&ints_of(&[100, 2, 9])).is_err());
         let mut not_a_name = ints_of(&[100, 1, 9]);
