@@ -40,7 +40,9 @@ $(VENV)/.installed: charts/tests/requirements.txt
 ## chart-test: lint and render the Helm chart with real Helm (helm-python-sdk) and check it
 chart-test: $(VENV)/.installed
 	$(CARGO) run -q -p breakwater-operator -- rbac > target/expected-rbac.json
-	BREAKWATER_EXPECTED_RBAC=$(CURDIR)/target/expected-rbac.json $(VENV)/bin/pytest charts/tests -q
+	$(CARGO) run -q -p breakwater-operator -- run --help > target/operator-run-help.txt
+	BREAKWATER_EXPECTED_RBAC=$(CURDIR)/target/expected-rbac.json \
+	BREAKWATER_OPERATOR_RUN_HELP=$(CURDIR)/target/operator-run-help.txt $(VENV)/bin/pytest charts/tests -q
 
 fmt:
 	$(CARGO) fmt --all
@@ -88,3 +90,13 @@ bench-xds:
 bench: bench-xds
 
 .PHONY: bench-xds
+
+## bench-lease: lease acquire+release pairs/s at 1, 16, 64 clients (LeaseManager over Redis,
+## in process) against raw SET NX PX + DEL on the same Redis; prints the table the README
+## quotes (BENCH_SECONDS, BENCH_ROUNDS, BENCH_OUT)
+bench-lease:
+	$(CARGO) bench -q -p breakwater-agent --bench lease
+
+bench: bench-lease
+
+.PHONY: bench-lease

@@ -4,10 +4,15 @@ No cluster is needed: `helm_python.lint` runs `helm lint`, and `Chart.render` ru
 template engine offline exactly as `helm template` / `helm install` would (values schema
 included). The RBAC the chart grants is compared with the rules the operator itself says
 it needs: the JSON printed by `breakwater-operator rbac`, whose path is given in the
-environment variable BREAKWATER_EXPECTED_RBAC.
+environment variable BREAKWATER_EXPECTED_RBAC. The environment the Deployment sets is
+compared with what `breakwater-operator run --help` says it reads, from the file named by
+BREAKWATER_OPERATOR_RUN_HELP.
 
-Run (from the repository root):
-    BREAKWATER_EXPECTED_RBAC=target/expected-rbac.json .venv/bin/pytest charts/tests -q
+Run (from the repository root; `make chart-test` does all of it):
+    cargo run -q -p breakwater-operator -- rbac > target/expected-rbac.json
+    cargo run -q -p breakwater-operator -- run --help > target/operator-run-help.txt
+    BREAKWATER_EXPECTED_RBAC=target/expected-rbac.json \
+    BREAKWATER_OPERATOR_RUN_HELP=target/operator-run-help.txt .venv/bin/pytest charts/tests -q
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ EXPECTED_CRDS = {
 }
 CLUSTER_SCOPED_KINDS = {"ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"}
 RBAC_ENV = "BREAKWATER_EXPECTED_RBAC"
+RUN_HELP_ENV = "BREAKWATER_OPERATOR_RUN_HELP"
 RULE_KEYS = {"apiGroups", "resources", "verbs"}
 
 Doc = dict[str, Any]
@@ -174,6 +180,25 @@ def expected_rbac() -> dict[str, set[tuple[str, str, str]]]:
         "cluster": triples(data["clusterRules"], f"{path} clusterRules"),
         "namespaced": triples(data["namespacedRules"], f"{path} namespacedRules"),
     }
+
+
+@pytest.fixture(scope="session")
+def run_help() -> str:
+    hint = (
+        "it must name the text printed by `breakwater-operator run --help`, e.g. "
+        "`cargo run -q -p breakwater-operator -- run --help > target/operator-run-help.txt && "
+        f"{RUN_HELP_ENV}=target/operator-run-help.txt pytest charts/tests`"
+    )
+    path = os.environ.get(RUN_HELP_ENV)
+    if not path:
+        pytest.fail(f"{RUN_HELP_ENV} is not set: {hint}", pytrace=False)
+    file = Path(path)
+    if not file.is_file():
+        pytest.fail(f"{RUN_HELP_ENV}={path}: no such file ({file.resolve()}); {hint}", pytrace=False)
+    text = file.read_text()
+    if "--root-namespace" not in text:
+        pytest.fail(f"{RUN_HELP_ENV}={path} is not the help of `run`; {hint}", pytrace=False)
+    return text
 
 
 def fmt(items: set[tuple[str, str, str]]) -> str:
@@ -562,6 +587,25 @@ def test_redis_url_is_kept_in_a_secret(chart: helm.Chart) -> None:
         if doc["kind"] != "Secret":
             text = yaml.safe_dump(doc)
             assert "s3cr3t-pw" not in text and url not in text, f"{doc['kind']} leaks the Redis URL"
+
+
+@pytest.mark.parametrize(
+    "values",
+    [{"redis": {"url": "redis://r:6379"}}, {"redis": {"existingSecret": "redis-auth"}}],
+    ids=["url", "existing-secret"],
+)
+def test_redis_env_is_what_the_operator_reads(chart: helm.Chart, run_help: str, values: Doc) -> None:
+    # The operator reads LockLease holders from Redis (`run --redis-url`, env
+    # BREAKWATER_REDIS_URL); a name the binary does not read would leave Held Unknown/NoStore.
+    out = render(chart, values)
+    assert "BREAKWATER_REDIS_URL" in out.env()
+    assert "--redis-url" not in out.args(), "the URL comes from the Secret, never an argument"
+    assert "--redis-url" in run_help
+    assert "[env: BREAKWATER_REDIS_URL" in run_help, "`run --redis-url` reads BREAKWATER_REDIS_URL"
+    # The chart sets no key prefix: the operator's default must be the agents' ("bw").
+    assert "BREAKWATER_REDIS_KEY_PREFIX" not in out.env()
+    prefix = run_help[run_help.index("--redis-key-prefix") :].split("\n\n")[0]
+    assert "[default: bw]" in prefix, prefix
 
 
 def test_redis_url_and_existing_secret_are_exclusive(chart: helm.Chart) -> None:

@@ -14,7 +14,7 @@ use std::{
 use breakwater_api::{
     Attachment, CircuitBreakerPolicy, LockLease, OutboxRelay, RateLimitPolicy, common::GROUP,
 };
-use futures::{Stream, StreamExt};
+use futures::{Stream, StreamExt, stream::BoxStream};
 use k8s_openapi::{
     NamespaceResourceScope,
     api::core::v1::{Namespace, Secret, Service},
@@ -37,6 +37,8 @@ use crate::{
     error::{Error, Result},
     http::State,
     inventory::{Inventory, ObjectName},
+    lease::{self, LeaseReader},
+    policy::lock_lease::{self, LeaseFields, Observation},
     resource::Policy,
     status::{self, OwnedStatus, owned_status, transitions},
     xds::SnapshotCache,
@@ -48,6 +50,14 @@ pub const FIELD_MANAGER: &str = "breakwater-operator";
 /// How often every resource is re-evaluated even without a change: a safety net for
 /// Secrets, which are not watched (the operator may only `get` them).
 const RESYNC: Duration = Duration::from_secs(300);
+
+/// How often a LockLease is read from Redis even without an event: renewals publish none,
+/// and this keeps `renewedAt` and `expiresAt` current.
+pub const LEASE_RESYNC: Duration = Duration::from_secs(30);
+
+/// How long after a grant's expiry (by Redis's clock) its lease is read again, so that the
+/// read sees it gone despite the time the reconcile itself takes to start.
+const EXPIRY_MARGIN: Duration = Duration::from_millis(100);
 
 /// A Breakwater kind the controllers reconcile.
 pub trait Kind:
@@ -173,6 +183,8 @@ pub struct Context<K: Kind> {
     pub state: Arc<State>,
     /// The xDS snapshot cache whose ACKs decide `Programmed`; None when no xDS is served.
     pub cache: Option<Arc<SnapshotCache>>,
+    /// Where LockLeases are read from; None when the operator runs without Redis.
+    pub leases: Option<Arc<dyn LeaseReader>>,
     /// Consecutive failures per object, for exponential backoff.
     failures: Mutex<HashMap<ObjectRef<K>, u32>>,
 }
@@ -205,7 +217,31 @@ impl<K: Kind> Context<K> {
             services,
             namespaces,
             state,
+            leases: None,
             failures: Mutex::default(),
+        }
+    }
+
+    /// Reads LockLeases from `leases` (otherwise their `Held` is Unknown: no store).
+    #[must_use]
+    pub fn with_leases(mut self, leases: Arc<dyn LeaseReader>) -> Self {
+        self.leases = Some(leases);
+        self
+    }
+
+    /// What the store says about a LockLease (`last`: the fields its status has now).
+    async fn observe(&self, lease: &LockLease, last: &LeaseFields) -> lock_lease::Report {
+        let Some(reader) = &self.leases else {
+            return lock_lease::report(Observation::NoStore, &lease.spec, last);
+        };
+        let id = ObjectName::of(lease).to_string();
+        match reader.state(&id).await {
+            Ok(state) => lock_lease::report(Observation::Read(&state), &lease.spec, last),
+            Err(error) => {
+                tracing::warn!(lease = id, %error, "cannot read lease from Redis");
+                let error = error.to_string();
+                lock_lease::report(Observation::Unavailable(&error), &lease.spec, last)
+            }
         }
     }
 
@@ -238,7 +274,13 @@ pub async fn reconcile<K: Kind>(object: Arc<K>, ctx: Arc<Context<K>>) -> Result<
     let now = Time(jiff::Timestamp::now());
     let generation = object.meta().generation;
     let programmed = status::programmed(&assessment, ctx.cache.as_deref(), kind, &policy.name(), generation);
-    let status = owned_status(&assessment, programmed, generation, policy.conditions(), &now);
+    let mut status = owned_status(&assessment, programmed, generation, policy.conditions(), &now);
+    let mut requeue = RESYNC;
+    if let Policy::LockLease(lease) = &policy {
+        let report = ctx.observe(lease, &policy.lease_fields().unwrap_or_default()).await;
+        requeue = lease_requeue(&report);
+        status = status::with_lease(status, report, generation, policy.conditions(), &now);
+    }
 
     if status_changed(&policy, &status) {
         let name = object.name_any();
@@ -246,6 +288,8 @@ pub async fn reconcile<K: Kind>(object: Arc<K>, ctx: Arc<Context<K>>) -> Result<
         let body = serde_json::json!({
             "apiVersion": format!("{GROUP}/{}", K::version(&())),
             "kind": kind,
+            // A lease field left out (no holder any more) is removed by the API server: the
+            // operator is its only manager and stops applying it.
             "status": status,
         });
         api.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body)).await?;
@@ -257,13 +301,21 @@ pub async fn reconcile<K: Kind>(object: Arc<K>, ctx: Arc<Context<K>>) -> Result<
         failures.remove(&ObjectRef::from_obj(object.as_ref()));
     }
     ctx.state.metrics.observe(kind, started.elapsed());
-    Ok(Action::requeue(RESYNC))
+    Ok(Action::requeue(requeue))
+}
+
+/// When to read a lease again without an event: at its earliest expiry (nobody publishes
+/// one, yet the status must turn Free then), and at least every [`LEASE_RESYNC`].
+pub fn lease_requeue(report: &lock_lease::Report) -> Duration {
+    report.next_expiry.map_or(LEASE_RESYNC, |expiry| (expiry + EXPIRY_MARGIN).min(LEASE_RESYNC))
 }
 
 /// Whether the computed status differs from what the object carries (transition times are
 /// carried over, so an unchanged evaluation compares equal and writes nothing).
 fn status_changed(policy: &Policy, status: &OwnedStatus) -> bool {
-    policy.conditions() != status.conditions.as_slice() || policy.targets() != status.targets
+    policy.conditions() != status.conditions.as_slice()
+        || policy.targets() != status.targets
+        || policy.lease_fields() != status.lease
 }
 
 async fn publish_events<K: Kind>(ctx: &Context<K>, object: &K, policy: &Policy, status: &OwnedStatus) {
@@ -271,6 +323,9 @@ async fn publish_events<K: Kind>(ctx: &Context<K>, object: &K, policy: &Policy, 
     for condition in transitions(policy.conditions(), &status.conditions) {
         if condition.type_ == breakwater_api::common::condition_type::PROGRAMMED {
             continue; // Pending is no news until a data plane reports.
+        }
+        if condition.type_ == lock_lease::held::TYPE {
+            continue; // A lease changes hands as often as the application likes: status only.
         }
         let event = Event {
             type_: if condition.status == "True" { EventType::Normal } else { EventType::Warning },
@@ -340,6 +395,34 @@ where
     (reader, stream)
 }
 
+/// Reconcile triggers beyond the Kubernetes watches (the lease events of agents).
+pub struct Triggers<K: Kind> {
+    /// Objects to reconcile.
+    pub objects: BoxStream<'static, ObjectRef<K>>,
+    /// Reconcile every object on each item.
+    pub all: BoxStream<'static, ()>,
+}
+
+impl<K: Kind> Debug for Triggers<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Triggers").finish_non_exhaustive()
+    }
+}
+
+impl Triggers<LockLease> {
+    /// The LockLeases the agents' lease events name, and all of them on each resubscription.
+    pub fn from_leases(triggers: lease::Triggers) -> Self {
+        let objects = triggers.leases.filter_map(|id| async move {
+            let parsed = lease::parse_id(&id).map(|(ns, name)| ObjectRef::new(name).within(ns));
+            if parsed.is_none() {
+                tracing::debug!(id, "lease event names no LockLease");
+            }
+            parsed
+        });
+        Self { objects: objects.boxed(), all: triggers.resubscribed.boxed() }
+    }
+}
+
 /// Runs the controller of kind `K` until `shutdown` resolves.
 pub async fn run_controller<K: Kind>(
     client: Client,
@@ -347,6 +430,21 @@ pub async fn run_controller<K: Kind>(
     reporter: Reporter,
     state: Arc<State>,
     cache: Option<Arc<SnapshotCache>>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    run_controller_with::<K>(client, root_namespace, reporter, state, cache, None, None, shutdown).await;
+}
+
+/// [`run_controller`] with a lease reader and extra triggers.
+#[allow(clippy::too_many_arguments)]
+pub async fn run_controller_with<K: Kind>(
+    client: Client,
+    root_namespace: String,
+    reporter: Reporter,
+    state: Arc<State>,
+    cache: Option<Arc<SnapshotCache>>,
+    leases: Option<Arc<dyn LeaseReader>>,
+    triggers: Option<Triggers<K>>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let (services, service_events) = reflected::<Service>(&client);
@@ -376,8 +474,15 @@ pub async fn run_controller<K: Kind>(
         let acks = tokio_stream::wrappers::WatchStream::new(cache.subscribe_changes()).map(|_| ());
         controller = controller.reconcile_all_on(acks);
     }
+    if let Some(triggers) = triggers {
+        controller = controller.reconcile_on(triggers.objects).reconcile_all_on(triggers.all);
+    }
     let stores = (policies, services, namespaces);
-    let ctx = Arc::new(Context::new(client, root_namespace, stores, reporter, state, cache));
+    let mut ctx = Context::new(client, root_namespace, stores, reporter, state, cache);
+    if let Some(leases) = leases {
+        ctx = ctx.with_leases(leases);
+    }
+    let ctx = Arc::new(ctx);
     controller
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {

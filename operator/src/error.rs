@@ -19,6 +19,9 @@ pub enum Error {
     #[error("leader election: {0}")]
     LeaderElection(String),
 
+    #[error("redis: {0}")]
+    Redis(String),
+
     #[error("{0}")]
     Server(#[from] std::io::Error),
 }
@@ -33,6 +36,7 @@ impl Error {
             Self::Parse { .. } => "parse",
             Self::Serialize { .. } => "serialize",
             Self::LeaderElection(_) => "leader_election",
+            Self::Redis(_) => "redis",
             Self::Server(_) => "server",
         }
     }

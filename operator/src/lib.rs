@@ -7,6 +7,7 @@ pub mod error;
 pub mod http;
 pub mod inventory;
 pub mod leader;
+pub mod lease;
 pub mod metrics;
 pub mod policy;
 pub mod rbac;

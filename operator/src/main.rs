@@ -44,6 +44,13 @@ enum Command {
         /// This replica's identity.
         #[arg(long, env = "POD_NAME", default_value = "breakwater-operator")]
         identity: String,
+        /// Redis the agents keep leases in (redis://[:password@]host:port[/db], rediss:// for
+        /// TLS): LockLease status shows who holds each lease. Without it, Held is Unknown.
+        #[arg(long, env = "BREAKWATER_REDIS_URL", hide_env_values = true)]
+        redis_url: Option<String>,
+        /// The agents' Redis key prefix (their --key-prefix).
+        #[arg(long, env = "BREAKWATER_REDIS_KEY_PREFIX", default_value = breakwater_operator::lease::DEFAULT_KEY_PREFIX)]
+        redis_key_prefix: String,
     },
     /// Evaluate policies from YAML files, without a cluster.
     Standalone {
@@ -108,6 +115,8 @@ fn main() -> ExitCode {
                 leader_election,
                 leader_election_namespace,
                 identity,
+                redis_url,
+                redis_key_prefix,
             } => {
                 let client = match kube::Client::try_default().await {
                     Ok(client) => client,
@@ -122,6 +131,9 @@ fn main() -> ExitCode {
                     xds_addr,
                     leader_election_namespace: leader_election.then_some(leader_election_namespace),
                     identity,
+                    redis: redis_url.filter(|url| !url.is_empty()).map(|url| {
+                        breakwater_operator::lease::RedisOptions { url, key_prefix: redis_key_prefix }
+                    }),
                 };
                 match run::run(client, options, shutdown_signal()).await {
                     Ok(()) => ExitCode::SUCCESS,

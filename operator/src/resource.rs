@@ -9,7 +9,7 @@ use kube::Resource;
 
 use crate::{
     inventory::{Inventory, ObjectName},
-    policy::{self, Assessment},
+    policy::{self, Assessment, lock_lease::LeaseFields},
 };
 
 #[derive(Clone, Debug)]
@@ -76,6 +76,14 @@ impl Policy {
             Self::CircuitBreaker(p) => p.status.as_ref().map(|s| s.targets),
             Self::RateLimit(p) => p.status.as_ref().map(|s| s.targets),
             Self::LockLease(_) | Self::OutboxRelay(_) => None,
+        }
+    }
+
+    /// The lease fields the resource carries now (LockLease only).
+    pub fn lease_fields(&self) -> Option<LeaseFields> {
+        match self {
+            Self::LockLease(p) => Some(LeaseFields::of(p.status.as_ref())),
+            _ => None,
         }
     }
 

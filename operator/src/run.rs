@@ -1,7 +1,8 @@
 //! Cluster mode: health and metrics endpoints, the xDS server and its feed, leader
 //! election, and the four controllers. Every replica runs the feed and keeps its snapshots
 //! warm; only the leader accepts ADS streams and runs the controllers, so the replica that
-//! writes `Programmed` is the one that sees every proxy's ACKs.
+//! writes `Programmed` is the one that sees every proxy's ACKs. With Redis, the LockLease
+//! controller reads who holds each lease and follows the agents' lease events.
 
 use std::{
     net::SocketAddr,
@@ -17,10 +18,11 @@ use kube::{Api, Client, runtime::events::Reporter};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    controller::{Kind, run_controller},
+    controller::{Kind, Triggers, run_controller, run_controller_with},
     error::{Error, Result},
     http::{self, State},
     leader::{self, LeaderElector},
+    lease::{self, LeaseReader, RedisOptions},
     xds::{self, SnapshotCache},
 };
 
@@ -33,6 +35,8 @@ pub struct Options {
     pub leader_election_namespace: Option<String>,
     /// This replica's name (the pod name), for the Lease and for Events.
     pub identity: String,
+    /// Where the agents keep leases; None runs without (LockLease `Held` is then Unknown).
+    pub redis: Option<RedisOptions>,
 }
 
 /// What every controller shares.
@@ -44,12 +48,34 @@ struct Shared {
     state: Arc<State>,
     cache: Arc<SnapshotCache>,
     stop: CancellationToken,
+    leases: Option<(Arc<dyn LeaseReader>, RedisOptions)>,
 }
 
 impl Shared {
     async fn controller<K: Kind>(self) {
         let stop = self.stop.cancelled_owned();
         run_controller::<K>(self.client, self.root, self.reporter, self.state, Some(self.cache), stop).await;
+    }
+
+    /// The LockLease controller: reads Redis and follows the lease events when it has one.
+    async fn lease_controller(self) {
+        let Some((reader, redis)) = self.leases.clone() else {
+            return self.controller::<LockLease>().await;
+        };
+        let events = lease::follow_redis(&redis, lease::Backoff::default(), self.stop.child_token());
+        let (cache, stop) = (Some(self.cache), self.stop.cancelled_owned());
+        let triggers = Some(Triggers::from_leases(events));
+        run_controller_with::<LockLease>(
+            self.client,
+            self.root,
+            self.reporter,
+            self.state,
+            cache,
+            Some(reader),
+            triggers,
+            stop,
+        )
+        .await;
     }
 }
 
@@ -63,6 +89,17 @@ pub async fn run(
     let state = Arc::new(State::default());
     let cache = Arc::new(SnapshotCache::default());
     let stop = CancellationToken::new();
+    let leases = match &options.redis {
+        Some(redis) => {
+            let reader = lease::connect(redis).await.map_err(|e| Error::Redis(e.to_string()))?;
+            tracing::info!(?redis, "reading LockLeases from Redis");
+            Some((reader, redis.clone()))
+        }
+        None => {
+            tracing::info!("no --redis-url: LockLease holders are not shown (Held is Unknown)");
+            None
+        }
+    };
     let listener = tokio::net::TcpListener::bind(options.metrics_addr).await?;
     tracing::info!(addr = %listener.local_addr()?, "serving /healthz, /readyz and /metrics");
     let server = tokio::spawn(http::serve(listener, state.clone(), stop.clone().cancelled_owned()));
@@ -114,12 +151,13 @@ pub async fn run(
         state: state.clone(),
         cache,
         stop: stop.clone(),
+        leases,
     };
     let controllers = async move {
         tokio::join!(
             shared.clone().controller::<CircuitBreakerPolicy>(),
             shared.clone().controller::<RateLimitPolicy>(),
-            shared.clone().controller::<LockLease>(),
+            shared.clone().lease_controller(),
             shared.controller::<OutboxRelay>(),
         );
     };

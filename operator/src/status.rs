@@ -7,17 +7,24 @@ use serde::Serialize;
 
 use crate::{
     inventory::ObjectName,
-    policy::{Assessment, Verdict, reason},
+    policy::{
+        Assessment, Verdict,
+        lock_lease::{self, LeaseFields},
+        reason,
+    },
     xds::SnapshotCache,
 };
 
-/// The part of a resource's status the operator owns (server-side apply merges it with the
-/// fields the agents report, such as a lease's holder).
+/// The part of a resource's status the operator owns: conditions, and per kind `targets`
+/// or a lease's holders (read from Redis).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct OwnedStatus {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub targets: Option<u32>,
+    /// LockLease only.
+    #[serde(flatten)]
+    pub lease: Option<LeaseFields>,
     pub conditions: Vec<Condition>,
 }
 
@@ -58,21 +65,57 @@ pub fn owned_status(
         .flatten()
         .map(|(type_, verdict)| {
             let status = if verdict.ok { "True" } else { "False" };
-            let last_transition_time = existing
-                .iter()
-                .find(|c| c.type_ == type_ && c.status == status)
-                .map_or_else(|| now.clone(), |c| c.last_transition_time.clone());
-            Condition {
-                type_: type_.to_string(),
-                status: status.to_string(),
-                reason: verdict.reason.to_string(),
-                message: verdict.message,
-                observed_generation: generation,
-                last_transition_time,
-            }
+            condition(type_, status, verdict.reason, verdict.message, generation, existing, now)
         })
         .collect();
-    OwnedStatus { targets: assessment.targets, conditions }
+    OwnedStatus { targets: assessment.targets, lease: None, conditions }
+}
+
+/// Adds what a lease read produced: the holder fields and the `Held` condition.
+pub fn with_lease(
+    mut status: OwnedStatus,
+    report: lock_lease::Report,
+    generation: Option<i64>,
+    existing: &[Condition],
+    now: &Time,
+) -> OwnedStatus {
+    let held = report.held;
+    status.conditions.push(condition(
+        lock_lease::held::TYPE,
+        held.status.as_str(),
+        held.reason,
+        held.message,
+        generation,
+        existing,
+        now,
+    ));
+    status.lease = Some(report.fields);
+    status
+}
+
+/// One condition, keeping the transition time of the existing one when its status is the
+/// same.
+fn condition(
+    type_: &str,
+    status: &str,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    existing: &[Condition],
+    now: &Time,
+) -> Condition {
+    let last_transition_time = existing
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map_or_else(|| now.clone(), |c| c.last_transition_time.clone());
+    Condition {
+        type_: type_.to_string(),
+        status: status.to_string(),
+        reason: reason.to_string(),
+        message,
+        observed_generation: generation,
+        last_transition_time,
+    }
 }
 
 /// Conditions whose status differs from before (or that are new): what deserves an Event.
@@ -123,6 +166,34 @@ mod tests {
         assert_eq!((verdict.ok, verdict.reason), (false, "Pending"), "{}", verdict.message);
         let verdict = programmed(&assessment(false), Some(&cache), "RateLimitPolicy", &name, Some(1));
         assert!(verdict.message.contains("not accepted"));
+    }
+
+    #[test]
+    fn held_is_added_with_its_own_transition_time() {
+        use lock_lease::{Held, Report, Status};
+        let report = |status, reason: &'static str| Report {
+            fields: LeaseFields { holder: Some("w/1".into()), ..LeaseFields::default() },
+            held: Held { status, reason, message: "m".into() },
+            next_expiry: None,
+        };
+        let base = owned_status(&assessment(true), pending(), Some(1), &[], &at(1));
+        let first = with_lease(base.clone(), report(Status::True, "Held"), Some(1), &[], &at(1));
+        let held = first.conditions.last().expect("Held");
+        assert_eq!(
+            (held.type_.as_str(), held.status.as_str(), held.reason.as_str()),
+            ("Held", "True", "Held")
+        );
+        let json = serde_json::to_value(&first).expect("serializes");
+        assert_eq!(json["holder"], "w/1", "lease fields sit beside the conditions: {json}");
+        assert!(json.get("holders").is_none() && json.get("fencingToken").is_none(), "{json}");
+
+        let again =
+            with_lease(base.clone(), report(Status::True, "Held"), Some(1), &first.conditions, &at(5));
+        assert_eq!(again.conditions.last().map(|c| c.last_transition_time.clone()), Some(at(1)));
+        let unknown =
+            with_lease(base, report(Status::Unknown, "StoreUnavailable"), Some(1), &first.conditions, &at(9));
+        let held = unknown.conditions.last().expect("Held");
+        assert_eq!((held.status.as_str(), held.last_transition_time.clone()), ("Unknown", at(9)));
     }
 
     #[test]

@@ -110,6 +110,7 @@ async fn operator_reports_target_resolution_in_a_real_cluster() {
             xds_addr: "127.0.0.1:0".parse().expect("address"),
             leader_election_namespace: None,
             identity: "e2e".into(),
+            redis: None,
         },
         async move {
             let _ = stopped.await;

@@ -24,7 +24,11 @@ use crate::{
     error::Result,
     http::State,
     inventory::ObjectName,
-    policy::{Assessment, Verdict, reason},
+    policy::{
+        Assessment, Verdict,
+        lock_lease::{self, LeaseFields, Observation},
+        reason,
+    },
     resource::Policy,
     status::{self, OwnedStatus, owned_status},
     xds::SnapshotCache,
@@ -82,7 +86,22 @@ pub fn evaluate(loaded: &Loaded, cache: Option<&SnapshotCache>, previous: &Previ
         let assessment = policy.assess(inventory);
         let generation = policy.meta().generation;
         let programmed = status::programmed(&assessment, cache, policy.kind(), &policy.name(), generation);
-        (policy.kind().to_string(), policy.name(), policy.to_json(), assessment, programmed, generation)
+        // Standalone mode reads no Redis: who holds a lease is not known here.
+        let lease = match &policy {
+            Policy::LockLease(lease) => {
+                Some(lock_lease::report(Observation::NoStore, &lease.spec, &LeaseFields::default()))
+            }
+            _ => None,
+        };
+        (
+            policy.kind().to_string(),
+            policy.name(),
+            policy.to_json(),
+            assessment,
+            programmed,
+            generation,
+            lease,
+        )
     });
     let rejected_rows = loaded.rejected.iter().map(|rejected| {
         let assessment = Assessment {
@@ -91,13 +110,17 @@ pub fn evaluate(loaded: &Loaded, cache: Option<&SnapshotCache>, previous: &Previ
             targets: None,
         };
         let programmed = status::programmed(&assessment, cache, &rejected.kind, &rejected.name, None);
-        (rejected.kind.clone(), rejected.name.clone(), rejected.object.clone(), assessment, programmed, None)
+        let (kind, name, object) = (rejected.kind.clone(), rejected.name.clone(), rejected.object.clone());
+        (kind, name, object, assessment, programmed, None, None)
     });
     let mut rows: Vec<Row> = accepted_rows
         .chain(rejected_rows)
-        .map(|(kind, name, object, assessment, programmed, generation)| {
+        .map(|(kind, name, object, assessment, programmed, generation, lease)| {
             let before = previous.get(&(kind.clone(), name.clone())).map(Vec::as_slice).unwrap_or_default();
-            let status = owned_status(&assessment, programmed, generation, before, now);
+            let mut status = owned_status(&assessment, programmed, generation, before, now);
+            if let Some(report) = lease {
+                status = status::with_lease(status, report, generation, before, now);
+            }
             Row { kind, name, object, status }
         })
         .collect();

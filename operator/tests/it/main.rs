@@ -11,6 +11,7 @@ mod compile_render_cli;
 mod controller;
 mod leader;
 mod lease_programmed;
+mod lease_status;
 mod merge;
 mod programmed;
 mod standalone_cli;
