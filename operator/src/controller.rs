@@ -524,6 +524,41 @@ mod tests {
     }
 
     #[test]
+    fn a_lease_is_read_again_at_its_earliest_expiry_or_every_resync() {
+        use lock_lease::{Held, Report, Status};
+        let report = |next_expiry| Report {
+            fields: LeaseFields::default(),
+            held: Held { status: Status::True, reason: "Held", message: String::new() },
+            next_expiry,
+        };
+        assert_eq!(lease_requeue(&report(None)), LEASE_RESYNC);
+        assert_eq!(lease_requeue(&report(Some(Duration::from_secs(5)))), Duration::from_millis(5_100));
+        assert_eq!(lease_requeue(&report(Some(Duration::ZERO))), EXPIRY_MARGIN);
+        assert_eq!(lease_requeue(&report(Some(Duration::from_secs(3600)))), LEASE_RESYNC);
+    }
+
+    #[tokio::test]
+    async fn lease_events_name_the_lock_leases_to_reconcile() {
+        let (ids, ids_rx) = tokio::sync::mpsc::channel(8);
+        let (all, all_rx) = tokio::sync::mpsc::channel(1);
+        let triggers = Triggers::from_leases(lease::Triggers {
+            leases: tokio_stream::wrappers::ReceiverStream::new(ids_rx),
+            resubscribed: tokio_stream::wrappers::ReceiverStream::new(all_rx),
+        });
+        for id in ["billing/invoice-run", "not-a-lease-id", "shop/a/b", "shop/reindex"] {
+            ids.send(id.to_string()).await.expect("send");
+        }
+        all.send(()).await.expect("send");
+        drop((ids, all));
+        let objects: Vec<ObjectRef<LockLease>> = triggers.objects.collect().await;
+        assert_eq!(
+            objects,
+            [ObjectRef::new("invoice-run").within("billing"), ObjectRef::new("reindex").within("shop")]
+        );
+        assert_eq!(triggers.all.count().await, 1);
+    }
+
+    #[test]
     fn backoff_depends_on_error_class_and_doubles() {
         assert_eq!(backoff(&api_error(409), 1), Duration::from_millis(200));
         assert_eq!(backoff(&api_error(409), 3), Duration::from_millis(800));

@@ -16,6 +16,7 @@ use breakwater_operator::{
     http::State,
     lease::{self, Backoff, LeaseReader, RedisOptions},
     policy::lock_lease::time,
+    standalone,
 };
 use futures::StreamExt;
 use k8s_openapi::{
@@ -302,6 +303,18 @@ async fn without_redis_held_is_unknown() {
     assert!(held(&lease).message.contains("--redis-url"), "{}", held(&lease).message);
     let status = lease.status.clone().expect("status");
     assert_eq!((status.holder, status.fencing_token), (None, None));
+}
+
+#[test]
+fn standalone_mode_reads_no_redis() {
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let loaded = standalone::load::load_dir(&examples, "breakwater-system").expect("examples load");
+    let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now());
+    let rows = standalone::evaluate(&loaded, None, &Default::default(), &now);
+    let lease = rows.iter().find(|r| r.kind == "LockLease").expect("the examples declare a LockLease");
+    let held = lease.status.conditions.iter().find(|c| c.type_ == "Held").expect("Held");
+    assert_eq!((held.status.as_str(), held.reason.as_str()), ("Unknown", "NoStore"));
+    assert!(rows.iter().filter(|r| r.kind != "LockLease").all(|r| r.status.conditions.iter().all(|c| c.type_ != "Held")));
 }
 
 /// Waits for the next item of a trigger stream, with a deadline.
