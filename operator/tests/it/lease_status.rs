@@ -314,7 +314,13 @@ fn standalone_mode_reads_no_redis() {
     let lease = rows.iter().find(|r| r.kind == "LockLease").expect("the examples declare a LockLease");
     let held = lease.status.conditions.iter().find(|c| c.type_ == "Held").expect("Held");
     assert_eq!((held.status.as_str(), held.reason.as_str()), ("Unknown", "NoStore"));
-    assert!(rows.iter().filter(|r| r.kind != "LockLease").all(|r| r.status.conditions.iter().all(|c| c.type_ != "Held")));
+    assert!(
+        rows.iter().filter(|r| r.kind != "LockLease").all(|r| r
+            .status
+            .conditions
+            .iter()
+            .all(|c| c.type_ != "Held"))
+    );
 }
 
 /// Waits for the next item of a trigger stream, with a deadline.
