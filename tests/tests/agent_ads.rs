@@ -87,13 +87,21 @@ impl Operator {
             .enable_all()
             .build()
             .expect("operator runtime");
-        let listener = {
+        // Re-binding the address of a stopped operator: its runtime closes the old listener
+        // in the background, and its closed connections linger in TIME_WAIT.
+        let deadline = std::time::Instant::now() + DEADLINE;
+        let listener = loop {
             let _context = runtime.enter();
-            // Re-binding the address of a stopped operator: its closed connections linger.
             let socket = tokio::net::TcpSocket::new_v4().expect("socket");
             socket.set_reuseaddr(true).expect("SO_REUSEADDR");
-            socket.bind(addr.parse().expect("address")).expect("bind the ADS port");
-            socket.listen(64).expect("listen")
+            match socket.bind(addr.parse().expect("address")).and_then(|()| socket.listen(64)) {
+                Ok(listener) => break listener,
+                Err(error) if error.kind() == std::io::ErrorKind::AddrInUse => {
+                    assert!(std::time::Instant::now() < deadline, "{addr} still in use");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(error) => panic!("bind {addr}: {error}"),
+            }
         };
         let server = AdsServer::new(self.cache.clone(), Arc::new(State::default()));
         runtime.spawn(breakwater_operator::xds::serve(listener, server, std::future::pending()));
