@@ -76,11 +76,8 @@ pub fn validate_leases(leases: &[LeaseRule]) -> Result<(), ConfigError> {
     let mut ids = HashSet::with_capacity(leases.len());
     let mut names = HashSet::with_capacity(leases.len());
     for lease in leases {
-        let refuse = |problem: String| ConfigError::Lease {
-            id: lease.id.clone(),
-            name: lease.name.clone(),
-            problem,
-        };
+        let refuse =
+            |problem: String| ConfigError::Lease { id: lease.id.clone(), name: lease.name.clone(), problem };
         if lease.id.is_empty() {
             return Err(refuse("empty id".into()));
         }
@@ -88,7 +85,10 @@ pub fn validate_leases(leases: &[LeaseRule]) -> Result<(), ConfigError> {
             return Err(refuse(problem));
         }
         if lease.ttl_ms == 0 || lease.ttl_ms > MAX_LEASE_TTL_MS {
-            return Err(refuse(format!("ttlMs must be between 1 and {MAX_LEASE_TTL_MS}, got {}", lease.ttl_ms)));
+            return Err(refuse(format!(
+                "ttlMs must be between 1 and {MAX_LEASE_TTL_MS}, got {}",
+                lease.ttl_ms
+            )));
         }
         if lease.holders == 0 {
             return Err(refuse("holders must be at least 1".into()));

@@ -171,8 +171,7 @@ pub async fn serve<S: CounterStore, L: LeaseStore>(
             manager.set_leases(&rules.leases);
         })
     };
-    let config_task =
-        tokio::spawn(config::follow(source, rules, metrics.clone(), on_swap, stop_rx.clone()));
+    let config_task = tokio::spawn(config::follow(source, rules, metrics.clone(), on_swap, stop_rx.clone()));
 
     let mut leaders = HashMap::new();
     let mut leader_tasks = Vec::new();

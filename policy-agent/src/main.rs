@@ -6,9 +6,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use breakwater_agent::config::ConfigSource;
+use breakwater_agent::lease::leader::LeaderSettings;
 use breakwater_agent::limiter::LimiterSettings;
 use breakwater_agent::store::{RedisSettings, RedisTopology};
-use breakwater_agent::lease::leader::LeaderSettings;
 use breakwater_agent::{LeaseSettings, Listeners, Settings, StoreSettings};
 use clap::Parser;
 
@@ -143,8 +143,15 @@ fn pod_id(cli: &Cli) -> Result<String, String> {
             .filter(|h| !h.is_empty())
             .ok_or("--pod-name (POD_NAME) is not set and neither is HOSTNAME")?,
     };
-    if name.is_empty() || name.contains('/') || cli.pod_namespace.is_empty() || cli.pod_namespace.contains('/') {
-        return Err(format!("pod {:?} in namespace {:?}: both must be non-empty, without '/'", name, cli.pod_namespace));
+    if name.is_empty()
+        || name.contains('/')
+        || cli.pod_namespace.is_empty()
+        || cli.pod_namespace.contains('/')
+    {
+        return Err(format!(
+            "pod {:?} in namespace {:?}: both must be non-empty, without '/'",
+            name, cli.pod_namespace
+        ));
     }
     Ok(format!("{}/{}", cli.pod_namespace, name))
 }

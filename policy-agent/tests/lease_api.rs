@@ -168,7 +168,8 @@ fn assert_error(answer: &Answer, status: u16, reason: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acquire_renew_release_and_get() {
     let redis = RedisServer::start();
-    let (_configs, rx) = watch::channel(Some(config(vec![lease("lock", 10_000, 1), lease("pool", 10_000, 2)])));
+    let (_configs, rx) =
+        watch::channel(Some(config(vec![lease("lock", 10_000, 1), lease("pool", 10_000, 2)])));
     let agent = Agent::start(&redis, &unique_prefix("happy"), "pod-a", rx, (vec![], None)).await;
     wait_until("ready", Duration::from_secs(5), || async { agent.ready().await == 200 }).await;
 
@@ -189,7 +190,10 @@ async fn acquire_renew_release_and_get() {
     assert_eq!(state.body["fencingToken"], grant["fencingToken"]);
     let grants = state.body["grants"].as_array().unwrap();
     assert_eq!(grants.len(), 1);
-    assert_eq!((&grants[0]["holder"], &grants[0]["fencingToken"]), (&grant["holder"], &grant["fencingToken"]));
+    assert_eq!(
+        (&grants[0]["holder"], &grants[0]["fencingToken"]),
+        (&grant["holder"], &grant["fencingToken"])
+    );
     assert!(time(&state.body["now"]) >= acquired);
 
     let renewed = agent.holder_call("lock", "renew", &grant).await;
@@ -226,7 +230,8 @@ async fn acquire_renew_release_and_get() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_error_has_its_status_and_reason() {
     let redis = RedisServer::start();
-    let (_configs, rx) = watch::channel(Some(config(vec![lease("lock", 10_000, 1), lease("short", 1_000, 1)])));
+    let (_configs, rx) =
+        watch::channel(Some(config(vec![lease("lock", 10_000, 1), lease("short", 1_000, 1)])));
     let agent = Agent::start(&redis, &unique_prefix("errors"), "pod-a", rx, (vec![], None)).await;
     wait_until("ready", Duration::from_secs(5), || async { agent.ready().await == 200 }).await;
 
@@ -282,8 +287,16 @@ async fn every_error_has_its_status_and_reason() {
     assert_error(&answer, 400, "BadRequest");
     let answer = agent.post("/v1/leases/lock/renew", json!({"holder": "x"})).await;
     assert_error(&answer, 400, "BadRequest");
-    assert!(answer.body["message"].as_str().unwrap().contains("missing field `fencingToken`"), "{}", answer.body);
-    assert_error(&agent.call(reqwest::Method::POST, "/v1/leases/lock/release", None).await, 400, "BadRequest");
+    assert!(
+        answer.body["message"].as_str().unwrap().contains("missing field `fencingToken`"),
+        "{}",
+        answer.body
+    );
+    assert_error(
+        &agent.call(reqwest::Method::POST, "/v1/leases/lock/release", None).await,
+        400,
+        "BadRequest",
+    );
     agent.stop().await;
 }
 
@@ -324,8 +337,10 @@ async fn a_configuration_swap_adds_and_removes_leases() {
     assert_error(&agent.acquire("b", "0s").await, 404, "UnknownLease");
 
     configs.send(Some(config(vec![lease("a", 10_000, 1), lease("b", 5_000, 3)]))).unwrap();
-    wait_until("b is declared", Duration::from_secs(5), || async { agent.get("/v1/leases/b").await.status == 200 })
-        .await;
+    wait_until("b is declared", Duration::from_secs(5), || async {
+        agent.get("/v1/leases/b").await.status == 200
+    })
+    .await;
     assert_eq!(agent.get("/v1/leases/b").await.body["holders"], 3);
     assert_eq!(agent.acquire("b", "0s").await.status, 200);
 
@@ -341,8 +356,10 @@ async fn a_configuration_swap_adds_and_removes_leases() {
 
     // Removing a lease: it is unknown at once, grants and all.
     configs.send(Some(config(vec![lease("b", 5_000, 3)]))).unwrap();
-    wait_until("a is gone", Duration::from_secs(5), || async { agent.get("/v1/leases/a").await.status == 404 })
-        .await;
+    wait_until("a is gone", Duration::from_secs(5), || async {
+        agent.get("/v1/leases/a").await.status == 404
+    })
+    .await;
     assert_error(&agent.acquire("a", "0s").await, 404, "UnknownLease");
     assert_error(&agent.holder_call("a", "renew", &a.body).await, 404, "UnknownLease");
     assert_eq!(agent.get("/v1/leases/b").await.body["grants"].as_array().unwrap().len(), 1);
@@ -371,7 +388,8 @@ async fn leader_election_between_two_agents() {
 
     let b = Agent::start(&redis, &prefix, "pod-b", rx, (leaders, Some(dir_b.path()))).await;
     let file_b = dir_b.path().join("lead");
-    wait_until("b campaigns", Duration::from_secs(10), || async { leading(&b).await["waiting"].is_string() }).await;
+    wait_until("b campaigns", Duration::from_secs(10), || async { leading(&b).await["waiting"].is_string() })
+        .await;
     let b_state = leading(&b).await;
     assert_eq!(b_state["leader"], false, "{b_state}");
     assert!(!file_b.exists());
@@ -417,7 +435,8 @@ async fn an_agent_killed_while_holding_frees_the_lease_at_its_expiry() {
     let prefix = unique_prefix("killed");
     let dir = tempfile::tempdir().unwrap();
     let config_path = dir.path().join("agent.yaml");
-    std::fs::write(&config_path, "leases:\n- {id: shop/lock, name: lock, ttlMs: 3000, holders: 1}\n").unwrap();
+    std::fs::write(&config_path, "leases:\n- {id: shop/lock, name: lock, ttlMs: 3000, holders: 1}\n")
+        .unwrap();
     let (http, lease_addr) = (free_addr(), free_addr());
     let child = Command::new(env!("CARGO_BIN_EXE_breakwater-agent"))
         .arg("--config")
@@ -435,8 +454,14 @@ async fn an_agent_killed_while_holding_frees_the_lease_at_its_expiry() {
     let acquire = |addr: SocketAddr, wait: &'static str| {
         let client = client.clone();
         async move {
-            call(&client, addr, reqwest::Method::POST, "/v1/leases/lock/acquire", Some(&json!({"wait": wait}).to_string()))
-                .await
+            call(
+                &client,
+                addr,
+                reqwest::Method::POST,
+                "/v1/leases/lock/acquire",
+                Some(&json!({"wait": wait}).to_string()),
+            )
+            .await
         }
     };
     wait_until("the agent process answers", Duration::from_secs(20), || async {

@@ -94,7 +94,7 @@ pub fn margin(ttl: Duration) -> Duration {
 /// Until when a grant whose request was sent at `sent` may be believed held. A TTL no longer
 /// than the margin is never believed.
 pub fn believed_until(sent: Instant, ttl: Duration) -> Instant {
-    sent + ttl
+    sent + ttl.saturating_sub(margin(ttl))
 }
 
 /// When to renew a grant whose request was sent at `sent`.
@@ -459,6 +459,8 @@ mod tests {
 
         const ID: &str = "ns/lead";
         const TTL: Duration = Duration::from_secs(10);
+        /// A bound on every wait (virtual time: the paused clock jumps there when stuck).
+        const LIMIT: Duration = Duration::from_secs(600);
 
         #[derive(Debug, Clone, Copy, PartialEq, Eq)]
         enum Renewals {
@@ -548,12 +550,14 @@ mod tests {
 
         impl Running {
             async fn term(&mut self, term: u64) -> Leadership {
-                let state = self.state.wait_for(|s| s.terms == term && s.is_leader()).await.unwrap();
+                let wait = self.state.wait_for(|s| s.terms == term && s.is_leader());
+                let state = tokio::time::timeout(LIMIT, wait).await.expect("leads in time").unwrap();
                 state.leading.clone().unwrap()
             }
 
             async fn stepped_down(&mut self) -> LeaderState {
-                self.state.wait_for(|s| !s.is_leader()).await.unwrap().clone()
+                let wait = self.state.wait_for(|s| !s.is_leader());
+                tokio::time::timeout(LIMIT, wait).await.expect("steps down in time").unwrap().clone()
             }
 
             /// The store's view, read past the faults.
@@ -693,7 +697,8 @@ mod tests {
             tokio::spawn(election.run(stopped));
             // The acquire sent at `started` waits 9.5 s for the other grant to expire; its own
             // deadline (started + 9 s) has passed by then, so a renewal confirms it first.
-            let leading = state.wait_for(|s| s.is_leader()).await.unwrap().leading.clone().unwrap();
+            let wait = state.wait_for(|s| s.is_leader());
+            let leading = tokio::time::timeout(LIMIT, wait).await.unwrap().unwrap().leading.clone().unwrap();
             let now = Instant::now();
             assert!(now >= started + Duration::from_millis(9_500), "{:?}", now - started);
             assert!(leading.acquired_at_us >= other.expires_at_us);
@@ -719,7 +724,8 @@ mod tests {
             let file = dir.path().join("lead");
             std::fs::write(&file, "7\n").unwrap();
             let mut run = start(Some(dir.path()), false);
-            let waiting = run.state.wait_for(|s| s.waiting.is_some()).await.unwrap().clone();
+            let wait = run.state.wait_for(|s| s.waiting.is_some());
+            let waiting = tokio::time::timeout(LIMIT, wait).await.unwrap().unwrap().clone();
             assert!(waiting.waiting.unwrap().contains("no lease \"lead\""));
             assert_eq!(read(&file), None, "a file from an earlier process claims nothing");
             tokio::time::sleep(Duration::from_secs(30)).await;
