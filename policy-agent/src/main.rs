@@ -238,6 +238,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn lease_flags() {
+        let cli = Cli::try_parse_from([
+            "breakwater-agent",
+            "--config",
+            "a.yaml",
+            "--pod-name",
+            "web-0",
+            "--pod-namespace",
+            "shop",
+            "--leader",
+            "a",
+            "--leader",
+            "b,c",
+        ])
+        .unwrap();
+        assert_eq!(cli.leaders, ["a", "b", "c"]);
+        assert_eq!(cli.lease_addr, "127.0.0.1:15082".parse().unwrap());
+        assert_eq!(cli.lease_deadline, Duration::from_secs(1));
+        assert_eq!(pod_id(&cli), Ok("shop/web-0".to_string()));
+        let bad =
+            Cli::try_parse_from(["breakwater-agent", "--config", "a.yaml", "--pod-name", "a/b"]).unwrap();
+        assert!(pod_id(&bad).unwrap_err().contains("without '/'"));
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("5ms"), Ok(Duration::from_millis(5)));
         assert_eq!(parse_duration("250us"), Ok(Duration::from_micros(250)));

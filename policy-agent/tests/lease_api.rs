@@ -435,7 +435,8 @@ async fn an_agent_killed_while_holding_frees_the_lease_at_its_expiry() {
     let prefix = unique_prefix("killed");
     let dir = tempfile::tempdir().unwrap();
     let config_path = dir.path().join("agent.yaml");
-    std::fs::write(&config_path, "leases:\n- {id: shop/lock, name: lock, ttlMs: 3000, holders: 1}\n")
+    // Long enough for a second agent to start and be refused on a loaded machine.
+    std::fs::write(&config_path, "leases:\n- {id: shop/lock, name: lock, ttlMs: 5000, holders: 1}\n")
         .unwrap();
     let (http, lease_addr) = (free_addr(), free_addr());
     let child = Command::new(env!("CARGO_BIN_EXE_breakwater-agent"))
@@ -477,7 +478,7 @@ async fn an_agent_killed_while_holding_frees_the_lease_at_its_expiry() {
     child.0.wait().unwrap();
 
     // Another agent on the same Redis: refused while the dead agent's grant lasts...
-    let (_configs, rx) = watch::channel(Some(config(vec![lease("lock", 3_000, 1)])));
+    let (_configs, rx) = watch::channel(Some(config(vec![lease("lock", 5_000, 1)])));
     let other = Agent::start(&redis, &prefix, "pod-b", rx, (vec![], None)).await;
     wait_until("ready", Duration::from_secs(5), || async { other.ready().await == 200 }).await;
     let refused = other.acquire("lock", "0s").await;
