@@ -53,7 +53,8 @@ pub fn decode(
     Ok(config)
 }
 
-/// Follows the operator until `stop` fires, publishing every accepted configuration.
+/// Follows the operator until `stop` turns true (or its sender is dropped), publishing every
+/// accepted configuration.
 pub async fn follow(
     settings: AdsSettings,
     configs: watch::Sender<Option<AgentConfig>>,

@@ -5,12 +5,16 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use breakwater_agent::config::ConfigSource;
+use breakwater_agent::ads::{self, AdsSettings};
+use breakwater_agent::config::{ConfigSource, RuleSet};
 use breakwater_agent::lease::leader::LeaderSettings;
 use breakwater_agent::limiter::LimiterSettings;
+use breakwater_agent::metrics::Metrics;
 use breakwater_agent::store::{RedisSettings, RedisTopology};
 use breakwater_agent::{LeaseSettings, Listeners, Settings, StoreSettings};
+use breakwater_api::agent::AgentConfig;
 use clap::Parser;
+use tokio::sync::watch;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -19,14 +23,25 @@ use clap::Parser;
     about = "Breakwater per-pod agent: Envoy's rate-limit service and leases on Redis"
 )]
 struct Cli {
-    /// The agent configuration (YAML or JSON `AgentConfig`), re-read when it changes.
-    #[arg(long, env = "BREAKWATER_AGENT_CONFIG")]
-    config: PathBuf,
+    /// The agent configuration (YAML or JSON `AgentConfig`), re-read when it changes: for
+    /// standalone use. In a cluster the configuration comes from --xds-endpoint.
+    #[arg(
+        long,
+        env = "BREAKWATER_AGENT_CONFIG",
+        required_unless_present = "xds_endpoint",
+        conflicts_with = "xds_endpoint"
+    )]
+    config: Option<PathBuf>,
+    /// The operator's xDS server (`http://HOST:PORT`): the agent subscribes to its own
+    /// configuration there with node id POD_NAMESPACE/POD_NAME, as the pod's Envoy does.
+    #[arg(long, env = "BREAKWATER_XDS_ENDPOINT")]
+    xds_endpoint: Option<String>,
     /// How often to check the configuration file for changes.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     config_poll: Duration,
-    /// The rate-limit gRPC service (Envoy's `rate_limit_service`); loopback in a pod.
-    #[arg(long, default_value = "127.0.0.1:8081")]
+    /// The rate-limit gRPC service (Envoy's `rate_limit_service`); loopback in a pod. The
+    /// default is the port the operator's Envoy bootstrap points at.
+    #[arg(long, default_value = "127.0.0.1:15081")]
     grpc_addr: SocketAddr,
     /// /healthz, /readyz and /metrics.
     #[arg(long, default_value = "0.0.0.0:9102")]
@@ -157,8 +172,10 @@ fn pod_id(cli: &Cli) -> Result<String, String> {
 }
 
 async fn start(cli: Cli) -> Result<(), String> {
-    // Refuse a missing or broken configuration at start, where the error is visible.
-    breakwater_agent::config::read_file(&cli.config).map_err(|e| e.to_string())?;
+    // Refuse a missing or broken configuration file at start, where the error is visible.
+    if let Some(path) = &cli.config {
+        breakwater_agent::config::read_file(path).map_err(|e| e.to_string())?;
+    }
     for lease in &cli.leaders {
         breakwater_agent::config::check_lease_name(lease).map_err(|e| format!("--leader {lease:?}: {e}"))?;
     }
@@ -193,8 +210,27 @@ async fn start(cli: Cli) -> Result<(), String> {
             .await
             .map_err(|e| format!("bind {}: {e}", cli.lease_addr))?,
     };
+    let (stop, stopped) = watch::channel(false);
+    let config = match (&cli.config, &cli.xds_endpoint) {
+        (Some(path), _) => ConfigSource::File { path: path.clone(), poll: cli.config_poll },
+        (None, Some(endpoint)) => {
+            let (configs, received) = watch::channel(None);
+            let ads = AdsSettings {
+                endpoint: endpoint.clone(),
+                node_id: pod.clone(),
+                backoff: (Duration::from_millis(100), Duration::from_secs(10)),
+            };
+            // ACK only what the agent will apply: the same check the configuration follower runs.
+            let check = |config: &AgentConfig| {
+                RuleSet::compile(config, &Metrics::default()).map(|_| ()).map_err(|e| e.to_string())
+            };
+            tokio::spawn(ads::follow(ads, configs, check, stopped));
+            ConfigSource::Channel(received)
+        }
+        (None, None) => return Err("either --config or --xds-endpoint is required".into()),
+    };
     let settings = Settings {
-        config: ConfigSource::File { path: cli.config.clone(), poll: cli.config_poll },
+        config,
         store,
         limiter: LimiterSettings {
             deadline: cli.deadline,
@@ -208,7 +244,11 @@ async fn start(cli: Cli) -> Result<(), String> {
             deadline: cli.lease_deadline,
         },
     };
-    breakwater_agent::run(listeners, settings, shutdown_signal()).await.map_err(|e| e.to_string())
+    let shutdown = async move {
+        shutdown_signal().await;
+        let _ = stop.send(true);
+    };
+    breakwater_agent::run(listeners, settings, shutdown).await.map_err(|e| e.to_string())
 }
 
 async fn shutdown_signal() {
@@ -236,6 +276,17 @@ async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn configuration_from_a_file_or_the_operator() {
+        let parse = |args: &[&str]| Cli::try_parse_from([&["breakwater-agent"], args].concat());
+        let xds = parse(&["--xds-endpoint", "http://breakwater-xds:18000"]).unwrap();
+        assert_eq!(xds.xds_endpoint.as_deref(), Some("http://breakwater-xds:18000"));
+        assert_eq!(xds.grpc_addr, "127.0.0.1:15081".parse().unwrap());
+        assert!(parse(&["--config", "a.yaml"]).unwrap().config.is_some());
+        assert!(parse(&[]).is_err());
+        assert!(parse(&["--config", "a.yaml", "--xds-endpoint", "http://x:1"]).is_err());
+    }
 
     #[test]
     fn lease_flags() {

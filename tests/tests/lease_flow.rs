@@ -1,0 +1,135 @@
+//! A LockLease from `examples/` travels the whole way without a cluster: the operator
+//! compiles it into the agent configuration of the pods it selects and serves it over ADS;
+//! the agent of such a pod subscribes with its node id (as `breakwater-agent
+//! --xds-endpoint` does), ACKs — so the LockLease reports `Programmed` — and grants the
+//! lease over its HTTP API with a fencing token. The agent of a pod the lease does not
+//! select refuses it. Counters and leases are in memory here; the Redis side has its own
+//! suites in policy-agent/tests.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use breakwater_agent::ads::{self, AdsSettings};
+use breakwater_agent::config::{ConfigSource, RuleSet};
+use breakwater_agent::metrics::Metrics;
+use breakwater_agent::{LeaseSettings, Listeners, Settings, StoreSettings};
+use breakwater_api::agent::AgentConfig;
+use breakwater_operator::http::State;
+use breakwater_operator::inventory::ObjectName;
+use breakwater_operator::standalone::load;
+use breakwater_operator::xds::{AdsServer, SnapshotCache, feed};
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+async fn operator() -> (String, Arc<SnapshotCache>) {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let loaded = load::load_dir(&examples, "breakwater-system").expect("examples load");
+    let cache = Arc::new(SnapshotCache::default());
+    cache.set_compiler(feed::compiler(&loaded.inventory));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
+    let ads = AdsServer::new(cache.clone(), Arc::new(State::default()));
+    tokio::spawn(breakwater_operator::xds::serve(listener, ads, std::future::pending()));
+    (endpoint, cache)
+}
+
+/// One pod's agent: its HTTP and lease API addresses, and what keeps its ADS client running.
+struct Agent {
+    http: String,
+    lease: String,
+    _running: watch::Sender<bool>,
+}
+
+/// The agent of `pod`, configured over ADS from `endpoint`.
+async fn agent(endpoint: &str, pod: &str) -> Agent {
+    let (configs, received) = watch::channel(None);
+    let settings = AdsSettings {
+        endpoint: endpoint.to_string(),
+        node_id: pod.to_string(),
+        backoff: (Duration::from_millis(20), Duration::from_millis(200)),
+    };
+    let check = |config: &AgentConfig| {
+        RuleSet::compile(config, &Metrics::default()).map(|_| ()).map_err(|e| e.to_string())
+    };
+    let (stop, stopped) = watch::channel(false);
+    tokio::spawn(ads::follow(settings, configs, check, stopped));
+    let bind = || TcpListener::bind("127.0.0.1:0");
+    let listeners = Listeners {
+        grpc: bind().await.expect("bind"),
+        http: bind().await.expect("bind"),
+        lease: bind().await.expect("bind"),
+    };
+    let http = listeners.http.local_addr().expect("addr").to_string();
+    let lease = listeners.lease.local_addr().expect("addr").to_string();
+    let settings = Settings {
+        config: ConfigSource::Channel(received),
+        store: StoreSettings::Memory,
+        limiter: Default::default(),
+        leases: LeaseSettings { pod: pod.to_string(), ..LeaseSettings::default() },
+    };
+    tokio::spawn(breakwater_agent::run(listeners, settings, std::future::pending()));
+    Agent { http, lease, _running: stop }
+}
+
+/// Waits until the agent has a configuration (`/readyz`; memory store, so nothing else).
+async fn configured(agent: &Agent) {
+    let give_up = tokio::time::Instant::now() + DEADLINE;
+    while reqwest::get(format!("http://{}/readyz", agent.http)).await.map(|r| r.status().as_u16()).ok()
+        != Some(200)
+    {
+        assert!(tokio::time::Instant::now() < give_up, "agent not configured within {DEADLINE:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn acquire(agent: &Agent, lease: &str) -> (u16, Value) {
+    let response = reqwest::Client::new()
+        .post(format!("http://{}/v1/leases/{lease}/acquire", agent.lease))
+        .body("{}")
+        .header("content-type", "application/json")
+        .send()
+        .await
+        .expect("the lease API answers");
+    let status = response.status().as_u16();
+    (status, response.json().await.expect("a JSON body"))
+}
+
+#[tokio::test]
+async fn an_example_lease_reaches_the_agents_of_the_pods_it_selects() {
+    let (endpoint, cache) = operator().await;
+    let lease = ObjectName::new("billing", "invoice-run");
+    assert!(!cache.programmed("LockLease", &lease, 1).ok, "no agent has acknowledged it yet");
+
+    let worker = agent(&endpoint, "billing/billing-worker-84c6d5f7b9-tq9vd").await;
+    configured(&worker).await;
+    let (status, grant) = acquire(&worker, "invoice-run").await;
+    assert_eq!(status, 200, "{grant}");
+    assert!(grant["fencingToken"].as_i64().is_some_and(|t| t > 0), "{grant}");
+    assert!(
+        grant["holder"].as_str().is_some_and(|h| h.starts_with("billing/billing-worker-84c6d5f7b9-tq9vd/")),
+        "{grant}"
+    );
+    let (busy, refusal) = acquire(&worker, "invoice-run").await;
+    assert_eq!((busy, refusal["reason"].as_str()), (423, Some("Held")), "a lock has one holder");
+
+    let give_up = tokio::time::Instant::now() + DEADLINE;
+    let verdict = loop {
+        let verdict = cache.programmed("LockLease", &lease, 1);
+        if verdict.ok || tokio::time::Instant::now() > give_up {
+            break verdict;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(verdict.ok, "{}: {}", verdict.reason, verdict.message);
+    assert_eq!(verdict.message, "acknowledged by 1/1 proxies");
+
+    // A pod of another namespace: its agent is configured, but not with this lease.
+    let other = agent(&endpoint, "shop/api-7c9f8d6b5-x2kqp").await;
+    configured(&other).await;
+    let (status, refusal) = acquire(&other, "invoice-run").await;
+    assert_eq!((status, refusal["reason"].as_str()), (404, Some("UnknownLease")), "{refusal}");
+}
