@@ -216,6 +216,24 @@ async fn semaphore(backend: Backend) {
     assert!(summary.expired >= 12, "{summary:?}");
 }
 
+/// The checker on a real history that breaks the lock's guarantee: contenders on a lease
+/// of two slots, checked as a lock, must be caught.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checker_catches_two_holders_of_a_lock() {
+    let rule = lease("pair", Duration::from_millis(150), 2);
+    let workload = Workload {
+        rounds: 200,
+        crash_every: 50,
+        renew_every: 7,
+        hold: Duration::from_millis(2),
+        sleep_every: 1,
+    };
+    let history = contend(&memory(), &rule, 2, 4, workload).await;
+    assert!(check(&history, 2).is_ok());
+    let violations = check(&history, 1).unwrap_err();
+    assert!(violations.iter().any(|v| matches!(v, history::Violation::Overlap { .. })), "{violations:?}");
+}
+
 /// Renew and release only for the holder with its token while the grant lives; unknown
 /// names; a wait that ends Busy with the expiry.
 async fn refusals(backend: Backend) {

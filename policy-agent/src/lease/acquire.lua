@@ -9,23 +9,24 @@ local floor = tonumber(ARGV[4])
 local lease, channel, retention_ms = ARGV[5], ARGV[6], tonumber(ARGV[7])
 
 local now = now_us()
-local dropped = drop_expired(now)
+local live, dropped = live_holders(now)
 
-local current = redis.call('HGET', grants, holder)
-if current then
+local function unchanged(reply)
   if dropped > 0 then
     redis.call('PUBLISH', channel, lease)
   end
-  local token, acquired, renewed, expiry = parse_grant(current)
-  return {1, token, acquired, renewed, expiry}
+  return reply
 end
 
-if redis.call('ZCARD', holders) >= capacity then
-  if dropped > 0 then
-    redis.call('PUBLISH', channel, lease)
+for _, entry in ipairs(live) do
+  if entry[1] == holder then
+    local token, acquired, renewed, expiry = parse_grant(redis.call('HGET', grants, holder))
+    return unchanged({1, token, acquired, renewed, expiry})
   end
-  local first = redis.call('ZRANGE', holders, 0, 0, 'WITHSCORES')
-  return {0, now, first[2] and tonumber(first[2]) or now}
+end
+
+if #live >= capacity then
+  return unchanged({0, now, live[1] and live[1][2] or now})
 end
 
 -- The fencing-token rule: above the newest token here, above the clock (which survives a
@@ -33,8 +34,11 @@ end
 local last = tonumber(redis.call('GET', token_key) or '0')
 local token = math.max(last + 1, now, floor + 1)
 local expiry = now + ttl_us
-redis.call('SET', token_key, int(token))
+local latest = math.max(expiry, live[#live] and live[#live][2] or 0)
 store_grant(holder, token, now, now, expiry)
-expire_keys(retention_ms)
+local at_ms = expire_grants(latest)
+-- The token key outlives the grants by the retention (the clock term of the token rule
+-- keeps tokens rising once it is gone; keeping it covers a clock stepping back by less).
+redis.call('SET', token_key, int(token), 'PXAT', int(at_ms + retention_ms))
 redis.call('PUBLISH', channel, lease)
 return {1, token, now, now, expiry}

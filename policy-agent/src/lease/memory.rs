@@ -59,8 +59,10 @@ impl MemoryLeases {
     }
 
     fn with_lease<T>(&self, lease: &str, f: impl FnOnce(&mut Lease, i64) -> T) -> T {
-        let now = self.now_us();
         let mut leases = self.leases();
+        // Read under the lock, as the scripts read TIME inside their atomic run: operations
+        // are then ordered by their times, which is what the history checker relies on.
+        let now = self.now_us();
         let entry = leases.entry(lease.to_string()).or_default();
         entry.drop_expired(now);
         f(entry, now)

@@ -275,7 +275,7 @@ fn parse_release(reply: &[Value]) -> Result<Option<i64>, StoreError> {
 /// `{now, has_last, last, (holder, token, acquired, renewed, expiry)*}`.
 fn parse_state(reply: &[Value]) -> Result<LeaseState, StoreError> {
     let bad = || unexpected("state", reply);
-    if reply.len() < 3 || (reply.len() - 3) % 5 != 0 {
+    if reply.len() < 3 || !(reply.len() - 3).is_multiple_of(5) {
         return Err(bad());
     }
     let [now_us, has_last, last] = ints::<3>(&reply[..3]).ok_or_else(bad)?;
@@ -320,7 +320,7 @@ mod tests {
     #[test]
     fn scripts_share_the_prelude() {
         for script in [ACQUIRE_LUA, RENEW_LUA, RELEASE_LUA, STATE_LUA] {
-            assert!(script.contains("local function drop_expired"), "{script}");
+            assert!(script.contains("local function live_holders"), "{script}");
         }
     }
 

@@ -5,17 +5,21 @@ local holder, token_arg = ARGV[1], ARGV[2]
 local lease, channel = ARGV[3], ARGV[4]
 
 local now = now_us()
-local dropped = drop_expired(now)
+local live, dropped = live_holders(now)
 
 local current = redis.call('HGET', grants, holder)
-local token = current and parse_grant(current)
-if not current or int(token) ~= token_arg then
+if not current or int((parse_grant(current))) ~= token_arg then
   if dropped > 0 then
     redis.call('PUBLISH', channel, lease)
   end
   return {0, now}
 end
-redis.call('ZREM', holders, holder)
-redis.call('HDEL', grants, holder)
+if #live == 1 then
+  -- The last holder: nothing else lives in these keys (the token key stays).
+  redis.call('DEL', holders, grants)
+else
+  redis.call('ZREM', holders, holder)
+  redis.call('HDEL', grants, holder)
+end
 redis.call('PUBLISH', channel, lease)
 return {1, now}
