@@ -19,6 +19,9 @@ use envoy_types::pb::google::rpc::Status;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::config::RuleSet;
+use crate::metrics::Metrics;
+
 /// `google.rpc.Code.INVALID_ARGUMENT`, the code of a NACK.
 const INVALID_ARGUMENT: i32 = 3;
 
@@ -32,8 +35,13 @@ pub struct AdsSettings {
     pub backoff: (Duration, Duration),
 }
 
+/// What the agent applies is what it ACKs: the check [`crate::config::follow`] runs.
+pub fn applicable(config: &AgentConfig) -> Result<(), String> {
+    RuleSet::compile(config, &Metrics::default()).map(|_| ()).map_err(|e| e.to_string())
+}
+
 /// What one response means for the agent: the configuration to apply and ACK, or the
-/// reason to NACK it.
+/// reason to NACK it (`check` is [`applicable`] outside unit tests).
 pub fn decode(
     response: &DiscoveryResponse,
     check: &dyn Fn(&AgentConfig) -> Result<(), String>,
@@ -58,13 +66,12 @@ pub fn decode(
 pub async fn follow(
     settings: AdsSettings,
     configs: watch::Sender<Option<AgentConfig>>,
-    check: impl Fn(&AgentConfig) -> Result<(), String> + Send + Sync + 'static,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut accepted_version = String::new();
     let mut backoff = settings.backoff.0;
     loop {
-        let session = subscribe(&settings, &configs, &check, &mut accepted_version);
+        let session = subscribe(&settings, &configs, &mut accepted_version);
         let outcome = tokio::select! {
             _ = stop.wait_for(|stop| *stop) => return,
             outcome = session => outcome,
@@ -90,7 +97,6 @@ pub async fn follow(
 async fn subscribe(
     settings: &AdsSettings,
     configs: &watch::Sender<Option<AgentConfig>>,
-    check: &(dyn Fn(&AgentConfig) -> Result<(), String> + Send + Sync),
     accepted_version: &mut String,
 ) -> Result<(), String> {
     let mut client = AggregatedDiscoveryServiceClient::connect(settings.endpoint.clone())
@@ -118,7 +124,7 @@ async fn subscribe(
         "subscribed to the agent configuration"
     );
     while let Some(response) = responses.message().await.map_err(|status| status.message().to_string())? {
-        let reply = match decode(&response, check) {
+        let reply = match decode(&response, &applicable) {
             Ok(config) => {
                 *accepted_version = response.version_info.clone();
                 configs.send_replace(Some(config));

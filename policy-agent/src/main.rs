@@ -6,13 +6,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use breakwater_agent::ads::{self, AdsSettings};
-use breakwater_agent::config::{ConfigSource, RuleSet};
+use breakwater_agent::config::ConfigSource;
 use breakwater_agent::lease::leader::LeaderSettings;
 use breakwater_agent::limiter::LimiterSettings;
-use breakwater_agent::metrics::Metrics;
 use breakwater_agent::store::{RedisSettings, RedisTopology};
 use breakwater_agent::{LeaseSettings, Listeners, Settings, StoreSettings};
-use breakwater_api::agent::AgentConfig;
 use clap::Parser;
 use tokio::sync::watch;
 
@@ -220,11 +218,7 @@ async fn start(cli: Cli) -> Result<(), String> {
                 node_id: pod.clone(),
                 backoff: (Duration::from_millis(100), Duration::from_secs(10)),
             };
-            // ACK only what the agent will apply: the same check the configuration follower runs.
-            let check = |config: &AgentConfig| {
-                RuleSet::compile(config, &Metrics::default()).map(|_| ()).map_err(|e| e.to_string())
-            };
-            tokio::spawn(ads::follow(ads, configs, check, stopped));
+            tokio::spawn(ads::follow(ads, configs, stopped));
             ConfigSource::Channel(received)
         }
         (None, None) => return Err("either --config or --xds-endpoint is required".into()),

@@ -17,7 +17,7 @@ use breakwater_agent::limiter::LimiterSettings;
 use breakwater_agent::store::{RedisSettings, RedisTopology};
 use breakwater_agent::{LeaseSettings, Listeners, Settings, StoreSettings};
 use breakwater_api::agent::{AgentConfig, LeaseRule};
-use breakwater_harness::{RedisServer, unique_prefix};
+use breakwater_harness::{RedisServer, unique_prefix, wait_until};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
@@ -137,18 +137,6 @@ async fn call(
     let text = response.text().await.unwrap();
     let body = serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text:?}"));
     Answer { status, retry_after, body }
-}
-
-async fn wait_until<F, Fut>(what: &str, within: Duration, mut condition: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + within;
-    while !condition().await {
-        assert!(Instant::now() < deadline, "{what} within {within:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 fn time(value: &Value) -> jiff::Timestamp {

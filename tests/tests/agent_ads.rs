@@ -8,8 +8,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use breakwater_agent::ads::{self, AdsSettings};
-use breakwater_agent::config::RuleSet;
-use breakwater_agent::metrics::Metrics;
 use breakwater_api::agent::{AgentConfig, RateLimitRule, TYPE_URL};
 use breakwater_api::rate_limit::{Algorithm, FailureMode};
 use breakwater_operator::compile::{PolicyVersion, Proxy, Snapshot, type_url};
@@ -128,8 +126,8 @@ impl Operator {
     }
 }
 
-/// The agent side: the ADS client publishing into a watch channel, checking each
-/// configuration the way the agent applies it.
+/// The agent side: the ADS client publishing into a watch channel, as `breakwater-agent
+/// --xds-endpoint` runs it.
 fn agent(endpoint: String) -> (watch::Receiver<Option<AgentConfig>>, watch::Sender<bool>) {
     let (configs, received) = watch::channel(None);
     let (stop, stopped) = watch::channel(false);
@@ -138,10 +136,7 @@ fn agent(endpoint: String) -> (watch::Receiver<Option<AgentConfig>>, watch::Send
         node_id: NODE.into(),
         backoff: (Duration::from_millis(20), Duration::from_millis(200)),
     };
-    let check = |config: &AgentConfig| {
-        RuleSet::compile(config, &Metrics::default()).map(|_| ()).map_err(|e| e.to_string())
-    };
-    tokio::spawn(ads::follow(settings, configs, check, stopped));
+    tokio::spawn(ads::follow(settings, configs, stopped));
     (received, stop)
 }
 

@@ -11,10 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use breakwater_agent::ads::{self, AdsSettings};
-use breakwater_agent::config::{ConfigSource, RuleSet};
-use breakwater_agent::metrics::Metrics;
+use breakwater_agent::config::ConfigSource;
 use breakwater_agent::{LeaseSettings, Listeners, Settings, StoreSettings};
-use breakwater_api::agent::AgentConfig;
 use breakwater_operator::http::State;
 use breakwater_operator::inventory::ObjectName;
 use breakwater_operator::standalone::load;
@@ -52,11 +50,8 @@ async fn agent(endpoint: &str, pod: &str) -> Agent {
         node_id: pod.to_string(),
         backoff: (Duration::from_millis(20), Duration::from_millis(200)),
     };
-    let check = |config: &AgentConfig| {
-        RuleSet::compile(config, &Metrics::default()).map(|_| ()).map_err(|e| e.to_string())
-    };
     let (stop, stopped) = watch::channel(false);
-    tokio::spawn(ads::follow(settings, configs, check, stopped));
+    tokio::spawn(ads::follow(settings, configs, stopped));
     let bind = || TcpListener::bind("127.0.0.1:0");
     let listeners = Listeners {
         grpc: bind().await.expect("bind"),
