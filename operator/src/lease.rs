@@ -7,7 +7,7 @@ use std::{fmt::Debug, future::Future, sync::Arc, time::Duration};
 
 use breakwater_agent::{
     lease::{LeaseError, LeaseState, LeaseStore, events, redis::RedisLeases},
-    store::{RedisSettings, RedisStore, RedisTopology, StoreError, redis::redact},
+    store::{RedisSettings, RedisStore, RedisTopology, StoreError},
 };
 use futures::{Stream, StreamExt, future::BoxFuture};
 use tokio::sync::mpsc;
@@ -33,27 +33,30 @@ impl<S: LeaseStore + Debug> LeaseReader for S {
     }
 }
 
-/// Where the leases are.
-#[derive(Clone, PartialEq, Eq)]
+/// Where the leases are: the Redis (standalone or Cluster) the agents use.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RedisOptions {
-    pub url: String,
+    /// Its `Debug` redacts passwords.
+    pub topology: RedisTopology,
     /// Must equal the agents' `--key-prefix`.
     pub key_prefix: String,
 }
 
-impl Debug for RedisOptions {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisOptions")
-            .field("url", &redact(&self.url))
-            .field("key_prefix", &self.key_prefix)
-            .finish()
+impl RedisOptions {
+    /// Where to subscribe to the lease events: the server, or the first Cluster seed (a
+    /// Cluster delivers a PUBLISH to the subscribers of every node).
+    fn events_url(&self) -> Option<&str> {
+        match &self.topology {
+            RedisTopology::Standalone(url) => Some(url),
+            RedisTopology::Cluster(seeds) => seeds.first().map(String::as_str),
+        }
     }
 }
 
 /// A reader of the leases in Redis. Succeeds while Redis is down (reads then fail, and the
 /// status says so, until it is back); fails only on a URL that can never work.
 pub async fn connect(options: &RedisOptions) -> Result<Arc<dyn LeaseReader>, StoreError> {
-    let store = RedisStore::start(RedisSettings::new(RedisTopology::Standalone(options.url.clone()))).await?;
+    let store = RedisStore::start(RedisSettings::new(options.topology.clone())).await?;
     Ok(Arc::new(RedisLeases::new(store, options.key_prefix.clone(), READ_DEADLINE)))
 }
 
@@ -82,11 +85,14 @@ impl Default for Backoff {
 
 /// Follows the lease events of the agents using `options` until `stop` is cancelled.
 pub fn follow_redis(options: &RedisOptions, backoff: Backoff, stop: CancellationToken) -> Triggers {
-    let (url, prefix) = (options.url.clone(), options.key_prefix.clone());
+    let (url, prefix) = (options.events_url().map(str::to_string), options.key_prefix.clone());
     let subscribe = move || {
         let (url, prefix) = (url.clone(), prefix.clone());
         // Boxed here: the stream is 'static, but its opaque type names the borrowed strings.
-        async move { events::subscribe(&url, &prefix).await.map(StreamExt::boxed) }
+        async move {
+            let url = url.ok_or_else(|| StoreError::permanent("no Redis Cluster seed to subscribe on"))?;
+            events::subscribe(&url, &prefix).await.map(StreamExt::boxed)
+        }
     };
     follow(subscribe, backoff, stop)
 }

@@ -2,6 +2,7 @@
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
+use breakwater_agent::store::RedisTopology;
 use breakwater_operator::{run, standalone, telemetry};
 use clap::{Parser, Subcommand};
 
@@ -46,8 +47,12 @@ enum Command {
         identity: String,
         /// Redis the agents keep leases in (redis://[:password@]host:port[/db], rediss:// for
         /// TLS): LockLease status shows who holds each lease. Without it, Held is Unknown.
-        #[arg(long, env = "BREAKWATER_REDIS_URL", hide_env_values = true)]
+        #[arg(long, env = "BREAKWATER_REDIS_URL", hide_env_values = true, conflicts_with = "redis_cluster")]
         redis_url: Option<String>,
+        /// Or the seed nodes of the Redis Cluster the agents use (their --redis-cluster),
+        /// comma-separated URLs.
+        #[arg(long, env = "BREAKWATER_REDIS_CLUSTER", hide_env_values = true, value_delimiter = ',')]
+        redis_cluster: Vec<String>,
         /// The agents' Redis key prefix (their --key-prefix).
         #[arg(long, env = "BREAKWATER_REDIS_KEY_PREFIX", default_value = breakwater_operator::lease::DEFAULT_KEY_PREFIX)]
         redis_key_prefix: String,
@@ -116,6 +121,7 @@ fn main() -> ExitCode {
                 leader_election_namespace,
                 identity,
                 redis_url,
+                redis_cluster,
                 redis_key_prefix,
             } => {
                 let client = match kube::Client::try_default().await {
@@ -131,8 +137,8 @@ fn main() -> ExitCode {
                     xds_addr,
                     leader_election_namespace: leader_election.then_some(leader_election_namespace),
                     identity,
-                    redis: redis_url.filter(|url| !url.is_empty()).map(|url| {
-                        breakwater_operator::lease::RedisOptions { url, key_prefix: redis_key_prefix }
+                    redis: redis_topology(redis_url, redis_cluster).map(|topology| {
+                        breakwater_operator::lease::RedisOptions { topology, key_prefix: redis_key_prefix }
                     }),
                 };
                 match run::run(client, options, shutdown_signal()).await {
@@ -178,6 +184,16 @@ fn main() -> ExitCode {
 }
 
 /// Resolves on SIGTERM (Kubernetes stopping the pod) or Ctrl-C.
+/// The agents' Redis, from `--redis-url` or `--redis-cluster` (empty values count as unset,
+/// as a chart renders them).
+fn redis_topology(url: Option<String>, cluster: Vec<String>) -> Option<RedisTopology> {
+    let seeds: Vec<String> = cluster.into_iter().filter(|seed| !seed.is_empty()).collect();
+    match url.filter(|url| !url.is_empty()) {
+        Some(url) => Some(RedisTopology::Standalone(url)),
+        None => (!seeds.is_empty()).then_some(RedisTopology::Cluster(seeds)),
+    }
+}
+
 async fn shutdown_signal() {
     let ctrl_c = async {
         if tokio::signal::ctrl_c().await.is_err() {
@@ -198,5 +214,28 @@ async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => tracing::info!("interrupted; shutting down"),
         () = term => tracing::info!("SIGTERM; shutting down"),
+    }
+}
+
+#[cfg(test)]
+mod redis_flags {
+    use super::*;
+
+    #[test]
+    fn standalone_cluster_or_none() {
+        let url = || Some("redis://r:6379".to_string());
+        assert_eq!(redis_topology(url(), vec![]), Some(RedisTopology::Standalone("redis://r:6379".into())));
+        let seeds = vec!["redis://a:6379".to_string(), String::new()];
+        assert_eq!(redis_topology(None, seeds), Some(RedisTopology::Cluster(vec!["redis://a:6379".into()])));
+        assert_eq!(redis_topology(Some(String::new()), vec![String::new()]), None);
+        let both = Cli::try_parse_from([
+            "breakwater-operator",
+            "run",
+            "--redis-url",
+            "redis://r",
+            "--redis-cluster",
+            "redis://a",
+        ]);
+        assert!(both.is_err(), "one Redis or the other");
     }
 }

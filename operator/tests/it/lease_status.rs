@@ -10,7 +10,7 @@ use breakwater_agent::{
     store::{RedisSettings, RedisStore, RedisTopology},
 };
 use breakwater_api::LockLease;
-use breakwater_harness::{RedisServer, unique_prefix};
+use breakwater_harness::{RedisCluster, RedisServer, unique_prefix};
 use breakwater_operator::{
     controller::{Context, reconcile},
     http::State,
@@ -188,7 +188,12 @@ fn held_is(lease: &LockLease) -> (String, String) {
 }
 
 async fn operator_reader(redis: &RedisServer, prefix: &str) -> Arc<dyn LeaseReader> {
-    lease::connect(&RedisOptions { url: redis.url(), key_prefix: prefix.into() }).await.expect("reader")
+    lease::connect(&RedisOptions {
+        topology: RedisTopology::Standalone(redis.url()),
+        key_prefix: prefix.into(),
+    })
+    .await
+    .expect("reader")
 }
 
 #[tokio::test]
@@ -337,7 +342,8 @@ async fn lease_events_trigger_reconciles_and_a_resubscription_resyncs_all() {
     let prefix = unique_prefix("events");
     let stop = CancellationToken::new();
     let _stop = stop.clone().drop_guard();
-    let options = RedisOptions { url: redis.url(), key_prefix: prefix.clone() };
+    let options =
+        RedisOptions { topology: RedisTopology::Standalone(redis.url()), key_prefix: prefix.clone() };
     let backoff = Backoff { initial: Duration::from_millis(20), max: Duration::from_millis(200) };
     let mut triggers = lease::follow_redis(&options, backoff, stop);
     next(&mut triggers.resubscribed, "first subscription").await;
@@ -355,4 +361,30 @@ async fn lease_events_trigger_reconciles_and_a_resubscription_resyncs_all() {
     let agent = agent_store(&redis, &prefix).await;
     grant(&agent, HOLDER, Duration::from_secs(30), 1).await;
     assert_eq!(next(&mut triggers.leases, "grant event after the restart").await, ID);
+}
+
+#[tokio::test]
+async fn agents_on_a_redis_cluster_are_read_and_followed_through_its_seeds() {
+    let cluster = RedisCluster::start();
+    let prefix = unique_prefix("cluster");
+    let topology = RedisTopology::Cluster(cluster.urls());
+    let stop = CancellationToken::new();
+    let _stop = stop.clone().drop_guard();
+    let options = RedisOptions { topology: topology.clone(), key_prefix: prefix.clone() };
+    let backoff = Backoff { initial: Duration::from_millis(20), max: Duration::from_millis(200) };
+    let mut triggers = lease::follow_redis(&options, backoff, stop);
+    next(&mut triggers.resubscribed, "first subscription").await;
+    let reader = lease::connect(&options).await.expect("reader");
+    let mut world = World::new(lock_lease(1), Some(reader)).await;
+
+    // The agent grants on the Cluster (its --redis-cluster): the lease's slot may live on any
+    // master, and its event still reaches the operator subscribed on the first seed.
+    let store = RedisStore::start(RedisSettings::new(topology)).await.expect("cluster store");
+    let agent = RedisLeases::new(store, prefix.as_str(), Duration::from_secs(2));
+    let granted = grant(&agent, HOLDER, Duration::from_secs(30), 1).await;
+    assert_eq!(next(&mut triggers.leases, "grant event").await, ID);
+    let lease = world.reconcile().await;
+    assert_eq!(held_is(&lease), ("True".into(), "Held".into()));
+    let status = lease.status.clone().expect("status");
+    assert_eq!((status.holder.as_deref(), status.fencing_token), (Some(HOLDER), Some(granted.fencing_token)));
 }
