@@ -153,11 +153,22 @@ fn names(response: &DiscoveryResponse) -> Vec<String> {
 
 /// Waits (with a deadline) until the policy's Programmed verdict has `reason`.
 async fn programmed_reason(cache: &SnapshotCache, generation: i64, reason: &str) -> String {
+    verdict_reason(cache, "RateLimitPolicy", &ObjectName::new("shop", "limits"), generation, reason).await
+}
+
+/// Waits (with a deadline) until the Programmed verdict of `kind` `name` at `generation`
+/// has `reason`, re-reading it on every change of the cache; returns its message.
+pub(crate) async fn verdict_reason(
+    cache: &SnapshotCache,
+    kind: &str,
+    name: &ObjectName,
+    generation: i64,
+    reason: &str,
+) -> String {
     let mut changes = cache.subscribe_changes();
-    let name = ObjectName::new("shop", "limits");
     let give_up = tokio::time::Instant::now() + DEADLINE;
     loop {
-        let verdict = cache.programmed("RateLimitPolicy", &name, generation);
+        let verdict = cache.programmed(kind, name, generation);
         if verdict.reason == reason {
             return verdict.message;
         }

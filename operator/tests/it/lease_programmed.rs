@@ -3,7 +3,7 @@
 //! acknowledged the agent type at its generation — whatever Envoy says about its listeners —
 //! and rejected when one of those agents NACKs it.
 
-use std::{collections::BTreeMap, path::Path, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, path::Path, sync::Arc};
 
 use breakwater_api::agent::AgentConfig;
 use breakwater_operator::{
@@ -15,9 +15,8 @@ use breakwater_operator::{
 };
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
 
-use crate::ads::Client;
+use crate::ads::{Client, verdict_reason};
 
-const DEADLINE: Duration = Duration::from_secs(10);
 const WORKER: &str = "billing/worker-1";
 const LEDGER: &str = "billing/ledger-1";
 
@@ -56,22 +55,8 @@ fn lease_ttl(response: &DiscoveryResponse) -> Vec<u64> {
 
 /// Waits (with a deadline) until the lease's Programmed verdict at `generation` has `reason`.
 async fn lease_verdict(cache: &SnapshotCache, generation: i64, reason: &str) -> String {
-    let mut changes = cache.subscribe_changes();
     let name = ObjectName::new("billing", "invoice-run");
-    let give_up = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        let verdict = cache.programmed(compile::LOCK_LEASE, &name, generation);
-        if verdict.reason == reason {
-            return verdict.message;
-        }
-        let left = give_up.saturating_duration_since(tokio::time::Instant::now());
-        assert!(
-            tokio::time::timeout(left, changes.changed()).await.is_ok(),
-            "Programmed never became {reason}; last: {} {}",
-            verdict.reason,
-            verdict.message
-        );
-    }
+    verdict_reason(cache, compile::LOCK_LEASE, &name, generation, reason).await
 }
 
 #[tokio::test]
