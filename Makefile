@@ -1,22 +1,35 @@
-# Breakwater — the commands a newcomer needs. `make run` and `make test` work on a fresh
-# clone with nothing but a Rust toolchain and Python 3.
+# Breakwater — the commands a newcomer needs. `make run` works on a fresh clone with a Rust
+# toolchain; `make test` also needs Go (it builds kube-apiserver, etcd and kubectl once) and
+# Python 3, and installs the Debian packages whose servers the tests start.
 SHELL := /bin/bash
 CARGO ?= cargo
 PYTHON ?= python3
 VENV := .venv
 CRD_DIRS := crds/yaml charts/breakwater/crds
 
-.PHONY: run test unit crds crds-check chart-test fmt fmt-check lint e2e build clean
+.PHONY: run test deps control-plane unit crds crds-check chart-test fmt fmt-check lint e2e build clean
 
 ## run: the operator in standalone mode on examples/ (no cluster needed); Ctrl-C stops it
 run:
 	$(CARGO) run -q -p breakwater-operator -- standalone --dir examples
 
-## test: everything CI checks — format, lints, CRD drift, unit/integration tests, chart
-test: fmt-check lint crds-check unit chart-test
+## test: everything CI checks — format, lints, CRD drift, unit/integration tests (with real
+## Redis and a real Kubernetes API server), chart
+test: deps control-plane fmt-check lint crds-check unit chart-test
 
 # A full run gains nothing from incremental caches, which took a third of the disk CI had.
 test: export CARGO_INCREMENTAL = 0
+
+# PROGRAM=Debian package for every server or tool the tests start (tests/harness).
+TEST_PROGRAMS := redis-server=redis-server redis-cli=redis-tools openssl=openssl
+
+## deps: install the Debian packages the tests need (as root with apt), or name them
+deps:
+	@tests/install-deps.sh $(TEST_PROGRAMS)
+
+## control-plane: build kube-apiserver, etcd and kubectl from tests/control-plane (cached)
+control-plane:
+	@tests/control-plane/build.sh >/dev/null
 
 unit:
 	$(CARGO) test --workspace
@@ -53,9 +66,11 @@ fmt-check:
 lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-## e2e: the real-cluster suite; skipped unless BREAKWATER_E2E_KUBECONFIG points at a cluster
-e2e:
-	$(CARGO) test -p breakwater-tests --test e2e -- --ignored --nocapture
+## e2e: the real-API-server suite (part of `make test`) against the cluster of
+## BREAKWATER_E2E_KUBECONFIG instead of a private control plane
+e2e: control-plane
+	@test -n "$$BREAKWATER_E2E_KUBECONFIG" || { echo "set BREAKWATER_E2E_KUBECONFIG to the cluster's kubeconfig"; exit 1; }
+	$(CARGO) test -p breakwater-operator --test it kube::
 
 clean:
 	$(CARGO) clean

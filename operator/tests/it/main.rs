@@ -9,6 +9,7 @@ mod compile_golden;
 mod compile_props;
 mod compile_render_cli;
 mod controller;
+mod kube;
 mod leader;
 mod lease_programmed;
 mod lease_status;

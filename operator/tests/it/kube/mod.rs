@@ -1,0 +1,168 @@
+//! The suite that runs against a real Kubernetes API server: etcd and kube-apiserver built
+//! from pinned Go modules and started by the harness (`breakwater_harness::ControlPlane`),
+//! or the cluster of `BREAKWATER_E2E_KUBECONFIG` (`make e2e`). It judges what only a real
+//! API server judges: the CRDs' schema and CEL rules, server-side apply and field ownership,
+//! watches, RBAC, leader election on a real Lease. There is no kubelet or controller-manager:
+//! tests create the Pods, Pod status and EndpointSlices those would.
+//!
+//! Each test owns its namespaces (generated names). Tests that run an operator hold
+//! [`OPERATOR`]: every operator watches the whole cluster, so two at once would both write
+//! the same status.
+
+mod apply;
+mod crds;
+mod leader;
+mod rbac;
+mod validation;
+mod walkthrough;
+
+use std::{path::Path, sync::OnceLock, time::Duration};
+
+use breakwater_harness::{ControlPlane, free_port};
+use kube::{
+    Client, Config,
+    config::{KubeConfigOptions, Kubeconfig},
+};
+
+/// Held by every test that runs an operator (see the module comment).
+pub static OPERATOR: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// How long a test waits for what a reconcile or a watch should bring about.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// The shared control plane, with the CRDs from `crds/yaml` installed (once, with the pinned
+/// kubectl) and Established.
+pub fn plane() -> &'static ControlPlane {
+    static CRDS: OnceLock<()> = OnceLock::new();
+    let plane = ControlPlane::shared();
+    CRDS.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds/yaml");
+        plane.kubectl_ok(&["apply", "--server-side", "-f", &dir.display().to_string()]);
+        plane.kubectl_ok(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/circuitbreakerpolicies.breakwater.dev",
+            "crd/ratelimitpolicies.breakwater.dev",
+            "crd/lockleases.breakwater.dev",
+            "crd/outboxrelays.breakwater.dev",
+        ]);
+        // The OpenAPI document (what kubectl explain and server-side apply read) follows a
+        // moment after Established.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        for kind in ["circuitbreakerpolicy", "ratelimitpolicy", "locklease", "outboxrelay"] {
+            while !plane.kubectl(&["explain", kind]).status.success() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the OpenAPI of {kind} was not published within 60s"
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    });
+    plane
+}
+
+/// A client with the admin kubeconfig.
+pub async fn admin() -> Client {
+    client(&plane().kubeconfig).await
+}
+
+/// A client for `kubeconfig`.
+pub async fn client(kubeconfig: &Path) -> Client {
+    let config = Kubeconfig::read_from(kubeconfig)
+        .unwrap_or_else(|err| panic!("cannot read {}: {err}", kubeconfig.display()));
+    let config = Config::from_custom_kubeconfig(config, &KubeConfigOptions::default())
+        .await
+        .unwrap_or_else(|err| panic!("bad kubeconfig {}: {err}", kubeconfig.display()));
+    Client::try_from(config).expect("client from kubeconfig")
+}
+
+/// Creates a namespace with a name no other test uses, labelled `labels` (`k=v,...`).
+pub fn namespace(name: &str, labels: &[&str]) -> String {
+    let name = breakwater_harness::unique_prefix(name);
+    let plane = plane();
+    plane.kubectl_ok(&["create", "namespace", &name]);
+    if !labels.is_empty() {
+        plane.kubectl_ok(&[&["label", "namespace", &name][..], labels].concat());
+    }
+    name
+}
+
+/// Applies YAML with kubectl (server-side, the admin's field manager), in `namespace`.
+pub fn kubectl_apply(namespace: &str, yaml: &str) -> String {
+    let plane = plane();
+    let out = plane.kubectl_as(
+        &plane.kubeconfig,
+        &["apply", "--server-side", "-n", namespace, "-f", "-"],
+        Some(yaml),
+    );
+    assert!(out.status.success(), "kubectl apply failed: {}\n{yaml}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Polls `check` every 100 ms until it gives `Ok`; fails after `within` with the last `Err`
+/// it gave (the state it last observed), so a red test explains itself.
+pub async fn eventually<T, F, Fut>(what: &str, within: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match check().await {
+            Ok(value) => return value,
+            Err(last) if tokio::time::Instant::now() >= deadline => {
+                panic!("{what}: not within {within:?}; last observed: {last}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// An operator (the library's `run`, as the binary runs it) in this process, stopped when
+/// dropped or by [`Operator::stop`].
+pub struct Operator {
+    pub xds_port: u16,
+    pub metrics_port: u16,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<breakwater_operator::error::Result<()>>>,
+}
+
+impl Operator {
+    /// Runs an operator with `root` as its root namespace and no leader election.
+    pub fn start(client: Client, root: &str) -> Self {
+        let (xds_port, metrics_port) = (free_port(), free_port());
+        let options = breakwater_operator::run::Options {
+            root_namespace: root.into(),
+            metrics_addr: ([127, 0, 0, 1], metrics_port).into(),
+            xds_addr: ([127, 0, 0, 1], xds_port).into(),
+            leader_election_namespace: None,
+            identity: "kube-test".into(),
+            redis: None,
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(breakwater_operator::run::run(client, options, async move {
+            let _ = stopped.await;
+        }));
+        Operator { xds_port, metrics_port, stop: Some(stop), task: Some(task) }
+    }
+
+    /// Stops the operator and fails the test if it stopped with an error.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("operator task").expect("operator stops cleanly");
+        }
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
