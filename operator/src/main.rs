@@ -124,6 +124,7 @@ fn main() -> ExitCode {
                 redis_cluster,
                 redis_key_prefix,
             } => {
+                run::install_tls_provider();
                 let client = match kube::Client::try_default().await {
                     Ok(client) => client,
                     Err(err) => {

@@ -39,6 +39,13 @@ pub struct Options {
     pub redis: Option<RedisOptions>,
 }
 
+/// Makes ring the process's TLS provider for kube's client (a no-op when one is set). rustls
+/// needs a process default when more than one provider is compiled in, as in a test build,
+/// where another dependency brings aws-lc-rs: without this, the first client panics.
+pub fn install_tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// What every controller shares.
 #[derive(Clone)]
 struct Shared {

@@ -27,7 +27,7 @@ const DEADLINE: Duration = Duration::from_secs(20);
 
 /// A proxy that subscribes to every type and acknowledges whatever it is sent, until the
 /// test ends.
-async fn acknowledging_proxy(endpoint: String, node: String) {
+pub async fn acknowledging_proxy(endpoint: String, node: String) {
     let mut client = AggregatedDiscoveryServiceClient::connect(endpoint).await.expect("connect");
     let (requests, rx) = mpsc::channel(16);
     let mut responses =

@@ -70,6 +70,7 @@ pub async fn admin() -> Client {
 
 /// A client for `kubeconfig`.
 pub async fn client(kubeconfig: &Path) -> Client {
+    breakwater_operator::run::install_tls_provider();
     let config = Kubeconfig::read_from(kubeconfig)
         .unwrap_or_else(|err| panic!("cannot read {}: {err}", kubeconfig.display()));
     let config = Config::from_custom_kubeconfig(config, &KubeConfigOptions::default())
