@@ -13,6 +13,7 @@ pub struct Daemon {
     name: String,
     program: PathBuf,
     args: Vec<String>,
+    env: Vec<(String, String)>,
     log: PathBuf,
     shell: Option<Child>,
     stdin: Option<ChildStdin>,
@@ -23,10 +24,22 @@ impl Daemon {
     /// Starts `program args`, its stdout and stderr appended to `log`. Panics, naming the
     /// program, when it cannot be started.
     pub fn spawn(name: &str, program: impl AsRef<Path>, args: &[String], log: impl AsRef<Path>) -> Self {
+        Self::spawn_with_env(name, program, args, &[], log)
+    }
+
+    /// [`Daemon::spawn`] with these environment variables added.
+    pub fn spawn_with_env(
+        name: &str,
+        program: impl AsRef<Path>,
+        args: &[String],
+        env: &[(&str, &str)],
+        log: impl AsRef<Path>,
+    ) -> Self {
         let mut daemon = Daemon {
             name: name.to_string(),
             program: program.as_ref().to_path_buf(),
             args: args.to_vec(),
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             log: log.as_ref().to_path_buf(),
             shell: None,
             stdin: None,
@@ -45,6 +58,7 @@ impl Daemon {
             .arg(&self.program)
             .arg(&self.log)
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -72,6 +86,11 @@ impl Daemon {
         std::fs::read_to_string(format!("/proc/{}/stat", self.pid))
             .map(|stat| stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')))
             .unwrap_or(true)
+    }
+
+    /// Everything the process has written so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// Why a start failed: the daemon's name, whether it still runs, and the end of its log.

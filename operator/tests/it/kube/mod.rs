@@ -18,7 +18,7 @@ mod walkthrough;
 
 use std::{path::Path, sync::OnceLock, time::Duration};
 
-use breakwater_harness::{ControlPlane, free_port};
+use breakwater_harness::{ControlPlane, Daemon, free_port};
 use kube::{
     Client, Config,
     config::{KubeConfigOptions, Kubeconfig},
@@ -166,4 +166,65 @@ impl Drop for Operator {
             task.abort();
         }
     }
+}
+
+/// The `breakwater-operator run` binary as a process, with `kubeconfig`'s credentials.
+pub struct OperatorProcess {
+    pub identity: String,
+    pub metrics_port: u16,
+    pub xds_port: u16,
+    pub daemon: Daemon,
+    _dir: tempfile::TempDir,
+}
+
+impl OperatorProcess {
+    /// Starts the binary with root namespace `root`, electing a leader with a Lease in
+    /// `leader_namespace` when given.
+    pub fn start(kubeconfig: &Path, identity: &str, root: &str, leader_namespace: Option<&str>) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (metrics_port, xds_port) = (free_port(), free_port());
+        let mut args = vec![
+            "run".to_string(),
+            format!("--root-namespace={root}"),
+            format!("--metrics-addr=127.0.0.1:{metrics_port}"),
+            format!("--xds-addr=127.0.0.1:{xds_port}"),
+            format!("--identity={identity}"),
+        ];
+        match leader_namespace {
+            Some(ns) => args.push(format!("--leader-election-namespace={ns}")),
+            None => args.push("--leader-election=false".into()),
+        }
+        let daemon = Daemon::spawn_with_env(
+            identity,
+            env!("CARGO_BIN_EXE_breakwater-operator"),
+            &args,
+            &[("KUBECONFIG", &kubeconfig.display().to_string()), ("RUST_LOG", "info")],
+            dir.path().join("operator.log"),
+        );
+        OperatorProcess { identity: identity.into(), metrics_port, xds_port, daemon, _dir: dir }
+    }
+
+    /// The Prometheus text the process serves on /metrics (empty while it does not answer).
+    pub fn metrics(&self) -> String {
+        http_get(self.metrics_port, "/metrics").unwrap_or_default()
+    }
+
+    /// The value of one sample line of /metrics, e.g. `breakwater_leader`.
+    pub fn metric(&self, sample: &str) -> Option<f64> {
+        self.metrics()
+            .lines()
+            .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.trim().parse().ok())
+    }
+}
+
+/// A plain HTTP/1.0 GET on loopback; the body, or None when nothing answers.
+pub fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (_, body) = response.split_once("\r\n\r\n")?;
+    Some(body.to_string())
 }
