@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV := .venv
 CRD_DIRS := crds/yaml charts/breakwater/crds
 
-.PHONY: run test deps control-plane unit crds crds-check chart-test fmt fmt-check lint e2e build clean
+.PHONY: run test deps control-plane chart-render unit crds crds-check chart-test fmt fmt-check lint e2e build clean
 
 ## run: the operator in standalone mode on examples/ (no cluster needed); Ctrl-C stops it
 run:
@@ -31,8 +31,14 @@ deps:
 control-plane:
 	@tests/control-plane/build.sh >/dev/null
 
-unit:
+# The real-API-server suite applies the chart's RBAC (kube/rbac.rs reads this render).
+unit: chart-render
 	$(CARGO) test --workspace
+
+## chart-render: the chart with default values, as `helm template` renders it
+chart-render: $(VENV)/.installed
+	@mkdir -p target/chart
+	cd charts/tests && ../../$(VENV)/bin/python render.py > ../../target/chart/default.yaml
 
 build:
 	$(CARGO) build --workspace --release

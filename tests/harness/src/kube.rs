@@ -20,6 +20,11 @@ use crate::{free_port, process::Daemon, require_program, target_dir, workspace_d
 /// The user the admin kubeconfig authenticates as (group `system:masters`).
 const ADMIN: &str = "breakwater-test-admin";
 
+/// What ServiceAccounts ask of the API server, and the authorizer's decision, is logged, so a
+/// test can list the permissions the operator used and any it was refused.
+const AUDIT_POLICY: &str = "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\n\
+rules:\n- level: Metadata\n  userGroups: [\"system:serviceaccounts\"]\n- level: None\n";
+
 #[derive(Debug)]
 pub struct ControlPlane {
     /// The API server's URL.
@@ -78,6 +83,7 @@ impl ControlPlane {
         certificates(&dir);
         let token = format!("admin-{}", std::process::id());
         write(&dir.join("tokens.csv"), &format!("{token},{ADMIN},{ADMIN},\"system:masters\"\n"));
+        write(&dir.join("audit-policy.yaml"), AUDIT_POLICY);
 
         let (client, peer) = (free_port(), free_port());
         let etcd = Daemon::spawn(
@@ -119,6 +125,8 @@ impl ControlPlane {
                 "--disable-admission-plugins=ServiceAccount".into(),
                 "--allow-privileged=true".into(),
                 "--profiling=false".into(),
+                format!("--audit-policy-file={}", path("audit-policy.yaml")),
+                format!("--audit-log-path={}", path("audit.log")),
             ],
             dir.join("kube-apiserver.log"),
         );
@@ -210,6 +218,13 @@ impl ControlPlane {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The API server's audit log (Metadata of every ServiceAccount request, one JSON event
+    /// per line); None on an external cluster.
+    pub fn audit_log(&self) -> Option<String> {
+        self.apiserver.as_ref()?;
+        Some(std::fs::read_to_string(self.dir.join("audit.log")).unwrap_or_default())
     }
 
     /// Path of the pinned kubectl binary.

@@ -77,7 +77,7 @@ async fn the_standby_takes_over_when_the_leader_is_killed() {
     let second = OperatorProcess::start(kubeconfig, "operator-b", &system, Some(&system));
     eventually("operator-b serves metrics as a standby", DEADLINE, || async {
         match second.metric("breakwater_leader") {
-            Some(v) if v == 0.0 => Ok(()),
+            Some(0.0) => Ok(()),
             other => Err(format!("breakwater_leader = {other:?}")),
         }
     })

@@ -125,7 +125,6 @@ where
 /// dropped or by [`Operator::stop`].
 pub struct Operator {
     pub xds_port: u16,
-    pub metrics_port: u16,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<breakwater_operator::error::Result<()>>>,
 }
@@ -146,7 +145,7 @@ impl Operator {
         let task = tokio::spawn(breakwater_operator::run::run(client, options, async move {
             let _ = stopped.await;
         }));
-        Operator { xds_port, metrics_port, stop: Some(stop), task: Some(task) }
+        Operator { xds_port, stop: Some(stop), task: Some(task) }
     }
 
     /// Stops the operator and fails the test if it stopped with an error.
@@ -170,9 +169,7 @@ impl Drop for Operator {
 
 /// The `breakwater-operator run` binary as a process, with `kubeconfig`'s credentials.
 pub struct OperatorProcess {
-    pub identity: String,
     pub metrics_port: u16,
-    pub xds_port: u16,
     pub daemon: Daemon,
     _dir: tempfile::TempDir,
 }
@@ -201,7 +198,7 @@ impl OperatorProcess {
             &[("KUBECONFIG", &kubeconfig.display().to_string()), ("RUST_LOG", "info")],
             dir.path().join("operator.log"),
         );
-        OperatorProcess { identity: identity.into(), metrics_port, xds_port, daemon, _dir: dir }
+        OperatorProcess { metrics_port, daemon, _dir: dir }
     }
 
     /// The Prometheus text the process serves on /metrics (empty while it does not answer).
