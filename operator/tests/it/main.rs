@@ -8,7 +8,6 @@ mod compile;
 mod compile_golden;
 mod compile_props;
 mod compile_render_cli;
-mod controller;
 mod kube;
 mod leader;
 mod lease_programmed;

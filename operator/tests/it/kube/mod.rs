@@ -10,6 +10,7 @@
 //! the same status.
 
 mod apply;
+mod controller;
 mod crds;
 mod leader;
 mod rbac;
