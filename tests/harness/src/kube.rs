@@ -255,6 +255,17 @@ impl ControlPlane {
         ServiceAccount { namespace: namespace.into(), name: name.into(), token, kubeconfig }
     }
 
+    /// Freezes kube-apiserver (SIGSTOP): connections stay open, nothing is answered — an API
+    /// server that hangs. Only for a private plane ([`ControlPlane::start`]): the shared one
+    /// serves other tests.
+    pub fn pause_apiserver(&self) {
+        self.apiserver.as_ref().expect("a local API server").signal("STOP");
+    }
+
+    pub fn resume_apiserver(&self) {
+        self.apiserver.as_ref().expect("a local API server").signal("CONT");
+    }
+
     /// Kills kube-apiserver and etcd now (they are also killed when the test binary exits).
     pub fn stop(&mut self) {
         if let Some(mut apiserver) = self.apiserver.take() {
