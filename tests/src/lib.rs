@@ -1,2 +1,3 @@
 //! Workspace-level integration tests live in `tests/tests/`: the examples evaluated through
-//! the operator library, and the real-cluster suite (`make e2e`).
+//! the operator library, and the operator and agent talking over ADS. The real-API-server
+//! suite is in `operator/tests/it/kube/`.
