@@ -11,7 +11,6 @@ mod compile_render_cli;
 mod kube;
 mod leader;
 mod lease_programmed;
-mod lease_status;
 mod merge;
 mod programmed;
 mod standalone_cli;

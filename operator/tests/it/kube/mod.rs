@@ -13,6 +13,7 @@ mod apply;
 mod controller;
 mod crds;
 mod leader;
+mod lease_status;
 mod rbac;
 mod validation;
 mod walkthrough;

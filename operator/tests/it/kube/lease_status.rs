@@ -1,9 +1,13 @@
-//! LockLease status from Redis: the controller against an in-memory API server
-//! (kube-fake-client) and a real `redis-server` (breakwater-harness), with grants made by
-//! the agent's own store code, as an agent would make them. Also the lease events that
-//! trigger reconciles, resubscribed after Redis comes back.
+//! LockLease status from Redis: the controller against the real API server and a real
+//! `redis-server` (breakwater-harness), with grants made by the agent's own store code, as an
+//! agent would make them. Each test creates its LockLease for real in a namespace of its own
+//! (so its lease id, `<namespace>/invoice-run`, is its own too), feeds the controller's store
+//! and calls `reconcile` itself. Status is written by server-side apply, so a field the
+//! operator stops applying (a released holder) is removed from the stored object — the
+//! in-memory fake merged the apply and needed an interceptor to pretend that. Also the lease
+//! events that trigger reconciles, resubscribed after Redis comes back.
 
-use std::{borrow::Cow, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use breakwater_agent::{
     lease::{Attempt, Grant, LeaseStore, redis::RedisLeases},
@@ -12,7 +16,7 @@ use breakwater_agent::{
 use breakwater_api::LockLease;
 use breakwater_harness::{RedisCluster, RedisServer, unique_prefix};
 use breakwater_operator::{
-    controller::{Context, reconcile},
+    controller::{Context, FIELD_MANAGER, reconcile},
     http::State,
     lease::{self, Backoff, LeaseReader, RedisOptions},
     policy::lock_lease::time,
@@ -20,25 +24,23 @@ use breakwater_operator::{
 };
 use futures::StreamExt;
 use k8s_openapi::{
-    NamespaceResourceScope,
     api::core::v1::{Namespace, Service},
-    apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta},
+    apimachinery::pkg::apis::meta::v1::Condition,
 };
 use kube::{
-    Api, Resource, ResourceExt,
-    api::PostParams,
+    Api, Client, ResourceExt,
+    api::{ApiResource, DynamicObject, PostParams},
     runtime::{
         events::Reporter,
         reflector::{self, store::Writer},
         watcher,
     },
 };
-use kube_fake_client::{ClientBuilder, PatchType, interceptor};
-use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-const DEADLINE: Duration = Duration::from_secs(10);
-const ID: &str = "billing/invoice-run";
+use super::{DEADLINE, admin, eventually, namespace};
+
+const NAME: &str = "invoice-run";
 const HOLDER: &str = "billing-worker-0/3f2a";
 
 fn lock_lease(holders: u32) -> LockLease {
@@ -46,7 +48,7 @@ fn lock_lease(holders: u32) -> LockLease {
         r#"
 apiVersion: breakwater.dev/v1alpha1
 kind: LockLease
-metadata: {{name: invoice-run, namespace: billing, generation: 1}}
+metadata: {{name: {NAME}}}
 spec:
   ttl: 30s
   holders: {holders}
@@ -64,77 +66,19 @@ async fn agent_store(redis: &RedisServer, prefix: &str) -> RedisLeases {
     RedisLeases::new(store, prefix, Duration::from_secs(2))
 }
 
-async fn grant(agent: &RedisLeases, holder: &str, ttl: Duration, capacity: u32) -> Grant {
-    match agent.try_acquire(ID, holder, ttl, capacity, 0).await.expect("acquire") {
+async fn grant(agent: &RedisLeases, id: &str, holder: &str, ttl: Duration, capacity: u32) -> Grant {
+    match agent.try_acquire(id, holder, ttl, capacity, 0).await.expect("acquire") {
         Attempt::Granted(grant) => grant,
         busy => panic!("not granted: {busy:?}"),
     }
 }
 
-/// A LockLease as untyped JSON, for the fake client's typed calls that need `Default`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct RawLease {
-    api_version: String,
-    kind: String,
-    metadata: ObjectMeta,
-    #[serde(flatten)]
-    rest: serde_json::Map<String, serde_json::Value>,
-}
-
-impl Default for RawLease {
-    fn default() -> Self {
-        Self {
-            api_version: "breakwater.dev/v1alpha1".into(),
-            kind: "LockLease".into(),
-            metadata: ObjectMeta::default(),
-            rest: serde_json::Map::new(),
-        }
-    }
-}
-
-impl Resource for RawLease {
-    type DynamicType = ();
-    type Scope = NamespaceResourceScope;
-    fn kind(_: &()) -> Cow<'_, str> {
-        LockLease::kind(&())
-    }
-    fn group(_: &()) -> Cow<'_, str> {
-        LockLease::group(&())
-    }
-    fn version(_: &()) -> Cow<'_, str> {
-        LockLease::version(&())
-    }
-    fn plural(_: &()) -> Cow<'_, str> {
-        LockLease::plural(&())
-    }
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
-
-/// kube-fake-client merges an apply patch like a JSON merge patch, so a field the operator
-/// stops applying would stay. A real API server removes it: the operator is the only
-/// manager of the status, so its (forced) apply replaces the status as a whole — which is
-/// what this interceptor does.
-fn apply_replaces_the_status() -> interceptor::Funcs {
-    interceptor::Funcs::new().patch_status(|ctx| {
-        if ctx.patch_type != PatchType::ApplyPatch {
-            return Ok(None);
-        }
-        let mut lease: RawLease = ctx.client.get(ctx.namespace, ctx.name)?;
-        let status = ctx.patch.get("status").cloned().unwrap_or_default();
-        lease.rest.insert("status".into(), status);
-        let updated = ctx.client.update_status(ctx.namespace, &lease, &PostParams::default())?;
-        Ok(Some(serde_json::to_value(updated)?))
-    })
-}
-
-/// The fake API holding the LockLease, and the controller's context reading `leases`.
+/// A namespace of its own on the real API server holding the LockLease, and the
+/// controller's context reading `leases`, over a store the test feeds (the controller's
+/// watch would feed it in a cluster).
 struct World {
+    client: Client,
+    ns: String,
     api: Api<LockLease>,
     store: Writer<LockLease>,
     ctx: Arc<Context<LockLease>>,
@@ -142,18 +86,17 @@ struct World {
 
 impl World {
     async fn new(lease: LockLease, leases: Option<Arc<dyn LeaseReader>>) -> Self {
-        let client = ClientBuilder::new()
-            .with_resource::<LockLease>()
-            .with_interceptor_funcs(apply_replaces_the_status())
-            .with_object(lease.clone())
-            .build()
-            .await
-            .expect("fake client builds");
-        let (reader, mut store) = reflector::store::<LockLease>();
-        store.apply_watcher_event(&watcher::Event::Apply(lease));
+        let client = admin().await;
+        let ns = namespace("lease", &[]);
+        let api: Api<LockLease> = Api::namespaced(client.clone(), &ns);
+        let created =
+            api.create(&PostParams::default(), &lease).await.expect("the API server accepts the LockLease");
+        assert_eq!(created.metadata.generation, Some(1), "the API server sets the generation");
+        let (reader, store) = reflector::store::<LockLease>();
         let (services, _) = reflector::store::<Service>();
         let (namespaces, _) = reflector::store::<Namespace>();
         let reporter = Reporter { controller: "breakwater-operator".into(), instance: Some("test".into()) };
+        // No LockLease check looks at the root namespace; it need not exist.
         let mut ctx = Context::new(
             client.clone(),
             "breakwater-system".into(),
@@ -165,15 +108,42 @@ impl World {
         if let Some(leases) = leases {
             ctx = ctx.with_leases(leases);
         }
-        Self { api: Api::namespaced(client, "billing"), store, ctx: Arc::new(ctx) }
+        Self { client, ns, api, store, ctx: Arc::new(ctx) }
+    }
+
+    /// The lease's id in Redis, as agents name it: `<namespace>/<name>`.
+    fn id(&self) -> String {
+        format!("{}/{NAME}", self.ns)
     }
 
     /// Reconciles the LockLease as the API holds it now; returns it afterwards.
     async fn reconcile(&mut self) -> LockLease {
-        let current = self.api.get("invoice-run").await.expect("lease exists");
+        let current = self.api.get(NAME).await.expect("lease exists");
         self.store.apply_watcher_event(&watcher::Event::Apply(current.clone()));
         reconcile(Arc::new(current), self.ctx.clone()).await.expect("reconcile succeeds");
-        self.api.get("invoice-run").await.expect("lease exists")
+        self.api.get(NAME).await.expect("lease exists")
+    }
+
+    /// The fields of the status as the API server stores them (untyped: the typed status
+    /// reads an absent field and a null alike), and those the operator's apply owns there.
+    async fn stored_status(&self) -> (Vec<String>, Vec<String>) {
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(self.client.clone(), &self.ns, &ApiResource::erase::<LockLease>(&()));
+        let object = api.get(NAME).await.expect("lease exists");
+        let stored =
+            object.data["status"].as_object().map(|s| s.keys().cloned().collect()).unwrap_or_default();
+        let owned = object
+            .managed_fields()
+            .iter()
+            .filter(|m| {
+                m.manager.as_deref() == Some(FIELD_MANAGER) && m.subresource.as_deref() == Some("status")
+            })
+            .filter_map(|m| m.fields_v1.as_ref()?.0["f:status"].as_object().cloned())
+            .flat_map(|fields| {
+                fields.keys().filter_map(|k| k.strip_prefix("f:").map(str::to_string)).collect::<Vec<_>>()
+            })
+            .collect();
+        (stored, owned)
     }
 }
 
@@ -196,22 +166,29 @@ async fn operator_reader(redis: &RedisServer, prefix: &str) -> Arc<dyn LeaseRead
     .expect("reader")
 }
 
+fn strings(fields: &[&str]) -> Vec<String> {
+    fields.iter().map(|f| f.to_string()).collect()
+}
+
 #[tokio::test]
 async fn status_follows_grants_releases_and_redis_outages() {
     let mut redis = RedisServer::start();
     let prefix = unique_prefix("status");
     let agent = agent_store(&redis, &prefix).await;
     let mut world = World::new(lock_lease(1), Some(operator_reader(&redis, &prefix).await)).await;
+    let id = world.id();
 
     let free = world.reconcile().await;
     assert_eq!(held_is(&free), ("False".into(), "Free".into()));
     assert_eq!(held(&free).message, "free; never granted");
+    assert_eq!(held(&free).observed_generation, Some(1), "the generation the server set");
     let status = free.status.clone().expect("status");
     assert_eq!((status.holder, status.fencing_token, status.holders.len()), (None, None, 0));
     assert!(status.conditions.iter().any(|c| c.type_ == "Accepted" && c.status == "True"));
+    assert_eq!(world.stored_status().await, (strings(&["conditions"]), strings(&["conditions"])));
 
     // An agent grants the lease: holder, token and times, Held=True.
-    let first = grant(&agent, HOLDER, Duration::from_secs(30), 1).await;
+    let first = grant(&agent, &id, HOLDER, Duration::from_secs(30), 1).await;
     let held_lease = world.reconcile().await;
     let status = held_lease.status.clone().expect("status");
     assert_eq!(status.holder.as_deref(), Some(HOLDER));
@@ -226,13 +203,17 @@ async fn status_follows_grants_releases_and_redis_outages() {
     let expected =
         format!("held by {HOLDER} (token {}) until {}", first.fencing_token, time(first.expires_at_us).0);
     assert_eq!(held(&held_lease).message, expected);
+    let all = strings(&["conditions", "fencingToken", "holder", "holders"]);
+    assert_eq!(world.stored_status().await, (all.clone(), all), "stored, and owned by the operator");
 
     // Nothing changed: nothing is written.
     let again = world.reconcile().await;
     assert_eq!(again.resource_version(), held_lease.resource_version(), "no write without a change");
 
-    // Released: Free, no holder, the last token still shown.
-    agent.release(ID, HOLDER, first.fencing_token).await.expect("release");
+    // Released: Free, no holder, the last token still shown. The operator no longer applies
+    // holder and holders, and the API server removes them from the stored status (and from
+    // what the operator owns), rather than keeping the old values.
+    agent.release(&id, HOLDER, first.fencing_token).await.expect("release");
     let released = world.reconcile().await;
     assert_eq!(held_is(&released), ("False".into(), "Free".into()));
     let status = released.status.clone().expect("status");
@@ -243,9 +224,11 @@ async fn status_follows_grants_releases_and_redis_outages() {
         held(&released).message,
         format!("free; the last grant had fencing token {}", first.fencing_token)
     );
+    let left = strings(&["conditions", "fencingToken"]);
+    assert_eq!(world.stored_status().await, (left.clone(), left), "holder and holders are gone");
 
     // Held again, then Redis dies: Held=Unknown/StoreUnavailable, the last holder kept.
-    let second = grant(&agent, "billing-worker-1/77aa", Duration::from_secs(30), 1).await;
+    let second = grant(&agent, &id, "billing-worker-1/77aa", Duration::from_secs(30), 1).await;
     assert!(second.fencing_token > first.fencing_token);
     let before = world.reconcile().await;
     assert_eq!(held_is(&before), ("True".into(), "Held".into()));
@@ -270,9 +253,10 @@ async fn semaphore_slots_and_expiry_by_redis_time() {
     let agent = agent_store(&redis, &prefix).await;
     let reader = operator_reader(&redis, &prefix).await;
     let mut world = World::new(lock_lease(3), Some(reader.clone())).await;
+    let id = world.id();
 
-    let long = grant(&agent, "w-0/a", Duration::from_secs(30), 3).await;
-    let short = grant(&agent, "w-1/b", Duration::from_millis(1500), 3).await;
+    let long = grant(&agent, &id, "w-0/a", Duration::from_secs(30), 3).await;
+    let short = grant(&agent, &id, "w-1/b", Duration::from_millis(1500), 3).await;
     let lease = world.reconcile().await;
     assert_eq!(held_is(&lease), ("True".into(), "Held".into()));
     let message = held(&lease).message;
@@ -287,11 +271,11 @@ async fn semaphore_slots_and_expiry_by_redis_time() {
 
     // Nobody publishes an expiry: the controller requeues itself for it. Wait until Redis's
     // own clock has passed it, then the status shows one slot.
-    let give_up = tokio::time::Instant::now() + DEADLINE;
-    while reader.state(ID).await.expect("state").grants.len() > 1 {
-        assert!(tokio::time::Instant::now() < give_up, "the short grant never expired");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually("the short grant expires by Redis's clock", DEADLINE, || async {
+        let grants = reader.state(&id).await.map_err(|e| e.to_string())?.grants;
+        if grants.len() <= 1 { Ok(()) } else { Err(format!("{grants:?}")) }
+    })
+    .await;
     let lease = world.reconcile().await;
     let status = lease.status.clone().expect("status");
     assert_eq!(status.holders.iter().map(|g| g.holder.as_str()).collect::<Vec<_>>(), ["w-0/a"]);
@@ -308,6 +292,7 @@ async fn without_redis_held_is_unknown() {
     assert!(held(&lease).message.contains("--redis-url"), "{}", held(&lease).message);
     let status = lease.status.clone().expect("status");
     assert_eq!((status.holder, status.fencing_token), (None, None));
+    assert_eq!(world.stored_status().await.0, ["conditions"], "no lease field is stored");
 }
 
 #[test]
@@ -338,6 +323,7 @@ async fn next<S: futures::Stream + Unpin>(stream: &mut S, what: &str) -> S::Item
 
 #[tokio::test]
 async fn lease_events_trigger_reconciles_and_a_resubscription_resyncs_all() {
+    const ID: &str = "billing/invoice-run";
     let mut redis = RedisServer::start();
     let prefix = unique_prefix("events");
     let stop = CancellationToken::new();
@@ -349,7 +335,7 @@ async fn lease_events_trigger_reconciles_and_a_resubscription_resyncs_all() {
     next(&mut triggers.resubscribed, "first subscription").await;
 
     let agent = agent_store(&redis, &prefix).await;
-    let granted = grant(&agent, HOLDER, Duration::from_secs(30), 1).await;
+    let granted = grant(&agent, ID, HOLDER, Duration::from_secs(30), 1).await;
     assert_eq!(next(&mut triggers.leases, "grant event").await, ID);
     agent.release(ID, HOLDER, granted.fencing_token).await.expect("release");
     assert_eq!(next(&mut triggers.leases, "release event").await, ID);
@@ -359,7 +345,7 @@ async fn lease_events_trigger_reconciles_and_a_resubscription_resyncs_all() {
     redis.restart();
     next(&mut triggers.resubscribed, "resync after the restart").await;
     let agent = agent_store(&redis, &prefix).await;
-    grant(&agent, HOLDER, Duration::from_secs(30), 1).await;
+    grant(&agent, ID, HOLDER, Duration::from_secs(30), 1).await;
     assert_eq!(next(&mut triggers.leases, "grant event after the restart").await, ID);
 }
 
@@ -376,13 +362,14 @@ async fn agents_on_a_redis_cluster_are_read_and_followed_through_its_seeds() {
     next(&mut triggers.resubscribed, "first subscription").await;
     let reader = lease::connect(&options).await.expect("reader");
     let mut world = World::new(lock_lease(1), Some(reader)).await;
+    let id = world.id();
 
     // The agent grants on the Cluster (its --redis-cluster): the lease's slot may live on any
     // master, and its event still reaches the operator subscribed on the first seed.
     let store = RedisStore::start(RedisSettings::new(topology)).await.expect("cluster store");
     let agent = RedisLeases::new(store, prefix.as_str(), Duration::from_secs(2));
-    let granted = grant(&agent, HOLDER, Duration::from_secs(30), 1).await;
-    assert_eq!(next(&mut triggers.leases, "grant event").await, ID);
+    let granted = grant(&agent, &id, HOLDER, Duration::from_secs(30), 1).await;
+    assert_eq!(next(&mut triggers.leases, "grant event").await, id);
     let lease = world.reconcile().await;
     assert_eq!(held_is(&lease), ("True".into(), "Held".into()));
     let status = lease.status.clone().expect("status");
