@@ -7,16 +7,18 @@
 //!
 //! [`validate_object`] follows the API server's create path:
 //!
-//! 1. decoding with strict field validation: every field the schema does not declare is an
-//!    `unknown field` error, and is pruned before the next steps;
+//! 1. decoding with strict field validation: another kind, or a field the schema does not
+//!    declare (an `unknown field` error), fails the request before anything is validated, so
+//!    these are then the only errors;
 //! 2. with the status subresource enabled, `status` is dropped (a create cannot set it);
 //! 3. null values of fields that are neither nullable nor defaulted are pruned, then schema
 //!    `default`s are applied;
-//! 4. the OpenAPI schema checks (type, required, enum, bounds, lengths, patterns, list keys) and
-//!    `metadata.name` / `metadata.namespace`;
-//! 5. the CEL `x-kubernetes-validations` rules, evaluated by kube's CEL engine, only when steps
-//!    1 to 4 found nothing (the API server skips the rules after type, required, enum or size
-//!    errors; here any error skips them, so a rule never reports on a value the schema refused).
+//! 4. `metadata.name` / `metadata.namespace` and the OpenAPI schema checks (type, required, enum,
+//!    bounds, lengths, patterns, list keys);
+//! 5. the CEL `x-kubernetes-validations` rules, evaluated by kube's CEL engine. As in the API
+//!    server, a required, type, enum, too-long or too-many error from step 4 skips the rules
+//!    and says so in one more error; other errors (a bound, a pattern) do not, so a rule may
+//!    also report on a value the schema refused (a duration without a unit).
 //!
 //! It checks the schema keywords these CRDs use (tests/structural.rs fails on any other);
 //! `format` is not checked: the API server ignores `uint32`/`uint64`, and only status (dropped
@@ -91,15 +93,24 @@ pub fn validate_object(crd: &CustomResourceDefinition, object: &Value) -> Vec<Fi
         return vec![not_supported("apiVersion", object.get("apiVersion"), &served)];
     };
 
-    let mut errors = Vec::new();
+    // The API server refuses another kind before it looks at anything else.
     let kind = fields.get("kind");
     if kind.and_then(Value::as_str) != Some(crd.spec.names.kind.as_str()) {
-        errors.push(not_supported("kind", kind, std::slice::from_ref(&crd.spec.names.kind)));
+        let kind = kind.map_or_else(|| quote(""), go_value);
+        return vec![FieldError::new(
+            "kind",
+            format!("Invalid value: {kind}: must be {}", crd.spec.names.kind),
+        )];
     }
-    check_metadata(fields.get("metadata"), &mut errors);
 
     let mut object = object.clone();
+    let mut errors = Vec::new();
     prune_unknown(&mut object, &schema, "", &["apiVersion", "kind", "metadata"], &mut errors);
+    if !errors.is_empty() {
+        // Strict decoding refuses the request before validation: nothing else is reported.
+        return errors;
+    }
+    check_metadata(fields.get("metadata"), &mut errors);
     let status_subresource =
         crd.spec.versions.iter().any(|v| v.subresources.as_ref().is_some_and(|s| s.status.is_some()));
     if let (true, Some(fields)) = (status_subresource, object.as_object_mut()) {
@@ -109,8 +120,12 @@ pub fn validate_object(crd: &CustomResourceDefinition, object: &Value) -> Vec<Fi
     apply_defaults(&mut object, &schema);
     check_node(&object, &schema, "", &mut errors);
 
-    if errors.is_empty() {
-        check_rules(&schema, &object, &mut errors);
+    if has_rules(&schema) {
+        if errors.iter().any(blocks_rules) {
+            errors.push(FieldError::new("", RULES_NOT_CHECKED));
+        } else {
+            check_rules(&schema, &object, &mut errors);
+        }
     }
     errors
 }
@@ -137,9 +152,10 @@ const DNS1123_SUBDOMAIN: &str = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z
 /// The only metadata checks that matter without an API server: a name to key the object by,
 /// and names the API server would accept.
 fn check_metadata(metadata: Option<&Value>, errors: &mut Vec<FieldError>) {
+    const NAME_REQUIRED: &str = "Required value: name or generateName is required";
     let metadata = match metadata {
         None | Some(Value::Null) => {
-            errors.push(FieldError::new("metadata.name", "Required value"));
+            errors.push(FieldError::new("metadata.name", NAME_REQUIRED));
             return;
         }
         Some(Value::Object(metadata)) => metadata,
@@ -149,9 +165,9 @@ fn check_metadata(metadata: Option<&Value>, errors: &mut Vec<FieldError>) {
         }
     };
     match metadata.get("name") {
-        None | Some(Value::Null) => errors.push(FieldError::new("metadata.name", "Required value")),
+        None | Some(Value::Null) => errors.push(FieldError::new("metadata.name", NAME_REQUIRED)),
         Some(Value::String(name)) if name.is_empty() => {
-            errors.push(FieldError::new("metadata.name", "Required value"));
+            errors.push(FieldError::new("metadata.name", NAME_REQUIRED));
         }
         Some(Value::String(name)) => check_dns_name(
             "metadata.name",
@@ -194,13 +210,18 @@ fn check_dns_name(
             format!("Invalid value: {value}: must be no more than {max_len} characters"),
         ));
     }
-    let matches = Regex::new(&format!("^{pattern}$")).is_ok_and(|re| re.is_match(name));
-    if !matches {
-        errors.push(FieldError::new(
-            path,
-            format!("Invalid value: {value}: {explanation}, regex used for validation is '{pattern}')"),
-        ));
+    let matches = |pattern: &str| Regex::new(&format!("^{pattern}$")).is_ok_and(|re| re.is_match(name));
+    if matches(pattern) {
+        return;
     }
+    // As the API server's IsDNS1123Label: a valid subdomain that is no valid label differs from
+    // one only by its dots, and is told so.
+    let explanation = if pattern == DNS1123_LABEL && matches(DNS1123_SUBDOMAIN) {
+        "must not contain dots".to_owned()
+    } else {
+        format!("{explanation}, regex used for validation is '{pattern}')")
+    };
+    errors.push(FieldError::new(path, format!("Invalid value: {value}: {explanation}")));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -375,15 +396,15 @@ fn check_type(value: &Value, schema: &Value, path: &str, errors: &mut Vec<FieldE
     ok
 }
 
-/// `maxLength`, `minLength` (in characters, not bytes) and `pattern`; like the API server,
-/// only the first failure is reported.
+/// `maxLength`, `minLength` (in characters, though the API server's message says bytes) and
+/// `pattern`; like the API server, only the first failure is reported.
 fn check_string(text: &str, schema: &Value, path: &str, errors: &mut Vec<FieldError>) {
     let length = text.chars().count() as u64;
     let value = quote(text);
     if let Some(max) = schema.get("maxLength").and_then(Value::as_u64)
         && length > max
     {
-        errors.push(FieldError::new(path, format!("Too long: may not be longer than {max}")));
+        errors.push(FieldError::new(path, format!("Too long: may not be more than {max} bytes")));
     } else if let Some(min) = schema.get("minLength").and_then(Value::as_u64)
         && length < min
     {
@@ -525,6 +546,31 @@ fn check_enum(value: &Value, schema: &Value, path: &str, errors: &mut Vec<FieldE
 // CEL rules
 // ---------------------------------------------------------------------------------------------
 
+/// What the API server adds, with no field path (it prints `<nil>`), when it skips the rules.
+const RULES_NOT_CHECKED: &str = "Invalid value: null: some validation rules were not checked because the \
+     object was invalid; correct the existing errors to complete validation";
+
+/// Whether the schema has any `x-kubernetes-validations` rule: without one the API server has
+/// no rules to skip, and says nothing about them.
+fn has_rules(schema: &Value) -> bool {
+    schema.get("x-kubernetes-validations").and_then(Value::as_array).is_some_and(|rules| !rules.is_empty())
+        || schema.get("properties").and_then(Value::as_object).is_some_and(|p| p.values().any(has_rules))
+        || schema.get("items").is_some_and(has_rules)
+        || schema.get("additionalProperties").is_some_and(has_rules)
+}
+
+/// Whether the API server skips the CEL rules after this error: field errors of type
+/// Required, NotSupported, TooLong, TooMany and TypeInvalid do (`hasBlockingErr` in
+/// apiextensions-apiserver), Invalid (bounds, patterns, names) and Duplicate do not. The type
+/// is read back from the wording, which this module writes: each type's message starts with
+/// its name, except TypeInvalid, which shares `Invalid value` with Invalid.
+fn blocks_rules(error: &FieldError) -> bool {
+    const BLOCKING: [&str; 4] = ["Required value", "Unsupported value:", "Too long:", "Too many:"];
+    BLOCKING.iter().any(|prefix| error.message.starts_with(prefix))
+        || (error.message.starts_with("Invalid value:")
+            && error.message.contains(" in body must be of type "))
+}
+
 /// Evaluates every `x-kubernetes-validations` rule with kube's CEL engine (which applies the
 /// schema defaults itself; they are already applied here) and words each failure as the API
 /// server does: `<path>: Invalid value: "<type>": <message>`.
@@ -552,7 +598,7 @@ fn rule_error(schema: &Value, failure: &ValidationError) -> FieldError {
                 .unwrap_or(&failure.rule);
             let cause =
                 std::error::Error::source(failure).map_or_else(|| failure.message.clone(), |c| c.to_string());
-            format!("{cause} evaluating rule: {}", rule_message.trim())
+            format!("{} evaluating rule: {}", cel_go_cause(cause), rule_message.trim())
         }
         // The rule could not be run here (an unsupported CEL function, a compilation error):
         // fail closed rather than accept what the API server might refuse.
@@ -567,6 +613,18 @@ fn rule_error(schema: &Value, failure: &ValidationError) -> FieldError {
         }
     };
     FieldError::new(failure.field_path.clone(), format!("Invalid value: {}: {message}", quote(node_type)))
+}
+
+/// An evaluation error as cel-go (the API server's CEL) words it, where kube's engine (the Rust
+/// `cel` crate) words it otherwise: `duration()` of a string that is no duration is
+/// `Error executing function 'duration': Parsing Error: ...` there, a type conversion error in
+/// cel-go. Other causes are kept as the engine words them.
+fn cel_go_cause(cause: String) -> String {
+    if cause.starts_with("Error executing function 'duration':") {
+        "type conversion error from 'string' to 'google.protobuf.Duration'".to_owned()
+    } else {
+        cause
+    }
 }
 
 /// The schema node at a path written as `spec.limits[0].rate`.
@@ -602,11 +660,11 @@ fn quote(text: &str) -> String {
     Value::String(text.to_owned()).to_string()
 }
 
-/// A value as the API server prints a bad value: strings quoted, numbers and booleans bare,
-/// null as `"null"`.
+/// A value as the API server prints a bad value: strings quoted, numbers, booleans and null
+/// bare.
 fn go_value(value: &Value) -> String {
     match value {
-        Value::Null => quote("null"),
+        Value::Null => "null".to_owned(),
         Value::String(text) => quote(text),
         Value::Number(n) if n.is_f64() => n.as_f64().map_or_else(|| n.to_string(), go_float),
         other => other.to_string(),
@@ -638,4 +696,105 @@ fn not_supported(path: &str, value: Option<&Value>, supported: &[String]) -> Fie
     let value = value.map_or_else(|| quote(""), go_value);
     let supported: Vec<String> = supported.iter().map(|s| quote(s)).collect();
     FieldError::new(path, format!("Unsupported value: {value}: supported values: {}", supported.join(", ")))
+}
+
+#[cfg(test)]
+mod tests {
+    //! Where standalone mode worded an answer differently from kube-apiserver 1.34, or gave other
+    //! errors than it does. operator/tests/it/kube/validation.rs compares every bad object of the
+    //! test corpus with a real API server's answer.
+
+    use serde_json::json;
+
+    use super::*;
+
+    fn errors(kind: &str, spec: Value) -> Vec<String> {
+        let object = json!({
+            "apiVersion": "breakwater.dev/v1alpha1",
+            "kind": kind,
+            "metadata": { "name": "nightly", "namespace": "billing" },
+            "spec": spec,
+        });
+        let crd = crd_for("breakwater.dev/v1alpha1", kind).expect("a Breakwater kind");
+        validate_object(crd, &object).iter().map(ToString::to_string).collect()
+    }
+
+    const NOT_CHECKED: &str = "Invalid value: null: some validation rules were not checked because the \
+                               object was invalid; correct the existing errors to complete validation";
+
+    #[test]
+    fn unknown_fields_are_the_only_errors() {
+        // Strict decoding fails first: neither the holders bound nor the ttl type is reported.
+        let found = errors("LockLease", json!({ "ttl": { "seconds": 30 }, "holders": 0, "podSelector": {} }));
+        assert_eq!(found, ["spec.ttl.seconds: unknown field \"spec.ttl.seconds\""]);
+    }
+
+    #[test]
+    fn a_blocking_error_skips_the_rules_and_says_so() {
+        // The ttl rule would fail on 2h, but a type error blocks the rules.
+        let found = errors("LockLease", json!({ "ttl": "2h", "holders": "two", "podSelector": {} }));
+        assert_eq!(
+            found,
+            [
+                "spec.holders: Invalid value: \"string\": spec.holders in body must be of type integer: \"string\"",
+                NOT_CHECKED,
+            ]
+        );
+    }
+
+    #[test]
+    fn a_bound_or_pattern_error_does_not_skip_the_rules() {
+        let found = errors("LockLease", json!({ "ttl": "2h", "holders": 0, "podSelector": {} }));
+        assert_eq!(
+            found,
+            [
+                "spec.holders: Invalid value: 0: spec.holders in body should be greater than or equal to 1",
+                "spec.ttl: Invalid value: \"string\": ttl must be between 1s and 1h",
+            ]
+        );
+        // A rule that reads a value the pattern refused fails as cel-go's duration() does.
+        let found = errors("LockLease", json!({ "ttl": "30", "podSelector": {} }));
+        assert_eq!(
+            found,
+            [
+                "spec.ttl: Invalid value: \"30\": spec.ttl in body should match '^([0-9]{1,6}(h|m|s|ms))+$'",
+                "spec.ttl: Invalid value: \"string\": type conversion error from 'string' to \
+                 'google.protobuf.Duration' evaluating rule: ttl must be between 1s and 1h",
+            ]
+        );
+    }
+
+    #[test]
+    fn api_server_wording() {
+        // Before: `Unsupported value: "null"`.
+        let found = errors(
+            "CircuitBreakerPolicy",
+            json!({ "targetRefs": [{ "name": "a" }], "timeout": "1s", "mode": null }),
+        );
+        assert_eq!(
+            found[0],
+            "spec.mode: Unsupported value: null: supported values: \"Default\", \"Override\""
+        );
+        // Before: `Too long: may not be longer than 63`.
+        let found = errors(
+            "CircuitBreakerPolicy",
+            json!({ "targetRefs": [{ "name": "a".repeat(64) }], "timeout": "1s" }),
+        );
+        assert_eq!(found, ["spec.targetRefs[0].name: Too long: may not be more than 63 bytes", NOT_CHECKED]);
+        // Before: `kind: Unsupported value: "Lease": supported values: "LockLease"`.
+        let crd = crd_for("breakwater.dev/v1alpha1", "LockLease").expect("LockLease");
+        let lease = json!({ "apiVersion": "breakwater.dev/v1alpha1", "kind": "Lease", "metadata": {} });
+        assert_eq!(
+            validate_object(crd, &lease),
+            [FieldError::new("kind", "Invalid value: \"Lease\": must be LockLease")]
+        );
+        // Before: the RFC 1123 label explanation, for a namespace that is a subdomain.
+        let lease = json!({ "apiVersion": "breakwater.dev/v1alpha1", "kind": "LockLease", "metadata": { "name": "l", "namespace": "team.billing" }, "spec": { "ttl": "1s", "podSelector": {} } });
+        let found: Vec<String> = validate_object(crd, &lease).iter().map(ToString::to_string).collect();
+        assert_eq!(found, ["metadata.namespace: Invalid value: \"team.billing\": must not contain dots"]);
+        // Before: `metadata.name: Required value`.
+        let lease = json!({ "apiVersion": "breakwater.dev/v1alpha1", "kind": "LockLease", "metadata": {}, "spec": { "ttl": "1s", "podSelector": {} } });
+        let found: Vec<String> = validate_object(crd, &lease).iter().map(ToString::to_string).collect();
+        assert_eq!(found, ["metadata.name: Required value: name or generateName is required", NOT_CHECKED]);
+    }
 }

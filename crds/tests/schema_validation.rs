@@ -1,226 +1,17 @@
-//! The OpenAPI checks of `validate_object`: bad objects and the error the API server would
-//! give for each, and the full examples, which must pass.
+//! The OpenAPI checks of `validate_object`: bad objects (`common::corpus::schema`) and the error
+//! the API server gives for each, and the full examples, which must pass.
 
 mod common;
 
 use breakwater_api::{CircuitBreakerPolicy, LockLease, OutboxRelay, RateLimitPolicy};
-use common::{API_VERSION, EXAMPLES, errors, from_yaml, object};
+use common::corpus::schema::{self, lock_lease, outbox_relay, rate_limit, with};
+use common::corpus::{API_VERSION, EXAMPLES, from_yaml};
+use common::errors;
 use serde_json::{Value, json};
-
-fn rate_limit(limit: Value) -> Value {
-    object("RateLimitPolicy", json!({ "targetRefs": [{ "name": "checkout" }], "limits": [limit] }))
-}
-
-fn lock_lease(spec: Value) -> Value {
-    let mut full = json!({ "ttl": "30s", "podSelector": { "matchLabels": { "app": "cron" } } });
-    for (key, value) in spec.as_object().expect("spec is a mapping") {
-        full[key] = value.clone();
-    }
-    object("LockLease", full)
-}
-
-fn outbox_relay(delivery: Value) -> Value {
-    object(
-        "OutboxRelay",
-        json!({
-            "source": { "postgres": { "connectionSecretRef": { "name": "orders-db", "key": "url" }, "table": "outbox" } },
-            "sink": { "webhook": { "url": "https://events.example.com/outbox" } },
-            "delivery": delivery,
-        }),
-    )
-}
-
-/// Applies `change` to a copy of `value`.
-fn with(value: Value, change: impl FnOnce(&mut Value)) -> Value {
-    let mut value = value;
-    change(&mut value);
-    value
-}
-
-/// Bad objects and a fragment of the error each must produce.
-fn bad_objects() -> Vec<(&'static str, Value, &'static str)> {
-    let per_minute =
-        |requests: Value| json!({ "name": "all", "rate": { "requests": requests, "per": "1m" } });
-    vec![
-        (
-            "negative rate",
-            rate_limit(per_minute(json!(-1))),
-            "spec.limits[0].rate.requests: Invalid value: -1: spec.limits[0].rate.requests in body should be greater than or equal to 1",
-        ),
-        (
-            "rate above the maximum",
-            rate_limit(per_minute(json!(1_000_000_001))),
-            "spec.limits[0].rate.requests: Invalid value: 1000000001: spec.limits[0].rate.requests in body should be less than or equal to 1000000000",
-        ),
-        (
-            "zero holders",
-            lock_lease(json!({ "holders": 0 })),
-            "spec.holders: Invalid value: 0: spec.holders in body should be greater than or equal to 1",
-        ),
-        (
-            "zero batch size",
-            outbox_relay(json!({ "batchSize": 0 })),
-            "spec.delivery.batchSize: Invalid value: 0: spec.delivery.batchSize in body should be greater than or equal to 1",
-        ),
-        (
-            "duration without a unit",
-            lock_lease(json!({ "ttl": "30" })),
-            "spec.ttl: Invalid value: \"30\": spec.ttl in body should match '^([0-9]{1,6}(h|m|s|ms))+$'",
-        ),
-        (
-            "duration in days",
-            outbox_relay(json!({ "pollInterval": "1d" })),
-            "spec.delivery.pollInterval: Invalid value: \"1d\": spec.delivery.pollInterval in body should match '^([0-9]{1,6}(h|m|s|ms))+$'",
-        ),
-        (
-            "unknown field at the top of spec",
-            lock_lease(json!({ "replicas": 2 })),
-            "spec.replicas: unknown field \"spec.replicas\"",
-        ),
-        (
-            "unknown nested field",
-            rate_limit(json!({ "name": "all", "rate": { "requests": 1, "per": "1s", "burst": 5 } })),
-            "spec.limits[0].rate.burst: unknown field \"spec.limits[0].rate.burst\"",
-        ),
-        (
-            "unknown field at the root",
-            with(lock_lease(json!({})), |o| o["specs"] = json!({})),
-            "specs: unknown field \"specs\"",
-        ),
-        (
-            "fields under a string",
-            lock_lease(json!({ "ttl": { "seconds": 30 } })),
-            "spec.ttl.seconds: unknown field \"spec.ttl.seconds\"",
-        ),
-        (
-            "string for an integer",
-            rate_limit(per_minute(json!("10"))),
-            "spec.limits[0].rate.requests: Invalid value: \"string\": spec.limits[0].rate.requests in body must be of type integer: \"string\"",
-        ),
-        (
-            "fraction for an integer",
-            lock_lease(json!({ "holders": 1.5 })),
-            "spec.holders: Invalid value: \"number\": spec.holders in body must be of type integer: \"number\"",
-        ),
-        (
-            "number for a string",
-            lock_lease(json!({ "ttl": 30 })),
-            "spec.ttl: Invalid value: \"integer\": spec.ttl in body must be of type string: \"integer\"",
-        ),
-        (
-            "mapping for a list",
-            rate_limit(
-                json!({ "name": "all", "rate": { "requests": 1, "per": "1s" }, "key": { "header": "x-user-id" } }),
-            ),
-            "spec.limits[0].key: Invalid value: \"object\": spec.limits[0].key in body must be of type array: \"object\"",
-        ),
-        (
-            "missing required field",
-            object("RateLimitPolicy", json!({ "targetRefs": [{ "name": "checkout" }] })),
-            "spec.limits: Required value",
-        ),
-        ("missing spec", with(lock_lease(json!({})), |o| o["spec"] = Value::Null), "spec: Required value"),
-        (
-            "null for a field that is not nullable",
-            lock_lease(json!({ "ttl": null })),
-            "spec.ttl: Required value",
-        ),
-        (
-            "missing required field in a list item",
-            rate_limit(json!({ "name": "all" })),
-            "spec.limits[0].rate: Required value",
-        ),
-        (
-            "enum typo",
-            rate_limit(json!({ "name": "all", "rate": { "requests": 1, "per": "1s" }, "algorithm": "Fast" })),
-            "spec.limits[0].algorithm: Unsupported value: \"Fast\": supported values: \"TokenBucket\", \"SlidingWindow\", \"FixedWindow\"",
-        ),
-        (
-            "enum typo in a list",
-            object(
-                "CircuitBreakerPolicy",
-                json!({ "targetRefs": [{ "name": "payments" }], "retry": { "attempts": 2, "retryOn": ["5XX"] } }),
-            ),
-            "spec.retry.retryOn[0]: Unsupported value: \"5XX\": supported values: \"5xx\", \"gateway-error\", \"reset\", \"connect-failure\", \"retriable-4xx\", \"refused-stream\"",
-        ),
-        (
-            "null for a nullable enum",
-            object(
-                "CircuitBreakerPolicy",
-                json!({ "targetRefs": [{ "name": "payments" }], "timeout": "1s", "mode": null }),
-            ),
-            "spec.mode: Unsupported value: \"null\": supported values: \"Default\", \"Override\"",
-        ),
-        (
-            "empty list",
-            object("RateLimitPolicy", json!({ "targetRefs": [{ "name": "checkout" }], "limits": [] })),
-            "spec.limits: Invalid value: 0: spec.limits in body should have at least 1 items",
-        ),
-        (
-            "too many items",
-            object(
-                "RateLimitPolicy",
-                json!({
-                    "targetRefs": [{ "name": "checkout" }],
-                    "limits": (0..33).map(|i| json!({ "name": format!("l{i}"), "rate": { "requests": 1, "per": "1s" } })).collect::<Vec<_>>(),
-                }),
-            ),
-            "spec.limits: Too many: 33: must have at most 32 items",
-        ),
-        (
-            "string too long",
-            object(
-                "RateLimitPolicy",
-                json!({ "targetRefs": [{ "name": "a".repeat(64) }], "limits": [per_minute(json!(1))] }),
-            ),
-            "spec.targetRefs[0].name: Too long: may not be longer than 63",
-        ),
-        (
-            "empty string",
-            rate_limit(json!({ "name": "", "rate": { "requests": 1, "per": "1s" } })),
-            "spec.limits[0].name: Invalid value: \"\": spec.limits[0].name in body should be at least 1 chars long",
-        ),
-        (
-            "name with capitals",
-            rate_limit(json!({ "name": "PerUser", "rate": { "requests": 1, "per": "1s" } })),
-            "spec.limits[0].name: Invalid value: \"PerUser\": spec.limits[0].name in body should match '^[a-z0-9]([-a-z0-9]*[a-z0-9])?$'",
-        ),
-        (
-            "bad value in a map",
-            lock_lease(json!({ "podSelector": { "matchLabels": { "app": 1 } } })),
-            "spec.podSelector.matchLabels.app: Invalid value: \"integer\": spec.podSelector.matchLabels.app in body must be of type string: \"integer\"",
-        ),
-        (
-            "no metadata.name",
-            with(lock_lease(json!({})), |o| o["metadata"] = json!({})),
-            "metadata.name: Required value",
-        ),
-        (
-            "metadata.name not a DNS subdomain",
-            with(lock_lease(json!({})), |o| o["metadata"]["name"] = json!("Nightly_Billing")),
-            "metadata.name: Invalid value: \"Nightly_Billing\": a lowercase RFC 1123 subdomain must consist of",
-        ),
-        (
-            "metadata.name too long",
-            with(lock_lease(json!({})), |o| o["metadata"]["name"] = json!("a".repeat(254))),
-            "must be no more than 253 characters",
-        ),
-        (
-            "metadata.namespace not a DNS label",
-            with(lock_lease(json!({})), |o| o["metadata"]["namespace"] = json!("team.billing")),
-            "metadata.namespace: Invalid value: \"team.billing\": a lowercase RFC 1123 label must consist of",
-        ),
-        (
-            "unknown field in status",
-            with(lock_lease(json!({})), |o| o["status"] = json!({ "owner": "me" })),
-            "status.owner: unknown field \"status.owner\"",
-        ),
-    ]
-}
 
 #[test]
 fn bad_objects_are_refused_with_the_api_servers_words() {
-    for (name, object, expected) in bad_objects() {
+    for (name, object, expected) in schema::cases() {
         let found = errors(&object);
         assert!(
             found.iter().any(|e| e.contains(expected)),
@@ -305,7 +96,7 @@ fn objects_the_crd_does_not_serve() {
     let wrong_kind = with(lock_lease(json!({})), |o| o["kind"] = json!("Lease"));
     let found: Vec<String> =
         breakwater_api::validate_object(crd, &wrong_kind).iter().map(ToString::to_string).collect();
-    assert_eq!(found, ["kind: Unsupported value: \"Lease\": supported values: \"LockLease\""]);
+    assert_eq!(found, ["kind: Invalid value: \"Lease\": must be LockLease"]);
 }
 
 #[test]

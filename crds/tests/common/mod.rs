@@ -1,13 +1,16 @@
-//! Helpers shared by the integration tests: objects to validate, their errors as text, the CEL
-//! rules of every CRD, and full examples of each kind.
+//! Helpers shared by the integration tests: the corpus of objects to validate (corpus.rs, which
+//! the operator's real-API-server tests include too), their errors as text, and the CEL rules of
+//! every CRD.
 
 // Each test crate uses a different subset of these helpers.
 #![allow(dead_code)]
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use serde_json::{Value, json};
+use serde_json::Value;
 
-pub const API_VERSION: &str = "breakwater.dev/v1alpha1";
+pub mod corpus;
+
+use corpus::API_VERSION;
 
 /// The CRD serving `kind`.
 pub fn crd(kind: &str) -> &'static CustomResourceDefinition {
@@ -25,24 +28,10 @@ pub fn schema(crd: &CustomResourceDefinition) -> Value {
     serde_json::to_value(schema).expect("a schema serializes to JSON")
 }
 
-/// A whole object of `kind` with this spec.
-pub fn object(kind: &str, spec: Value) -> Value {
-    json!({
-        "apiVersion": API_VERSION,
-        "kind": kind,
-        "metadata": { "name": "test", "namespace": "shop" },
-        "spec": spec,
-    })
-}
-
 /// What `validate_object` says about an object, one line per error.
 pub fn errors(object: &Value) -> Vec<String> {
     let kind = object["kind"].as_str().unwrap_or_default();
     breakwater_api::validate_object(crd(kind), object).iter().map(ToString::to_string).collect()
-}
-
-pub fn from_yaml(text: &str) -> Value {
-    serde_saphyr::from_str(text).unwrap_or_else(|err| panic!("test YAML does not parse: {err}\n{text}"))
 }
 
 /// One CEL rule of a CRD and where it sits.
@@ -86,153 +75,3 @@ pub fn rule_sites() -> Vec<RuleSite> {
     }
     sites
 }
-
-/// A rate-limit policy with a per-user limit, a per-client-address limit and an Envoy-local one.
-pub const RATE_LIMIT_POLICY: &str = r#"
-apiVersion: breakwater.dev/v1alpha1
-kind: RateLimitPolicy
-metadata:
-  name: checkout-per-user
-  namespace: shop
-spec:
-  targetRefs:
-    - name: checkout
-      sectionName: http
-  failureMode: Closed
-  limits:
-    - name: per-user
-      match:
-        pathPrefix: /api/
-        methods: [POST, PUT]
-      key:
-        - header: x-user-id
-      rate:
-        requests: 100
-        per: 1m
-      burst: 20
-      algorithm: TokenBucket
-      scope: Cluster
-    - name: per-client-address
-      key:
-        - remoteAddress: true
-        - path: true
-      rate: { requests: 1000, per: 1h }
-      algorithm: SlidingWindow
-    - name: free-tier
-      match:
-        headers:
-          - name: x-tenant-tier
-            value: free
-      key:
-        - value: free-tier
-      rate: { requests: 50, per: 1s }
-      scope: Pod
-      shadow: true
-"#;
-
-/// A root-namespace rate-limit policy that every namespace labelled tier=public gets on top.
-pub const ROOT_RATE_LIMIT_POLICY: &str = r#"
-apiVersion: breakwater.dev/v1alpha1
-kind: RateLimitPolicy
-metadata:
-  name: public-ceiling
-  namespace: breakwater-system
-spec:
-  namespaceSelector:
-    matchLabels: { tier: public }
-  serviceSelector:
-    matchExpressions:
-      - { key: app.kubernetes.io/component, operator: In, values: [api, gateway] }
-  mode: Override
-  limits:
-    - name: ceiling
-      rate: { requests: 10000, per: 1s }
-      algorithm: FixedWindow
-"#;
-
-/// A circuit-breaker policy with every section.
-pub const CIRCUIT_BREAKER_POLICY: &str = r#"
-apiVersion: breakwater.dev/v1alpha1
-kind: CircuitBreakerPolicy
-metadata:
-  name: payments
-  namespace: shop
-spec:
-  targetRefs:
-    - name: payments
-    - name: payments
-      sectionName: grpc
-  connectionLimits:
-    maxConnections: 100
-    maxPendingRequests: 50
-    maxRequests: 200
-    maxRetries: 3
-  outlierDetection:
-    consecutive5xx: 5
-    interval: 10s
-    baseEjectionTime: 30s
-    maxEjectionPercent: 50
-    failurePercentage: { threshold: 80, requestVolume: 20, minimumHosts: 3 }
-  retry:
-    attempts: 3
-    perTryTimeout: 500ms
-    retryOn: [5xx, gateway-error, reset, connect-failure]
-    backoff: { base: 25ms, max: 250ms }
-    budget: { percent: 20, minConcurrency: 3 }
-  timeout: 2s
-  breaker:
-    failureRateThreshold: 50
-    slowCall: { duration: 1s, rateThreshold: 80 }
-    slidingWindow: { type: Count, size: 100 }
-    minimumCalls: 20
-    openDuration: 30s
-    halfOpenCalls: 5
-"#;
-
-/// A mutex for a nightly job.
-pub const LOCK_LEASE: &str = r#"
-apiVersion: breakwater.dev/v1alpha1
-kind: LockLease
-metadata:
-  name: nightly-billing
-  namespace: billing
-spec:
-  ttl: 15s
-  holders: 1
-  podSelector:
-    matchLabels: { app: billing-cron }
-"#;
-
-/// An outbox relayed to NATS, with a dead-letter table.
-pub const OUTBOX_RELAY: &str = r#"
-apiVersion: breakwater.dev/v1alpha1
-kind: OutboxRelay
-metadata:
-  name: orders
-  namespace: orders
-spec:
-  source:
-    postgres:
-      connectionSecretRef: { name: orders-db, key: url }
-      table: public.outbox
-  sink:
-    nats:
-      url: nats://nats.messaging:4222
-      subject: "orders.{aggregateType}.{type}"
-  delivery:
-    batchSize: 200
-    pollInterval: 250ms
-    ordering: PerAggregate
-    maxAttempts: 10
-    deadLetterTable: public.outbox_dead
-    afterPublish: MarkPublished
-"#;
-
-/// Every full example, by name.
-pub const EXAMPLES: &[(&str, &str)] = &[
-    ("RateLimitPolicy with a per-user limit", RATE_LIMIT_POLICY),
-    ("root-namespace RateLimitPolicy", ROOT_RATE_LIMIT_POLICY),
-    ("CircuitBreakerPolicy with every section", CIRCUIT_BREAKER_POLICY),
-    ("LockLease", LOCK_LEASE),
-    ("OutboxRelay", OUTBOX_RELAY),
-];

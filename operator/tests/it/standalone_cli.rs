@@ -3,6 +3,12 @@
 
 use std::{path::Path, process::Command};
 
+/// The bad objects all tests share (kube::validation creates each on a real API server too).
+#[path = "../../../crds/tests/common/corpus.rs"]
+pub(crate) mod corpus;
+
+use corpus::cli::{self, GOOD_LIMITS};
+
 const BIN: &str = env!("CARGO_BIN_EXE_breakwater-operator");
 
 const SERVICE: &str = "apiVersion: v1
@@ -40,16 +46,10 @@ fn run(dir: &Path, args: &[&str]) -> Outcome {
     }
 }
 
+/// The Service `shop/api`, then a RateLimitPolicy on it with this spec.
 fn rate_limit(spec: &str) -> String {
-    format!(
-        "{SERVICE}apiVersion: breakwater.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: {{name: limits, namespace: shop}}\nspec:\n{spec}"
-    )
+    format!("{SERVICE}{}", cli::rate_limit(spec))
 }
-
-const GOOD_LIMITS: &str = "  targetRefs: [{kind: Service, name: api}]
-  limits:
-  - {name: per-user, key: [{header: x-user-id}], rate: {requests: 100, per: 1m}, burst: 20}
-";
 
 #[test]
 fn examples_are_all_accepted() {
@@ -91,85 +91,39 @@ fn missing_target_is_reported_but_accepted() {
     assert!(out.stdout.contains("Service shop/nope not found"), "{}", out.stdout);
 }
 
-/// Each bad input, the exit code, and what the message must name.
+/// Each bad input, the exit code, and what the message must name: the bad Breakwater objects
+/// of the shared corpus (exit 1, refused by the schema or by the operator), then files that do
+/// not hold a Breakwater object (exit 2).
 #[test]
 fn bad_inputs_are_refused_with_a_precise_message() {
-    let relay = |delivery: &str| {
-        format!(
-            "apiVersion: breakwater.dev/v1alpha1\nkind: OutboxRelay\nmetadata: {{name: orders, namespace: shop}}\nspec:\n  source: {{postgres: {{connectionSecretRef: {{name: db, key: url}}, table: outbox}}}}\n  sink: {{redisStream: {{stream: events}}}}\n  delivery: {delivery}\n"
-        )
-    };
-    let lease = |spec: &str| {
-        format!(
-            "apiVersion: breakwater.dev/v1alpha1\nkind: LockLease\nmetadata: {{name: l, namespace: shop}}\nspec: {spec}\n"
-        )
-    };
-    let cases: Vec<(&str, String, i32, Vec<&str>)> = vec![
+    let mut cases: Vec<(String, String, i32, Vec<&str>)> = cli::cases()
+        .into_iter()
+        .map(|case| {
+            let what = format!("{} (refused by {:?})", case.what, case.refused_by);
+            (what, format!("{SERVICE}{}", case.document), 1, case.needles)
+        })
+        .collect();
+    cases.extend([
         (
-            "negative rate",
-            rate_limit(&GOOD_LIMITS.replace("requests: 100", "requests: -5")),
-            1,
-            vec!["spec.limits[0].rate.requests", "greater than or equal to 1"],
-        ),
-        (
-            "unknown field",
-            rate_limit(&format!("{GOOD_LIMITS}  failureMood: Open\n")),
-            1,
-            vec!["unknown field", "spec.failureMood"],
-        ),
-        (
-            "duplicate limit names",
-            rate_limit(&format!("{GOOD_LIMITS}  - {{name: per-user, rate: {{requests: 1, per: 1s}}}}\n")),
-            1,
-            vec!["spec.limits", "limit names must be unique"],
-        ),
-        (
-            "bad duration",
-            rate_limit(&GOOD_LIMITS.replace("per: 1m", "per: 1 minute")),
-            1,
-            vec!["spec.limits[0].rate.per", "should match"],
-        ),
-        (
-            "zero holders",
-            lease("{ttl: 30s, holders: 0, podSelector: {}}"),
-            1,
-            vec!["spec.holders", "greater than or equal to 1"],
-        ),
-        (
-            "zero batch size",
-            relay("{batchSize: 0}"),
-            1,
-            vec!["spec.delivery.batchSize", "greater than or equal to 1"],
-        ),
-        (
-            "override outside the root namespace",
-            rate_limit(&GOOD_LIMITS.replace(
-                "targetRefs: [{kind: Service, name: api}]",
-                "namespaceSelector: {}\n  mode: Override",
-            )),
-            1,
-            vec!["RootNamespaceOnly"],
-        ),
-        (
-            "YAML syntax error",
+            "YAML syntax error".to_string(),
             format!("{SERVICE}apiVersion: v1\nkind: Namespace\nmetadata: {{name: [unclosed\n"),
             2,
             vec!["p.yaml:8", "YAML syntax error"],
         ),
         (
-            "not an object",
+            "not an object".to_string(),
             format!("{SERVICE}just: a map\n"),
             2,
             vec!["p.yaml:6", "apiVersion and kind must be set"],
         ),
         (
-            "unknown Breakwater kind",
+            "unknown Breakwater kind".to_string(),
             "apiVersion: breakwater.dev/v1alpha1\nkind: RateLimit\nmetadata: {name: x}\nspec: {}\n"
                 .to_string(),
             2,
             vec!["p.yaml:1", "no kind \"RateLimit\""],
         ),
-    ];
+    ]);
     for (what, text, code, needles) in cases {
         let out = standalone(&[("p.yaml", &text)], &[]);
         let all = format!("{}{}", out.stdout, out.stderr);
