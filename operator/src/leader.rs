@@ -43,18 +43,27 @@ pub struct LeaderElector {
     config: Config,
     /// The last Lease record seen, and when we first saw it in that state.
     observed: Option<(LeaseSpec, Instant)>,
+    /// When the last attempt that won or renewed the lease began.
+    renewed: Option<Instant>,
 }
 
 impl LeaderElector {
     pub fn new(api: Api<Lease>, config: Config) -> Self {
-        Self { api, config, observed: None }
+        Self { api, config, observed: None, renewed: None }
     }
 
     /// One attempt to acquire or renew: Ok(true) while we hold the lease.
     pub async fn try_acquire_or_renew(&mut self) -> Result<bool> {
-        let now = Instant::now();
+        // Our write, if it succeeds, lands after this: the lease we win is timed from here.
+        let started = Instant::now();
         let wall = MicroTime(jiff::Timestamp::now());
-        let Some(current) = self.api.get_opt(&self.config.lease_name).await? else {
+        let current = self.api.get_opt(&self.config.lease_name).await?;
+        // A record is first seen when the read *returns*, not when the attempt began: the
+        // read may reach the server late (slow network, busy server) and return a renewal
+        // written long after `started`; timing it from `started` would let us take over
+        // while the holder's lease still runs. (client-go times it after the read, too.)
+        let now = Instant::now();
+        let Some(current) = current else {
             let lease = Lease {
                 metadata: ObjectMeta { name: Some(self.config.lease_name.clone()), ..ObjectMeta::default() },
                 spec: Some(self.spec(Some(wall.clone()), wall, 0)),
@@ -62,6 +71,7 @@ impl LeaderElector {
             return match self.api.create(&PostParams::default(), &lease).await {
                 Ok(created) => {
                     self.observe(created.spec.unwrap_or_default(), now);
+                    self.renewed = Some(started);
                     Ok(true)
                 }
                 Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
@@ -90,6 +100,7 @@ impl LeaderElector {
         match self.api.replace(&self.config.lease_name, &PostParams::default(), &lease).await {
             Ok(updated) => {
                 self.observe(updated.spec.unwrap_or_default(), now);
+                self.renewed = Some(started);
                 Ok(true)
             }
             // Someone else wrote the Lease first (resourceVersion conflict).
@@ -113,16 +124,24 @@ impl LeaderElector {
     /// Renews the lease until a renewal fails for longer than the lease lasts; returns the
     /// error then. The caller must stop writing before the lease could pass to another.
     pub async fn hold(&mut self) -> Error {
-        let mut last_renewed = Instant::now();
+        // Step down one retry period before the lease could lapse, before another replica
+        // may take over; counted from the start of the last attempt that won or renewed the
+        // lease (its write landed after that, however late the answer came).
+        let holds_for = self.config.lease_duration.saturating_sub(self.config.retry_period);
         loop {
-            tokio::time::sleep(self.config.retry_period).await;
-            match self.try_acquire_or_renew().await {
-                Ok(true) => last_renewed = Instant::now(),
-                Ok(false) => return Error::LeaderElection("another replica took the lease".into()),
-                Err(err) => tracing::warn!(error = %err, "lease renewal failed"),
+            let step_down = *self.renewed.get_or_insert_with(Instant::now) + holds_for;
+            tokio::time::sleep_until(step_down.min(Instant::now() + self.config.retry_period)).await;
+            // Each attempt gets only until the step-down deadline. The client has no read
+            // timeout: against an API server that hangs (connection open, nothing answered)
+            // an unbounded renewal never returned, so hold() never reported the lost lease and
+            // this replica went on leading after its lease lapsed and another replica took it.
+            match tokio::time::timeout_at(step_down, self.try_acquire_or_renew()).await {
+                Ok(Ok(true)) => continue,
+                Ok(Ok(false)) => return Error::LeaderElection("another replica took the lease".into()),
+                Ok(Err(err)) => tracing::warn!(error = %err, "lease renewal failed"),
+                Err(_) => tracing::warn!("lease renewal did not finish before the step-down deadline"),
             }
-            // Step down one retry period early, before another replica may take over.
-            if last_renewed.elapsed() + self.config.retry_period >= self.config.lease_duration {
+            if Instant::now() >= step_down {
                 return Error::LeaderElection("could not renew the lease in time".into());
             }
         }
@@ -130,6 +149,15 @@ impl LeaderElector {
 
     /// Gives the lease up (on shutdown) so a standby takes over at once.
     pub async fn release(&mut self) -> Result<()> {
+        // Bounded like a renewal: a hung API server must not hold up shutdown; the lease then
+        // simply lapses.
+        let limit = self.config.retry_period;
+        tokio::time::timeout(limit, self.hand_back()).await.unwrap_or_else(|_| {
+            Err(Error::LeaderElection(format!("the API server did not answer within {limit:?}")))
+        })
+    }
+
+    async fn hand_back(&mut self) -> Result<()> {
         let Some(mut lease) = self.api.get_opt(&self.config.lease_name).await? else { return Ok(()) };
         let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
         if spec.holder_identity.as_deref() != Some(self.config.identity.as_str()) {

@@ -9,7 +9,6 @@ mod compile_golden;
 mod compile_props;
 mod compile_render_cli;
 mod kube;
-mod leader;
 mod lease_programmed;
 mod merge;
 mod programmed;

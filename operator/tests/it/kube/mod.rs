@@ -12,6 +12,7 @@
 mod apply;
 mod controller;
 mod crds;
+mod election;
 mod leader;
 mod lease_status;
 mod rbac;
