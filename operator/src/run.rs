@@ -40,8 +40,8 @@ pub struct Options {
 }
 
 /// Makes ring the process's TLS provider for kube's client (a no-op when one is set). rustls
-/// needs a process default when more than one provider is compiled in, as in a test build,
-/// where another dependency brings aws-lc-rs: without this, the first client panics.
+/// panics on the first client when more than one provider is compiled in and none was chosen,
+/// which any dependency can cause by enabling aws-lc-rs (a test dependency once did).
 pub fn install_tls_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
