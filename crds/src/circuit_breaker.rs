@@ -1,6 +1,6 @@
 //! `CircuitBreakerPolicy`: how callers of the targeted Services protect themselves —
 //! connection limits, outlier ejection, retries, timeouts, and a breaker shared by every
-//! caller pod.
+//! caller pod (the breaker is validated and merged, not enforced yet).
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::{CustomResource, KubeSchema};
@@ -64,7 +64,8 @@ pub struct CircuitBreakerPolicySpec {
     /// Deadline of a whole request, retries included.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<Duration>,
-    /// A CLOSED/OPEN/HALF_OPEN breaker whose state is shared by every caller pod.
+    /// A CLOSED/OPEN/HALF_OPEN breaker whose state is shared by every caller pod. Validated
+    /// and merged, but not enforced yet: the shared breaker is not built.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub breaker: Option<Breaker>,
 }

@@ -1,5 +1,6 @@
-//! `OutboxRelay`: publishes the rows of a transactional outbox table in PostgreSQL to a
-//! broker, at least once, in order per aggregate, with poison rows parked.
+//! `OutboxRelay`: declares the relay of a transactional outbox table in PostgreSQL to a
+//! broker, at least once, in order per aggregate, with poison rows parked. The operator
+//! validates it and resolves its Secret; the relay runtime is not built yet.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};
@@ -8,14 +9,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::common::{Duration, conditions_schema};
 
-/// Relays an outbox table (Debezium layout: id, aggregatetype, aggregateid, type, payload)
-/// to a Redis stream, a NATS subject or a webhook. One agent relays at a time.
+/// Declares the relay of an outbox table (Debezium layout: id, aggregatetype, aggregateid,
+/// type, payload) to a Redis stream, a NATS subject or a webhook. Validated, and its Secret
+/// resolved; nothing relays the rows yet.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "breakwater.dev",
     version = "v1alpha1",
     kind = "OutboxRelay",
-    doc = "Relays a transactional outbox table from PostgreSQL to a broker, at least once",
+    doc = "Declares the relay of a transactional outbox table from PostgreSQL to a broker (validated; the relay is not built yet)",
     namespaced,
     status = "OutboxRelayStatus",
     shortname = "outbox",
