@@ -184,36 +184,13 @@ async fn every_bad_object_is_refused_with_the_words_standalone_mode_uses() {
     );
 }
 
-/// `examples/*.yaml`, the Breakwater documents in it.
-fn repository_examples() -> Vec<(String, Value)> {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
-    let mut examples = Vec::new();
-    for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("cannot read {}: {e}", dir.display())) {
-        let path = entry.expect("a directory entry").path();
-        if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
-            continue;
-        }
-        let text = std::fs::read_to_string(&path).expect("the example is readable");
-        let documents: Vec<Value> = serde_saphyr::from_multiple(&text)
-            .unwrap_or_else(|err| panic!("{} does not parse: {err}", path.display()));
-        for document in documents {
-            if document["apiVersion"].as_str().is_some_and(|v| v.starts_with("breakwater.dev/")) {
-                let name = format!("{} {}", path.display(), document["metadata"]["name"]);
-                examples.push((name, document));
-            }
-        }
-    }
-    assert!(!examples.is_empty(), "{} holds no Breakwater object", dir.display());
-    examples
-}
-
 #[tokio::test]
 async fn good_objects_are_accepted_by_both() {
     let client = admin().await;
     let ns = namespace("validation-good", &[]);
     let corpus_examples =
         corpus::EXAMPLES.iter().map(|(name, yaml)| (format!("corpus: {name}"), corpus::from_yaml(yaml)));
-    let good: Vec<(String, Value)> = repository_examples()
+    let good: Vec<(String, Value)> = corpus::repository_examples()
         .into_iter()
         .chain(corpus_examples)
         .chain(corpus::rule_good_objects())
