@@ -3,6 +3,8 @@
 
 use std::{fmt, time::Duration as StdDuration};
 
+pub use crate::duration::InvalidDuration;
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Serialize};
@@ -12,12 +14,12 @@ pub const GROUP: &str = "breakwater.dev";
 /// The API version of every Breakwater resource.
 pub const VERSION: &str = "v1alpha1";
 
-/// The pattern every duration field must match: whole numbers of h, m, s or ms, largest first
-/// by convention (`30s`, `500ms`, `1m30s`). A subset of Go durations, so CEL's `duration()`
-/// reads every accepted value.
-pub const DURATION_PATTERN: &str = "^([0-9]{1,6}(h|m|s|ms))+$";
+/// The pattern every duration field must match: Breakwater's one duration grammar
+/// ([`crate::duration`]).
+pub const DURATION_PATTERN: &str = crate::duration::PATTERN;
 
-/// A length of time written as in Kubernetes and Envoy configuration: `30s`, `500ms`, `1m30s`.
+/// A length of time in a resource, in Breakwater's duration grammar ([`crate::duration`]):
+/// `30s`, `500ms`, `1m30s`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Duration(String);
@@ -35,7 +37,7 @@ impl Duration {
 
     /// Parses the string into a [`std::time::Duration`].
     pub fn to_std(&self) -> Result<StdDuration, InvalidDuration> {
-        parse_duration(&self.0).ok_or_else(|| InvalidDuration(self.0.clone()))
+        crate::duration::parse(&self.0)
     }
 }
 
@@ -61,41 +63,6 @@ impl JsonSchema for Duration {
     fn inline_schema() -> bool {
         true
     }
-}
-
-/// A duration string that does not match [`DURATION_PATTERN`].
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0:?} is not a duration: use whole numbers of h, m, s or ms, such as 30s, 500ms or 1m30s")]
-pub struct InvalidDuration(pub String);
-
-fn parse_duration(text: &str) -> Option<StdDuration> {
-    if text.is_empty() {
-        return None;
-    }
-    let mut total = StdDuration::ZERO;
-    let mut rest = text;
-    while !rest.is_empty() {
-        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
-        if digits == 0 || digits > 6 {
-            return None;
-        }
-        let value: u64 = rest[..digits].parse().ok()?;
-        rest = &rest[digits..];
-        let (unit, len) = if rest.starts_with("ms") {
-            (StdDuration::from_millis(1), 2)
-        } else if rest.starts_with('h') {
-            (StdDuration::from_secs(3600), 1)
-        } else if rest.starts_with('m') {
-            (StdDuration::from_secs(60), 1)
-        } else if rest.starts_with('s') {
-            (StdDuration::from_secs(1), 1)
-        } else {
-            return None;
-        };
-        rest = &rest[len..];
-        total = total.checked_add(unit.checked_mul(u32::try_from(value).ok()?)?)?;
-    }
-    Some(total)
 }
 
 /// The only kind a policy can target today.
@@ -177,38 +144,4 @@ pub mod condition_type {
     pub const RESOLVED_REFS: &str = "ResolvedRefs";
     /// The data plane acknowledged the configuration that carries this resource.
     pub const PROGRAMMED: &str = "Programmed";
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations_parse() {
-        let cases = [
-            ("30s", Some(30_000)),
-            ("500ms", Some(500)),
-            ("1m30s", Some(90_000)),
-            ("2h", Some(7_200_000)),
-            ("0s", Some(0)),
-            ("", None),
-            ("10", None),
-            ("1.5s", None),
-            ("-1s", None),
-            ("5d", None),
-            ("1234567s", None),
-        ];
-        for (text, millis) in cases {
-            let parsed = Duration::new(text).to_std().ok().map(|d| d.as_millis());
-            assert_eq!(parsed, millis, "{text:?}");
-        }
-    }
-
-    #[test]
-    fn duration_pattern_agrees_with_parser() {
-        let pattern = regex::Regex::new(DURATION_PATTERN).expect("pattern compiles");
-        for text in ["30s", "500ms", "1m30s", "10", "1.5s", "5d", "", "ms", "1s1"] {
-            assert_eq!(pattern.is_match(text), Duration::new(text).to_std().is_ok(), "{text:?}");
-        }
-    }
 }

@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod circuit_breaker;
 pub mod common;
+pub mod duration;
 pub mod lock_lease;
 pub mod outbox_relay;
 pub mod rate_limit;

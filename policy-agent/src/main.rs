@@ -94,19 +94,9 @@ struct Cli {
     log_format: String,
 }
 
-/// `250us`, `5ms`, `2s`, `1m`.
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let split =
-        s.find(|c: char| !c.is_ascii_digit()).ok_or_else(|| format!("{s:?} has no unit (us, ms, s, m)"))?;
-    let (number, unit) = s.split_at(split);
-    let n: u64 = number.parse().map_err(|_| format!("{s:?} does not start with a number"))?;
-    match unit {
-        "us" => Ok(Duration::from_micros(n)),
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("{s:?}: unknown unit {unit:?} (us, ms, s, m)")),
-    }
+/// A flag's duration, in the grammar of [`breakwater_api::duration`].
+fn parse_duration(text: &str) -> Result<Duration, breakwater_api::duration::InvalidDuration> {
+    breakwater_api::duration::parse(text)
 }
 
 fn init_logging(cli: &Cli) {
@@ -310,8 +300,11 @@ mod tests {
     #[test]
     fn durations() {
         assert_eq!(parse_duration("5ms"), Ok(Duration::from_millis(5)));
-        assert_eq!(parse_duration("250us"), Ok(Duration::from_micros(250)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
         assert!(parse_duration("5").is_err());
-        assert!(parse_duration("5h").is_err());
+        let error = Cli::try_parse_from(["breakwater-agent", "--config", "a.yaml", "--deadline", "250us"])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("is not a duration"), "{error}");
     }
 }

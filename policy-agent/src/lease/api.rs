@@ -8,8 +8,8 @@
 //! | `GET /v1/leases/{name}` | 200, the current grants |
 //! | `GET /v1/leases/{name}/leader` | 200, whether this pod leads (`--leader`) |
 //!
-//! Times are RFC 3339 from the store's clock (Redis `TIME`); durations are written like
-//! `250ms`, `5s`, `1m 30s` (ISO 8601 `PT5S` is accepted too). Every error is
+//! Times are RFC 3339 from the store's clock (Redis `TIME`); durations are read and written
+//! in Breakwater's one grammar ([`breakwater_api::duration`]: `250ms`, `5s`, `1m30s`). Every error is
 //! `{"reason", "message"}`: `UnknownLease` 404, `Held` 423 with `Retry-After`, `NotHolder`
 //! 409, `StoreUnavailable` 503, `StoreError` 500, `BadRequest` 400 (also `NotCampaigning`
 //! 404, `NotFound` 404, `MethodNotAllowed` 405, `ShuttingDown` 503 for a wait cut short by
@@ -26,6 +26,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use breakwater_api::duration;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -160,21 +161,6 @@ pub fn rfc3339(us: i64) -> String {
     }
 }
 
-/// `30s`, `1m 30s`, `250ms`.
-pub fn format_duration(d: Duration) -> String {
-    match jiff::SignedDuration::try_from(d) {
-        Ok(d) => format!("{d:#}"),
-        Err(_) => format!("{}s", d.as_secs()),
-    }
-}
-
-/// A duration as a client writes it: `250ms`, `5s`, `1m 30s`, or ISO 8601 `PT5S`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let signed: jiff::SignedDuration =
-        text.parse().map_err(|e| format!("{text:?} is not a duration like \"5s\" or \"250ms\": {e}"))?;
-    Duration::try_from(signed).map_err(|_| format!("{text:?} is negative"))
-}
-
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct AcquireRequest {
@@ -216,7 +202,7 @@ impl GrantBody {
             acquired_at: rfc3339(grant.acquired_at_us),
             renewed_at: rfc3339(grant.renewed_at_us),
             expires_at: rfc3339(grant.expires_at_us),
-            ttl: format_duration(ttl),
+            ttl: duration::format(ttl),
         }
     }
 }
@@ -334,13 +320,13 @@ async fn acquire<S: LeaseStore>(
     let request: AcquireRequest = parse_body(body, Some(AcquireRequest::default()))?;
     let wait = match request.wait.as_deref() {
         None => Duration::ZERO,
-        Some(text) => parse_duration(text).map_err(|e| ApiError::bad_request(format!("wait: {e}")))?,
+        Some(text) => duration::parse(text).map_err(|e| ApiError::bad_request(format!("wait: {e}")))?,
     };
     if wait > MAX_WAIT {
         return Err(ApiError::bad_request(format!(
             "wait: {} is longer than the longest wait, {}",
-            format_duration(wait),
-            format_duration(MAX_WAIT)
+            duration::format(wait),
+            duration::format(MAX_WAIT)
         )));
     }
     let grant = tokio::select! {
@@ -390,7 +376,7 @@ async fn state<S: LeaseStore>(
     let state: LeaseState = api.manager.state(&name).await.map_err(lease_error)?;
     Ok(Json(StateBody {
         holders: rule.holders,
-        ttl: format_duration(Duration::from_millis(rule.ttl_ms)),
+        ttl: duration::format(Duration::from_millis(rule.ttl_ms)),
         now: rfc3339(state.now_us),
         fencing_token: state.last_token,
         grants: state.grants.iter().map(|g| GrantBody::new(&name, g)).collect(),
@@ -465,16 +451,7 @@ mod tests {
     }
 
     #[test]
-    fn durations_and_times_read_and_write_like_people_do() {
-        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("1m 30s"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse_duration("PT2S"), Ok(Duration::from_secs(2)));
-        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
-        assert!(parse_duration("-1s").unwrap_err().contains("negative"));
-        assert!(parse_duration("5").unwrap_err().starts_with("\"5\" is not a duration"));
-        assert_eq!(format_duration(Duration::from_secs(30)), "30s");
-        assert_eq!(format_duration(Duration::from_millis(1500)), "1s 500ms");
+    fn times_are_rfc3339() {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(1_000_001), "1970-01-01T00:00:01.000001Z");
     }
