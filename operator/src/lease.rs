@@ -1,13 +1,15 @@
-//! The operator's view of the leases in Redis. It reads a lease through the agent's own
-//! store code (`breakwater_agent::lease`, the one reader and writer of lease keys, so the
-//! two can never disagree on the layout), and follows the events agents publish on every
-//! grant and release to know which LockLease to reconcile.
+//! The operator's view of the leases in Redis. It reads a lease through the store code the
+//! agents grant it with (`breakwater_store::lease`, the one reader and writer of lease keys,
+//! so the two can never disagree on the layout; the operator links that crate, not the
+//! agent), and follows the events agents publish on every grant and release to know which
+//! LockLease to reconcile.
 
 use std::{fmt::Debug, future::Future, sync::Arc, time::Duration};
 
-use breakwater_agent::{
-    lease::{LeaseError, LeaseState, LeaseStore, events, redis::RedisLeases},
-    store::{RedisSettings, RedisStore, RedisTopology, StoreError},
+pub use breakwater_store::Error as StoreError;
+use breakwater_store::{
+    RedisConnection, RedisSettings, RedisTopology,
+    lease::{LeaseState, LeaseStore, RedisLeases, events},
 };
 use futures::{Stream, StreamExt, future::BoxFuture};
 use tokio::sync::mpsc;
@@ -24,11 +26,11 @@ const READ_DEADLINE: Duration = Duration::from_secs(2);
 /// a cluster, memory in tests) behind one type.
 pub trait LeaseReader: Send + Sync + Debug {
     /// The grants of the lease with id `<namespace>/<name>`.
-    fn state<'a>(&'a self, lease: &'a str) -> BoxFuture<'a, Result<LeaseState, LeaseError>>;
+    fn state<'a>(&'a self, lease: &'a str) -> BoxFuture<'a, Result<LeaseState, StoreError>>;
 }
 
 impl<S: LeaseStore + Debug> LeaseReader for S {
-    fn state<'a>(&'a self, lease: &'a str) -> BoxFuture<'a, Result<LeaseState, LeaseError>> {
+    fn state<'a>(&'a self, lease: &'a str) -> BoxFuture<'a, Result<LeaseState, StoreError>> {
         Box::pin(LeaseStore::state(self, lease))
     }
 }
@@ -42,22 +44,11 @@ pub struct RedisOptions {
     pub key_prefix: String,
 }
 
-impl RedisOptions {
-    /// Where to subscribe to the lease events: the server, or the first Cluster seed (a
-    /// Cluster delivers a PUBLISH to the subscribers of every node).
-    fn events_url(&self) -> Option<&str> {
-        match &self.topology {
-            RedisTopology::Standalone(url) => Some(url),
-            RedisTopology::Cluster(seeds) => seeds.first().map(String::as_str),
-        }
-    }
-}
-
 /// A reader of the leases in Redis. Succeeds while Redis is down (reads then fail, and the
 /// status says so, until it is back); fails only on a URL that can never work.
 pub async fn connect(options: &RedisOptions) -> Result<Arc<dyn LeaseReader>, StoreError> {
-    let store = RedisStore::start(RedisSettings::new(options.topology.clone())).await?;
-    Ok(Arc::new(RedisLeases::new(store, options.key_prefix.clone(), READ_DEADLINE)))
+    let connection = RedisConnection::start(RedisSettings::new(options.topology.clone())).await?;
+    Ok(Arc::new(RedisLeases::new(connection, options.key_prefix.clone(), READ_DEADLINE)))
 }
 
 /// What the agents' events ask the controller to reconcile.
@@ -85,14 +76,11 @@ impl Default for Backoff {
 
 /// Follows the lease events of the agents using `options` until `stop` is cancelled.
 pub fn follow_redis(options: &RedisOptions, backoff: Backoff, stop: CancellationToken) -> Triggers {
-    let (url, prefix) = (options.events_url().map(str::to_string), options.key_prefix.clone());
+    let (topology, prefix) = (options.topology.clone(), options.key_prefix.clone());
     let subscribe = move || {
-        let (url, prefix) = (url.clone(), prefix.clone());
-        // Boxed here: the stream is 'static, but its opaque type names the borrowed strings.
-        async move {
-            let url = url.ok_or_else(|| StoreError::permanent("no Redis Cluster seed to subscribe on"))?;
-            events::subscribe(&url, &prefix).await.map(StreamExt::boxed)
-        }
+        let (topology, prefix) = (topology.clone(), prefix.clone());
+        // Boxed here: the stream is 'static, but its opaque type names the borrowed values.
+        async move { events::subscribe(&topology, &prefix).await.map(StreamExt::boxed) }
     };
     follow(subscribe, backoff, stop)
 }
@@ -167,7 +155,7 @@ mod tests {
     /// A scripted subscription: each attempt takes the next outcome (ids then the end, or
     /// an error); after the script, subscriptions stay open without events.
     fn scripted(
-        script: Vec<Result<Vec<&'static str>, &'static str>>,
+        script: Vec<Result<Vec<&'static str>, ()>>,
         attempts: Arc<Mutex<Vec<Instant>>>,
     ) -> impl FnMut() -> BoxFuture<'static, Result<futures::stream::BoxStream<'static, String>, StoreError>>
     + Send
@@ -179,7 +167,7 @@ mod tests {
             Box::pin(async move {
                 match next {
                     Some(Ok(ids)) => Ok(futures::stream::iter(ids.into_iter().map(String::from)).boxed()),
-                    Some(Err(message)) => Err(StoreError::transient(message)),
+                    Some(Err(())) => Err(StoreError::NotConnected),
                     None => Ok(futures::stream::pending().boxed()),
                 }
             })
@@ -189,8 +177,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn events_are_forwarded_and_every_resubscription_asks_for_a_resync() {
         let attempts = Arc::new(Mutex::new(Vec::new()));
-        let script =
-            vec![Err("refused"), Ok(vec!["a/x", "b/y"]), Err("refused"), Err("refused"), Ok(vec!["c/z"])];
+        let script = vec![Err(()), Ok(vec!["a/x", "b/y"]), Err(()), Err(()), Ok(vec!["c/z"])];
         let backoff = Backoff { initial: Duration::from_millis(100), max: Duration::from_millis(250) };
         let stop = CancellationToken::new();
         let start = Instant::now();

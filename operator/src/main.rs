@@ -2,8 +2,8 @@
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
-use breakwater_agent::store::RedisTopology;
 use breakwater_operator::{run, standalone, telemetry};
+use breakwater_store::RedisTopology;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]

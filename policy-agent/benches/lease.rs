@@ -5,7 +5,7 @@
 //! this measures the cost of a grant, not waiting for one):
 //!
 //! - lease: `LeaseManager::acquire` + `release` over `RedisLeases` in this process — two
-//!   `EVALSHA`s of the lease scripts per pair, on the `RedisStore`'s multiplexed connection;
+//!   `EVALSHA`s of the lease scripts per pair, on the `RedisConnection`'s multiplexed connection;
 //! - raw: `SET key val NX PX ttl` + `DEL key` on a `redis::aio::MultiplexedConnection` (the
 //!   connection type the store uses) — a lock with no fencing token, no semaphore, no
 //!   owner check on release.
@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use breakwater_agent::lease::{LeaseManager, RedisLeases};
 use breakwater_agent::metrics::Metrics;
-use breakwater_agent::store::{CounterStore, RedisSettings, RedisStore, RedisTopology};
+use breakwater_agent::store::{RedisConnection, RedisSettings, RedisTopology};
 use breakwater_api::agent::LeaseRule;
 use breakwater_harness::RedisServer;
 use redis::aio::MultiplexedConnection;
@@ -105,7 +105,7 @@ async fn bench() -> BenchResult<()> {
     let slice_len = Duration::from_secs_f64(seconds);
     let server = RedisServer::start();
 
-    let store = RedisStore::start(RedisSettings::new(RedisTopology::Standalone(server.url()))).await?;
+    let store = RedisConnection::start(RedisSettings::new(RedisTopology::Standalone(server.url()))).await?;
     if !store.is_up() {
         return Err("cannot connect to the benchmark redis-server".into());
     }

@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use breakwater_agent::algorithm::Limit;
-use breakwater_agent::store::RedisStore;
+use breakwater_agent::store::redis::script_sha;
 use breakwater_api::agent::{DOMAIN, LIMIT_KEY, RateLimitRule};
 use breakwater_api::rate_limit::{Algorithm, FailureMode};
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
@@ -369,7 +369,7 @@ async fn run() -> BenchResult<()> {
     }
 
     let limit = Limit::from_rule(&throughput_rule())?;
-    let sha = RedisStore::script_sha(&limit);
+    let sha = script_sha(&limit);
     let loaded = redis_cli(redis_port, &["script", "load", breakwater_agent::algorithm::TOKEN_BUCKET_LUA]);
     if loaded.trim() != sha {
         return Err(format!("SCRIPT LOAD returned {loaded:?}, expected {sha}").into());

@@ -21,6 +21,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::config::RuleSet;
 use crate::metrics::Metrics;
+use crate::{Error, Result};
 
 /// `google.rpc.Code.INVALID_ARGUMENT`, the code of a NACK.
 const INVALID_ARGUMENT: i32 = 3;
@@ -35,27 +36,38 @@ pub struct AdsSettings {
     pub backoff: (Duration, Duration),
 }
 
-/// What the agent applies is what it ACKs: the check [`crate::config::follow`] runs.
-pub fn applicable(config: &AgentConfig) -> Result<(), String> {
-    RuleSet::compile(config, &Metrics::default()).map(|_| ()).map_err(|e| e.to_string())
+impl AdsSettings {
+    /// Subscribes as `node_id`, reopening the stream after 100 ms, doubling up to 10 s.
+    pub fn new(endpoint: impl Into<String>, node_id: impl Into<String>) -> Self {
+        AdsSettings {
+            endpoint: endpoint.into(),
+            node_id: node_id.into(),
+            backoff: (Duration::from_millis(100), Duration::from_secs(10)),
+        }
+    }
 }
 
-/// What one response means for the agent: the configuration to apply and ACK, or the
-/// reason to NACK it (`check` is [`applicable`] outside unit tests).
+/// What the agent applies is what it ACKs: the check [`crate::config::follow`] runs.
+pub fn applicable(config: &AgentConfig) -> Result<()> {
+    RuleSet::compile(config, &Metrics::default()).map(|_| ())
+}
+
+/// What one response means for the agent: the configuration to apply and ACK, or why to
+/// NACK it — the error's message is the NACK's (`check` is [`applicable`] outside unit
+/// tests).
 pub fn decode(
     response: &DiscoveryResponse,
-    check: &dyn Fn(&AgentConfig) -> Result<(), String>,
-) -> Result<AgentConfig, String> {
+    check: &dyn Fn(&AgentConfig) -> Result<()>,
+) -> Result<AgentConfig> {
     if response.type_url != TYPE_URL {
-        return Err(format!("unexpected type {:?}", response.type_url));
+        return Err(Error::XdsType { got: response.type_url.clone() });
     }
     let config = match response.resources.as_slice() {
         // The operator always sends the resource; none means "nothing for this pod".
         [] => AgentConfig::default(),
-        [any] if any.type_url == TYPE_URL => serde_json::from_slice(&any.value)
-            .map_err(|e| format!("agent configuration is not valid JSON for this agent: {e}"))?,
-        [any] => return Err(format!("resource has type {:?}, expected {TYPE_URL:?}", any.type_url)),
-        more => return Err(format!("{} resources, expected one agent configuration", more.len())),
+        [any] if any.type_url == TYPE_URL => serde_json::from_slice(&any.value).map_err(Error::XdsDecode)?,
+        [any] => return Err(Error::XdsType { got: any.type_url.clone() }),
+        more => return Err(Error::XdsResources(more.len())),
     };
     check(&config)?;
     Ok(config)
@@ -98,10 +110,10 @@ async fn subscribe(
     settings: &AdsSettings,
     configs: &watch::Sender<Option<AgentConfig>>,
     accepted_version: &mut String,
-) -> Result<(), String> {
+) -> Result<()> {
     let mut client = AggregatedDiscoveryServiceClient::connect(settings.endpoint.clone())
         .await
-        .map_err(|e| format!("connect {}: {e}", settings.endpoint))?;
+        .map_err(|source| Error::XdsConnect { endpoint: settings.endpoint.clone(), source })?;
     let (requests, outbound) = mpsc::channel(4);
     let request = |version: &str, nonce: &str, error: Option<String>| DiscoveryRequest {
         version_info: version.to_string(),
@@ -116,14 +128,14 @@ async fn subscribe(
     let mut responses = client
         .stream_aggregated_resources(ReceiverStream::new(outbound))
         .await
-        .map_err(|status| format!("open stream: {}", status.message()))?
+        .map_err(Error::XdsStream)?
         .into_inner();
     tracing::info!(
         endpoint = settings.endpoint,
         node = settings.node_id,
         "subscribed to the agent configuration"
     );
-    while let Some(response) = responses.message().await.map_err(|status| status.message().to_string())? {
+    while let Some(response) = responses.message().await.map_err(Error::XdsStream)? {
         let reply = match decode(&response, &applicable) {
             Ok(config) => {
                 *accepted_version = response.version_info.clone();
@@ -132,7 +144,7 @@ async fn subscribe(
             }
             Err(reason) => {
                 tracing::error!(version = response.version_info, %reason, "agent configuration rejected (NACK)");
-                request(accepted_version, &response.nonce, Some(reason))
+                request(accepted_version, &response.nonce, Some(reason.to_string()))
             }
         };
         if requests.send(reply).await.is_err() {
@@ -155,7 +167,7 @@ mod tests {
         Any { type_url: TYPE_URL.into(), value: value.as_bytes().to_vec() }
     }
 
-    fn accept(_: &AgentConfig) -> Result<(), String> {
+    fn accept(_: &AgentConfig) -> Result<()> {
         Ok(())
     }
 
@@ -168,13 +180,16 @@ mod tests {
 
     #[test]
     fn refuses_what_it_cannot_apply() {
-        let error = decode(&response(vec![any("{not json")]), &accept).unwrap_err();
+        let error = decode(&response(vec![any("{not json")]), &accept).unwrap_err().to_string();
         assert!(error.starts_with("agent configuration is not valid JSON"), "{error}");
-        let two = decode(&response(vec![any("{}"), any("{}")]), &accept).unwrap_err();
+        let two = decode(&response(vec![any("{}"), any("{}")]), &accept).unwrap_err().to_string();
         assert_eq!(two, "2 resources, expected one agent configuration");
-        let refused = decode(&response(vec![any("{}")]), &|_| Err("no".to_string())).unwrap_err();
-        assert_eq!(refused, "no");
+        let refused = decode(&response(vec![any("{}")]), &|_| Err(Error::EmptyRuleId)).unwrap_err();
+        assert!(matches!(refused, Error::EmptyRuleId));
         let wrong = DiscoveryResponse { type_url: "x".into(), ..DiscoveryResponse::default() };
-        assert_eq!(decode(&wrong, &accept).unwrap_err(), "unexpected type \"x\"");
+        assert_eq!(
+            decode(&wrong, &accept).unwrap_err().to_string(),
+            format!("unexpected type \"x\", expected {TYPE_URL:?}")
+        );
     }
 }

@@ -33,22 +33,15 @@ pub enum Limit {
     FixedWindow { window_us: i64, limit: i64 },
 }
 
-/// Why a rule cannot be enforced.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum LimitError {
-    #[error("requests must be at least 1")]
-    NoRequests,
-    #[error("periodMs must be at least 1")]
-    NoPeriod,
-}
-
 impl Limit {
-    pub fn from_rule(rule: &RateLimitRule) -> Result<Self, LimitError> {
+    /// The numbers of `rule`, or why it cannot be enforced (`config` names the rule in the
+    /// [`crate::Error::InvalidRule`] it refuses the configuration with).
+    pub fn from_rule(rule: &RateLimitRule) -> Result<Self, &'static str> {
         if rule.requests == 0 {
-            return Err(LimitError::NoRequests);
+            return Err("requests must be at least 1");
         }
         if rule.period_ms == 0 {
-            return Err(LimitError::NoPeriod);
+            return Err("periodMs must be at least 1");
         }
         let period_us = i64::try_from(rule.period_ms.saturating_mul(1000)).unwrap_or(i64::MAX);
         let requests = i64::from(rule.requests);

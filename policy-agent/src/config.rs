@@ -11,9 +11,9 @@
 //! validated with the rules (a bad lease refuses the whole configuration, like a bad rate
 //! limit) and handed to the lease manager on every swap.
 //!
-//! A [`ConfigSource`] feeds the holder: a file (YAML or JSON, re-read when it changes —
-//! standalone use, tests, and a ConfigMap) or a watch channel (what the ADS subscription
-//! will publish into).
+//! A [`ConfigSource`] feeds the holder: the operator's xDS server (what a pod's agent uses:
+//! [`crate::ads`] subscribes and publishes what it ACKs), a file (YAML or JSON, re-read when
+//! it changes — standalone use, tests, and a ConfigMap) or a watch channel (tests).
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -25,8 +25,10 @@ use breakwater_api::agent::{AgentConfig, LeaseRule, RateLimitRule};
 use breakwater_api::rate_limit::FailureMode;
 use tokio::sync::watch;
 
+use crate::ads::AdsSettings;
 use crate::algorithm::Limit;
 use crate::metrics::{Metrics, RuleCounters};
+use crate::{Error, Result};
 
 /// One rule, ready to enforce.
 #[derive(Debug)]
@@ -49,35 +51,19 @@ pub struct RuleSet {
     pub generation: u64,
 }
 
-/// Why a configuration was refused. The previous configuration stays in force.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("cannot parse {path}: {message}")]
-    Parse { path: PathBuf, message: String },
-    #[error("rate limit {id:?}: {source}")]
-    Rule { id: String, source: crate::algorithm::LimitError },
-    #[error("rate limit id {0:?} appears twice")]
-    Duplicate(String),
-    #[error("a rate limit has an empty id")]
-    EmptyId,
-    #[error("lease {name:?} (id {id:?}): {problem}")]
-    Lease { id: String, name: String, problem: String },
-}
-
 /// The longest lease TTL the agent accepts (the CRD allows 1 h): keeps every expiry a
 /// small number of microseconds and a stuck holder's lease bounded.
 pub const MAX_LEASE_TTL_MS: u64 = 24 * 3600 * 1000;
 
-/// Checks the leases of one configuration: ids and names present and unique, names usable
+/// Checks the leases of one configuration (a refusal is [`Error::InvalidLease`]; the
+/// previous configuration stays in force): ids and names present and unique, names usable
 /// in a URL path and as a file name (the leader file), a TTL, at least one holder.
-pub fn validate_leases(leases: &[LeaseRule]) -> Result<(), ConfigError> {
+pub fn validate_leases(leases: &[LeaseRule]) -> Result<()> {
     let mut ids = HashSet::with_capacity(leases.len());
     let mut names = HashSet::with_capacity(leases.len());
     for lease in leases {
         let refuse =
-            |problem: String| ConfigError::Lease { id: lease.id.clone(), name: lease.name.clone(), problem };
+            |problem: String| Error::InvalidLease { id: lease.id.clone(), name: lease.name.clone(), problem };
         if lease.id.is_empty() {
             return Err(refuse("empty id".into()));
         }
@@ -124,18 +110,19 @@ pub fn check_lease_name(name: &str) -> Result<(), String> {
 }
 
 impl RuleSet {
-    pub fn compile(config: &AgentConfig, metrics: &Metrics) -> Result<Self, ConfigError> {
+    /// Validates `config`; a refusal names the first rule or lease at fault.
+    pub fn compile(config: &AgentConfig, metrics: &Metrics) -> Result<Self> {
         let mut rules = HashMap::with_capacity(config.rate_limits.len());
         for rule in &config.rate_limits {
             if rule.id.is_empty() {
-                return Err(ConfigError::EmptyId);
+                return Err(Error::EmptyRuleId);
             }
-            let limit =
-                Limit::from_rule(rule).map_err(|source| ConfigError::Rule { id: rule.id.clone(), source })?;
+            let limit = Limit::from_rule(rule)
+                .map_err(|problem| Error::InvalidRule { id: rule.id.clone(), problem })?;
             let compiled =
                 CompiledRule { rule: rule.clone(), limit, counters: metrics.rule_counters(&rule.id) };
             if rules.insert(rule.id.clone(), Arc::new(compiled)).is_some() {
-                return Err(ConfigError::Duplicate(rule.id.clone()));
+                return Err(Error::DuplicateRule(rule.id.clone()));
             }
         }
         validate_leases(&config.leases)?;
@@ -168,6 +155,9 @@ impl RuleHolder {
 /// Where the configuration comes from.
 #[derive(Debug)]
 pub enum ConfigSource {
+    /// The operator's xDS server (`http://HOST:PORT`): the agent subscribes to its own
+    /// configuration there with the pod's id as node id, as the pod's Envoy does.
+    Xds { endpoint: String },
     /// A YAML or JSON file holding an [`AgentConfig`], checked for changes every `poll`
     /// (by modification time, size and content, so ConfigMap symlink swaps are seen).
     File { path: PathBuf, poll: Duration },
@@ -176,19 +166,19 @@ pub enum ConfigSource {
 }
 
 /// Parses a configuration file: JSON when it looks like JSON, YAML otherwise.
-pub fn parse_file(path: &Path, text: &str) -> Result<AgentConfig, ConfigError> {
-    let parse_error = |message: String| ConfigError::Parse { path: path.to_path_buf(), message };
+pub fn parse_file(path: &Path, text: &str) -> Result<AgentConfig> {
+    let path = path.to_path_buf();
     let is_json = path.extension().is_some_and(|e| e == "json") || text.trim_start().starts_with('{');
     if is_json {
-        serde_json::from_str(text).map_err(|e| parse_error(e.to_string()))
+        serde_json::from_str(text).map_err(|source| Error::ParseJson { path, source })
     } else {
-        serde_saphyr::from_str(text).map_err(|e| parse_error(e.to_string()))
+        serde_saphyr::from_str(text).map_err(|source| Error::ParseYaml { path, source: Box::new(source) })
     }
 }
 
-pub fn read_file(path: &Path) -> Result<(AgentConfig, String), ConfigError> {
+pub fn read_file(path: &Path) -> Result<(AgentConfig, String)> {
     let text = std::fs::read_to_string(path)
-        .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        .map_err(|source| Error::ReadConfig { path: path.to_path_buf(), source })?;
     Ok((parse_file(path, &text)?, text))
 }
 
@@ -202,7 +192,7 @@ pub fn apply(
     metrics: &Metrics,
     config: &AgentConfig,
     on_swap: &dyn Fn(&RuleSet),
-) -> Result<(), ConfigError> {
+) -> Result<()> {
     match RuleSet::compile(config, metrics) {
         Ok(rules) => {
             let count = rules.rules.len();
@@ -220,15 +210,25 @@ pub fn apply(
     }
 }
 
-/// Follows `source` until `stop` fires, applying every configuration it yields.
+/// Follows `source` until `stop` fires, applying every configuration it yields; `pod`
+/// (`NAMESPACE/POD`) is whose configuration to ask the xDS server for.
 pub async fn follow(
     source: ConfigSource,
+    pod: String,
     holder: Arc<RuleHolder>,
     metrics: Arc<Metrics>,
     on_swap: Arc<OnSwap>,
     mut stop: watch::Receiver<bool>,
 ) {
     match source {
+        ConfigSource::Xds { endpoint } => {
+            let (configs, received) = watch::channel(None);
+            let ads =
+                tokio::spawn(crate::ads::follow(AdsSettings::new(endpoint, pod), configs, stop.clone()));
+            let channel = ConfigSource::Channel(received);
+            Box::pin(follow(channel, String::new(), holder, metrics, on_swap, stop)).await;
+            let _ = ads.await;
+        }
         ConfigSource::File { path, poll } => {
             let mut last: Option<(Option<SystemTime>, u64, String)> = None;
             loop {
@@ -299,7 +299,7 @@ mod tests {
     fn refuses_duplicates_and_zero_rates() {
         let metrics = Metrics::default();
         let dup = AgentConfig { rate_limits: vec![rule("a", 1), rule("a", 2)], ..Default::default() };
-        assert!(matches!(RuleSet::compile(&dup, &metrics), Err(ConfigError::Duplicate(id)) if id == "a"));
+        assert!(matches!(RuleSet::compile(&dup, &metrics), Err(Error::DuplicateRule(id)) if id == "a"));
         let zero = AgentConfig { rate_limits: vec![rule("z", 0)], ..Default::default() };
         let error = RuleSet::compile(&zero, &metrics).unwrap_err().to_string();
         assert_eq!(error, "rate limit \"z\": requests must be at least 1");

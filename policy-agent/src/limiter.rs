@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use breakwater_api::agent::{DOMAIN, LIMIT_KEY};
 use breakwater_api::rate_limit::FailureMode;
+use breakwater_store::key::escape_into;
 use envoy_types::pb::envoy::config::core::v3::HeaderValue;
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::rate_limit::Unit;
@@ -183,10 +184,13 @@ impl<S: CounterStore> Limiter<S> {
         let (result, error_label) = match tokio::time::timeout(self.settings.deadline, hit).await {
             Ok(Ok(verdict)) => (Ok(verdict), ""),
             Ok(Err(error)) => {
-                let label = error.kind.label();
+                let label = error.kind().label();
                 (Err(error), label)
             }
-            Err(_) => (Err(StoreError::transient("no answer within the deadline")), "timeout"),
+            Err(_) => (
+                Err(StoreError::Timeout { call: "the decision", deadline: self.settings.deadline }),
+                "timeout",
+            ),
         };
         match result {
             Ok(verdict) => {
@@ -231,21 +235,6 @@ pub fn counter_key(
     }
     key.push('}');
     key
-}
-
-/// Percent-escapes the characters key names use as separators (`%`, `:`, `=`) and the hash
-/// tag's braces; shared with the lease keys.
-pub(crate) fn escape_into(out: &mut String, s: &str) {
-    for c in s.chars() {
-        match c {
-            '%' => out.push_str("%25"),
-            ':' => out.push_str("%3A"),
-            '=' => out.push_str("%3D"),
-            '{' => out.push_str("%7B"),
-            '}' => out.push_str("%7D"),
-            c => out.push(c),
-        }
-    }
 }
 
 fn pb_duration(d: Duration) -> PbDuration {

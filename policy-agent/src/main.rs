@@ -5,14 +5,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use breakwater_agent::ads::{self, AdsSettings};
 use breakwater_agent::config::ConfigSource;
+use breakwater_agent::error::report;
 use breakwater_agent::lease::leader::LeaderSettings;
 use breakwater_agent::limiter::LimiterSettings;
 use breakwater_agent::store::{RedisSettings, RedisTopology};
-use breakwater_agent::{LeaseSettings, Listeners, Settings, StoreSettings};
+use breakwater_agent::{LeaseSettings, Listeners, Result, Settings, StoreSettings, pod_id};
 use clap::Parser;
-use tokio::sync::watch;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -48,7 +47,8 @@ struct Cli {
     #[arg(long, default_value = "127.0.0.1:15082")]
     lease_addr: SocketAddr,
     /// This pod's name (the downward API's metadata.name); holder ids start with
-    /// NAMESPACE/POD. Defaults to $HOSTNAME, which Kubernetes sets to the pod name.
+    /// NAMESPACE/POD. Defaults to $HOSTNAME, then the host name: in a pod, both are the pod
+    /// name.
     #[arg(long, env = "POD_NAME")]
     pod_name: Option<String>,
     /// This pod's namespace (the downward API's metadata.namespace).
@@ -130,90 +130,31 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(start(cli)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            eprintln!("error: {message}");
+        Err(error) => {
+            eprintln!("error: {}", report(&error));
             ExitCode::FAILURE
         }
     }
 }
 
-/// `NAMESPACE/POD`, from the flags or, for the name, the host name.
-fn pod_id(cli: &Cli) -> Result<String, String> {
-    let name = match &cli.pod_name {
-        Some(name) => name.clone(),
-        None => std::env::var("HOSTNAME")
-            .ok()
-            .filter(|h| !h.is_empty())
-            .ok_or("--pod-name (POD_NAME) is not set and neither is HOSTNAME")?,
+/// The settings the flags describe.
+fn settings(cli: &Cli) -> Result<Settings> {
+    let pod = pod_id(cli.pod_name.clone(), &cli.pod_namespace)?;
+    let config = match (&cli.config, &cli.xds_endpoint) {
+        (Some(path), _) => ConfigSource::File { path: path.clone(), poll: cli.config_poll },
+        // clap requires one of the two.
+        (None, endpoint) => ConfigSource::Xds { endpoint: endpoint.clone().unwrap_or_default() },
     };
-    if name.is_empty()
-        || name.contains('/')
-        || cli.pod_namespace.is_empty()
-        || cli.pod_namespace.contains('/')
-    {
-        return Err(format!(
-            "pod {:?} in namespace {:?}: both must be non-empty, without '/'",
-            name, cli.pod_namespace
-        ));
-    }
-    Ok(format!("{}/{}", cli.pod_namespace, name))
-}
-
-async fn start(cli: Cli) -> Result<(), String> {
-    // Refuse a missing or broken configuration file at start, where the error is visible.
-    if let Some(path) = &cli.config {
-        breakwater_agent::config::read_file(path).map_err(|e| e.to_string())?;
-    }
-    for lease in &cli.leaders {
-        breakwater_agent::config::check_lease_name(lease).map_err(|e| format!("--leader {lease:?}: {e}"))?;
-    }
-    let pod = pod_id(&cli)?;
-    if let Some(dir) = &cli.leader_dir {
-        std::fs::create_dir_all(dir).map_err(|e| format!("--leader-dir {}: {e}", dir.display()))?;
-    }
-    let topology = match (&cli.redis_url, cli.redis_cluster.is_empty()) {
-        (Some(url), _) => Some(RedisTopology::Standalone(url.clone())),
-        (None, false) => Some(RedisTopology::Cluster(cli.redis_cluster.clone())),
-        (None, true) => None,
-    };
-    let store = match topology {
+    let store = match RedisTopology::from_flags(cli.redis_url.clone(), cli.redis_cluster.clone()) {
         Some(topology) => {
             let mut redis = RedisSettings::new(topology);
             redis.connections = cli.redis_connections.max(1);
             StoreSettings::Redis(redis)
         }
-        None => {
-            tracing::warn!("no --redis-url: counters are kept in memory and are not shared between agents");
-            StoreSettings::Memory
-        }
+        None => StoreSettings::Memory,
     };
-    let listeners = Listeners {
-        grpc: tokio::net::TcpListener::bind(cli.grpc_addr)
-            .await
-            .map_err(|e| format!("bind {}: {e}", cli.grpc_addr))?,
-        http: tokio::net::TcpListener::bind(cli.http_addr)
-            .await
-            .map_err(|e| format!("bind {}: {e}", cli.http_addr))?,
-        lease: tokio::net::TcpListener::bind(cli.lease_addr)
-            .await
-            .map_err(|e| format!("bind {}: {e}", cli.lease_addr))?,
-    };
-    let (stop, stopped) = watch::channel(false);
-    let config = match (&cli.config, &cli.xds_endpoint) {
-        (Some(path), _) => ConfigSource::File { path: path.clone(), poll: cli.config_poll },
-        (None, Some(endpoint)) => {
-            let (configs, received) = watch::channel(None);
-            let ads = AdsSettings {
-                endpoint: endpoint.clone(),
-                node_id: pod.clone(),
-                backoff: (Duration::from_millis(100), Duration::from_secs(10)),
-            };
-            tokio::spawn(ads::follow(ads, configs, stopped));
-            ConfigSource::Channel(received)
-        }
-        (None, None) => return Err("either --config or --xds-endpoint is required".into()),
-    };
-    let settings = Settings {
+    Ok(Settings {
+        pod,
         config,
         store,
         limiter: LimiterSettings {
@@ -222,17 +163,18 @@ async fn start(cli: Cli) -> Result<(), String> {
             cache_capacity: cli.over_limit_cache,
         },
         leases: LeaseSettings {
-            pod,
             leaders: cli.leaders.clone(),
             leader: LeaderSettings { dir: cli.leader_dir.clone(), ..LeaderSettings::default() },
             deadline: cli.lease_deadline,
         },
-    };
-    let shutdown = async move {
-        shutdown_signal().await;
-        let _ = stop.send(true);
-    };
-    breakwater_agent::run(listeners, settings, shutdown).await.map_err(|e| e.to_string())
+    })
+}
+
+async fn start(cli: Cli) -> Result<()> {
+    let settings = settings(&cli)?;
+    breakwater_agent::run::check(&settings)?;
+    let listeners = Listeners::bind(cli.grpc_addr, cli.http_addr, cli.lease_addr).await?;
+    breakwater_agent::run(listeners, settings, shutdown_signal()).await
 }
 
 async fn shutdown_signal() {
@@ -291,10 +233,10 @@ mod tests {
         assert_eq!(cli.leaders, ["a", "b", "c"]);
         assert_eq!(cli.lease_addr, "127.0.0.1:15082".parse().unwrap());
         assert_eq!(cli.lease_deadline, Duration::from_secs(1));
-        assert_eq!(pod_id(&cli), Ok("shop/web-0".to_string()));
+        assert_eq!(settings(&cli).unwrap().pod, "shop/web-0");
         let bad =
             Cli::try_parse_from(["breakwater-agent", "--config", "a.yaml", "--pod-name", "a/b"]).unwrap();
-        assert!(pod_id(&bad).unwrap_err().contains("without '/'"));
+        assert!(settings(&bad).unwrap_err().to_string().contains("without '/'"));
     }
 
     #[test]

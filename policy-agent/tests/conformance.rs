@@ -12,9 +12,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use breakwater_agent::limiter::Limiter;
-use breakwater_agent::store::{
-    AnyStore, CounterStore, MemoryStore, RedisSettings, RedisStore, RedisTopology,
-};
+use breakwater_agent::store::{CounterStore, MemoryStore, RedisConnection, RedisSettings, RedisTopology};
 use breakwater_api::agent::RateLimitRule;
 use breakwater_api::rate_limit::Algorithm;
 use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitResponse;
@@ -27,30 +25,32 @@ const OVER: i32 = Code::OverLimit as i32;
 static REDIS: OnceLock<RedisServer> = OnceLock::new();
 static CLUSTER: OnceLock<RedisCluster> = OnceLock::new();
 
-async fn memory() -> AnyStore {
-    AnyStore::Memory(MemoryStore::new())
+async fn memory() -> MemoryStore {
+    MemoryStore::new()
 }
 
-async fn redis() -> AnyStore {
+async fn redis() -> RedisConnection {
     let server = REDIS.get_or_init(RedisServer::start);
-    let store = RedisStore::start(RedisSettings::new(RedisTopology::Standalone(server.url()))).await.unwrap();
+    let store =
+        RedisConnection::start(RedisSettings::new(RedisTopology::Standalone(server.url()))).await.unwrap();
     assert!(store.is_up(), "connected to the test redis-server");
-    AnyStore::Redis(store)
+    store
 }
 
-async fn redis_cluster() -> AnyStore {
+async fn redis_cluster() -> RedisConnection {
     let cluster = CLUSTER.get_or_init(RedisCluster::start);
-    let store = RedisStore::start(RedisSettings::new(RedisTopology::Cluster(cluster.urls()))).await.unwrap();
+    let store =
+        RedisConnection::start(RedisSettings::new(RedisTopology::Cluster(cluster.urls()))).await.unwrap();
     assert!(store.is_up(), "connected to the test cluster");
-    AnyStore::Redis(store)
+    store
 }
 
-fn setup(store: AnyStore, name: &str, rules: Vec<RateLimitRule>) -> Arc<Limiter<AnyStore>> {
+fn setup<S: CounterStore>(store: S, name: &str, rules: Vec<RateLimitRule>) -> Arc<Limiter<S>> {
     limiter(store, rules, exact_settings(unique_prefix(name)))
 }
 
 async fn decide(
-    limiter: &Limiter<AnyStore>,
+    limiter: &Limiter<impl CounterStore>,
     rule: &str,
     parts: &[(&str, &str)],
     hits: u32,
@@ -58,7 +58,7 @@ async fn decide(
     limiter.should_rate_limit(&request(vec![descriptor(rule, parts)], hits)).await.expect("a decision")
 }
 
-fn no_store_failures(limiter: &Limiter<AnyStore>) {
+fn no_store_failures(limiter: &Limiter<impl CounterStore>) {
     let m = limiter.metrics();
     let failures = m.store_errors("timeout") + m.store_errors("transient") + m.store_errors("permanent");
     assert_eq!(failures, 0, "every decision came from the store, none from the failure mode");
@@ -66,7 +66,7 @@ fn no_store_failures(limiter: &Limiter<AnyStore>) {
 
 /// Fixed windows are aligned to the epoch: if the current one ends within `margin`, wait
 /// until the next one has begun (by the store's own clock, read through a zero-hit peek).
-async fn avoid_window_edge(limiter: &Limiter<AnyStore>, rule: &str, margin: Duration) {
+async fn avoid_window_edge(limiter: &Limiter<impl CounterStore>, rule: &str, margin: Duration) {
     let mut peek = descriptor(rule, &[("peek", "edge")]);
     peek.hits_addend = Some(envoy_types::pb::google::protobuf::UInt64Value { value: 0 });
     let response = limiter.should_rate_limit(&request(vec![peek], 1)).await.expect("peek");
@@ -78,7 +78,7 @@ async fn avoid_window_edge(limiter: &Limiter<AnyStore>, rule: &str, margin: Dura
 }
 
 /// 64 callers race `total` requests at one counter of limit `n`: exactly `n` are admitted.
-async fn exactly_n_under_64_callers(store: AnyStore, algorithm: Algorithm) {
+async fn exactly_n_under_64_callers(store: impl CounterStore, algorithm: Algorithm) {
     let n = 50;
     let total = 300;
     let limiter =
@@ -105,7 +105,7 @@ async fn exactly_n_under_64_callers(store: AnyStore, algorithm: Algorithm) {
     no_store_failures(&limiter);
 }
 
-async fn token_bucket_burst(store: AnyStore) {
+async fn token_bucket_burst(store: impl CounterStore) {
     let mut r = rule("shop/api/burst", Algorithm::TokenBucket, 10, Duration::from_secs(3600));
     r.burst = 5;
     let limiter = setup(store, "burst", vec![r]);
@@ -129,7 +129,7 @@ async fn token_bucket_burst(store: AnyStore) {
 }
 
 /// A window of 1 s: fill it, wait for the reset the store reported, fill it again.
-async fn window_rollover(store: AnyStore, algorithm: Algorithm) {
+async fn window_rollover(store: impl CounterStore, algorithm: Algorithm) {
     let n = 5;
     let limiter = setup(store, "rollover", vec![rule("shop/api/roll", algorithm, n, Duration::from_secs(1))]);
     avoid_window_edge(&limiter, "shop/api/roll", Duration::from_millis(300)).await;
@@ -152,7 +152,7 @@ async fn window_rollover(store: AnyStore, algorithm: Algorithm) {
     no_store_failures(&limiter);
 }
 
-async fn hits_addend(store: AnyStore) {
+async fn hits_addend(store: impl CounterStore) {
     let limiter = setup(
         store,
         "hits",
@@ -181,7 +181,7 @@ async fn hits_addend(store: AnyStore) {
     no_store_failures(&limiter);
 }
 
-async fn one_of_several_descriptors_fails(store: AnyStore) {
+async fn one_of_several_descriptors_fails(store: impl CounterStore) {
     let limiter = setup(
         store,
         "several",
@@ -213,7 +213,7 @@ async fn one_of_several_descriptors_fails(store: AnyStore) {
     no_store_failures(&limiter);
 }
 
-async fn shadow_rules_count_but_never_reject(store: AnyStore) {
+async fn shadow_rules_count_but_never_reject(store: impl CounterStore) {
     let mut shadow = rule("shop/api/shadow", Algorithm::FixedWindow, 2, Duration::from_secs(3600));
     shadow.shadow = true;
     let limiter = setup(store, "shadow", vec![shadow]);
@@ -231,7 +231,7 @@ async fn shadow_rules_count_but_never_reject(store: AnyStore) {
     no_store_failures(&limiter);
 }
 
-async fn unknown_descriptors_are_admitted_and_counted(store: AnyStore) {
+async fn unknown_descriptors_are_admitted_and_counted(store: impl CounterStore) {
     let limiter = setup(
         store,
         "unknown",
@@ -262,7 +262,7 @@ async fn unknown_descriptors_are_admitted_and_counted(store: AnyStore) {
 }
 
 /// Different key values are different counters, however the values are spelled.
-async fn keys_are_distinct_counters(store: AnyStore) {
+async fn keys_are_distinct_counters(store: impl CounterStore) {
     let limiter = setup(
         store,
         "keys",
@@ -283,7 +283,7 @@ async fn keys_are_distinct_counters(store: AnyStore) {
 }
 
 /// Once a counter is over, the cache answers without the store, and never admits.
-async fn over_limit_cache_never_admits(store: AnyStore) {
+async fn over_limit_cache_never_admits(store: impl CounterStore) {
     let limiter = setup(
         store,
         "cache",

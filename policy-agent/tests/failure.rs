@@ -11,7 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use breakwater_agent::limiter::{Limiter, LimiterSettings, NotReady};
-use breakwater_agent::store::{CounterStore, RedisSettings, RedisStore, RedisTopology};
+use breakwater_agent::store::redis::script_sha;
+use breakwater_agent::store::{RedisConnection, RedisSettings, RedisTopology};
 use breakwater_api::rate_limit::{Algorithm, FailureMode};
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
 use support::*;
@@ -29,7 +30,7 @@ fn settings(server: &RedisServer) -> RedisSettings {
     s
 }
 
-async fn agent(store: RedisStore) -> Arc<Limiter<RedisStore>> {
+async fn agent(store: RedisConnection) -> Arc<Limiter<RedisConnection>> {
     let mut closed = rule("shop/api/closed", Algorithm::TokenBucket, 1000, Duration::from_secs(3600));
     closed.failure_mode = FailureMode::Closed;
     let open = rule("shop/api/open", Algorithm::FixedWindow, 1000, Duration::from_secs(3600));
@@ -42,7 +43,7 @@ async fn agent(store: RedisStore) -> Arc<Limiter<RedisStore>> {
 
 /// One decision per rule; returns (open code, closed code, whether both came from Redis,
 /// the slowest answer).
-async fn probe(limiter: &Limiter<RedisStore>) -> (i32, i32, bool, Duration) {
+async fn probe(limiter: &Limiter<RedisConnection>) -> (i32, i32, bool, Duration) {
     let mut codes = Vec::new();
     let mut decided = true;
     let mut slowest = Duration::ZERO;
@@ -60,7 +61,7 @@ async fn probe(limiter: &Limiter<RedisStore>) -> (i32, i32, bool, Duration) {
 
 /// Asks `rounds` times from 16 concurrent callers; every answer must follow the failure
 /// modes and come within the deadline.
-async fn assert_failure_mode(limiter: &Arc<Limiter<RedisStore>>, rounds: usize) -> Duration {
+async fn assert_failure_mode(limiter: &Arc<Limiter<RedisConnection>>, rounds: usize) -> Duration {
     let mut callers = Vec::new();
     for _ in 0..16 {
         let limiter = limiter.clone();
@@ -82,7 +83,7 @@ async fn assert_failure_mode(limiter: &Arc<Limiter<RedisStore>>, rounds: usize) 
     slowest
 }
 
-async fn wait_for_decisions(limiter: &Limiter<RedisStore>, within: Duration) {
+async fn wait_for_decisions(limiter: &Limiter<RedisConnection>, within: Duration) {
     let deadline = Instant::now() + within;
     loop {
         let (open, closed, decided, _) = probe(limiter).await;
@@ -98,7 +99,7 @@ async fn wait_for_decisions(limiter: &Limiter<RedisStore>, within: Duration) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_then_restarted() {
     let mut server = RedisServer::start();
-    let limiter = agent(RedisStore::start(settings(&server)).await.unwrap()).await;
+    let limiter = agent(RedisConnection::start(settings(&server)).await.unwrap()).await;
     assert!(probe(&limiter).await.2, "decided by Redis while it runs");
     assert_eq!(limiter.readiness(), Ok(()));
 
@@ -122,7 +123,7 @@ async fn redis_killed_then_restarted() {
             .cli(&[
                 "script",
                 "exists",
-                &RedisStore::script_sha(&limiter.rules().load().unwrap().rules["shop/api/open"].limit)
+                &script_sha(&limiter.rules().load().unwrap().rules["shop/api/open"].limit)
             ])
             .contains('1')
     );
@@ -131,7 +132,7 @@ async fn redis_killed_then_restarted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_frozen_then_thawed() {
     let server = RedisServer::start();
-    let limiter = agent(RedisStore::start(settings(&server)).await.unwrap()).await;
+    let limiter = agent(RedisConnection::start(settings(&server)).await.unwrap()).await;
     assert!(probe(&limiter).await.2);
 
     server.pause();
@@ -149,7 +150,7 @@ async fn agent_started_before_redis() {
     let mut s = RedisSettings::new(RedisTopology::Standalone(format!("redis://127.0.0.1:{port}")));
     s.probe_interval = Duration::from_millis(100);
     s.connect_timeout = Duration::from_millis(200);
-    let store = RedisStore::start(s).await.expect("starts without Redis");
+    let store = RedisConnection::start(s).await.expect("starts without Redis");
     assert!(!store.is_up());
     let limiter = agent(store).await;
     assert_failure_mode(&limiter, 5).await;
@@ -162,9 +163,10 @@ async fn agent_started_before_redis() {
 
 #[tokio::test]
 async fn a_malformed_url_is_refused_at_start() {
-    let error = RedisStore::start(RedisSettings::new(RedisTopology::Standalone("http://:secret@x".into())))
-        .await
-        .unwrap_err();
+    let error =
+        RedisConnection::start(RedisSettings::new(RedisTopology::Standalone("http://:secret@x".into())))
+            .await
+            .unwrap_err();
     assert!(!error.is_transient());
     assert!(!error.to_string().contains("secret"), "{error}");
 }

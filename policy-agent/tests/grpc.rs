@@ -122,6 +122,7 @@ async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
 async fn over_loopback_with_config_pushed_on_a_channel() {
     let (config_tx, config_rx) = watch::channel(None);
     let agent = start(Settings {
+        pod: "shop/api-0".into(),
         config: ConfigSource::Channel(config_rx),
         store: StoreSettings::Memory,
         limiter: exact_settings(unique_prefix("loopback")),
@@ -223,6 +224,7 @@ async fn run_on_redis_with_a_config_file_that_changes() {
     let mut redis = RedisSettings::new(RedisTopology::Standalone(server.url()));
     redis.connections = 2;
     let agent = start(Settings {
+        pod: "shop/api-0".into(),
         config: ConfigSource::File { path: path.clone(), poll: Duration::from_millis(20) },
         store: StoreSettings::Redis(redis),
         limiter: exact_settings(unique_prefix("file")),

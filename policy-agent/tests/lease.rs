@@ -17,13 +17,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use breakwater_agent::Error;
 use breakwater_agent::lease::events;
 use breakwater_agent::lease::redis::{DEFAULT_DEADLINE, TOKEN_RETENTION};
-use breakwater_agent::lease::{
-    AnyLeases, Attempt, Grant, LeaseError, LeaseManager, LeaseStore, MemoryLeases, RedisLeases,
-};
+use breakwater_agent::lease::{Attempt, Grant, LeaseManager, LeaseStore, MemoryLeases, RedisLeases};
 use breakwater_agent::metrics::Metrics;
-use breakwater_agent::store::{CounterStore, RedisSettings, RedisStore, RedisTopology};
+use breakwater_agent::store::{RedisConnection, RedisSettings, RedisTopology, StoreError};
 use breakwater_api::agent::LeaseRule;
 use futures::StreamExt;
 use history::{Record, check};
@@ -35,22 +34,47 @@ const DEADLINE: Duration = Duration::from_secs(5);
 static REDIS: OnceLock<RedisServer> = OnceLock::new();
 static CLUSTER: OnceLock<RedisCluster> = OnceLock::new();
 
-#[derive(Clone)]
-enum Backend {
-    Memory(MemoryLeases),
-    Redis(RedisTopology),
+/// Where the agents of one test keep their leases: one map in memory shared by all, or one
+/// Redis deployment each agent connects to on its own.
+trait Backend {
+    type Leases: LeaseStore;
+
+    /// One agent's view of the store: its own connections, the shared keys.
+    async fn leases(&self, prefix: &str) -> Self::Leases;
+
+    async fn agent(&self, prefix: &str, pod: &str, rules: &[LeaseRule]) -> Arc<LeaseManager<Self::Leases>> {
+        let manager = LeaseManager::new(self.leases(prefix).await, pod, Arc::new(Metrics::default()));
+        manager.set_leases(rules);
+        Arc::new(manager)
+    }
 }
 
-fn memory() -> Backend {
-    Backend::Memory(MemoryLeases::new())
+impl Backend for MemoryLeases {
+    type Leases = MemoryLeases;
+
+    async fn leases(&self, _prefix: &str) -> MemoryLeases {
+        self.clone()
+    }
 }
 
-fn standalone() -> Backend {
-    Backend::Redis(RedisTopology::Standalone(REDIS.get_or_init(RedisServer::start).url()))
+impl Backend for RedisTopology {
+    type Leases = RedisLeases;
+
+    async fn leases(&self, prefix: &str) -> RedisLeases {
+        RedisLeases::new(redis_store(self.clone()).await, prefix, DEADLINE)
+    }
 }
 
-fn cluster() -> Backend {
-    Backend::Redis(RedisTopology::Cluster(CLUSTER.get_or_init(RedisCluster::start).urls()))
+fn memory() -> MemoryLeases {
+    MemoryLeases::new()
+}
+
+fn standalone() -> RedisTopology {
+    RedisTopology::Standalone(REDIS.get_or_init(RedisServer::start).url())
+}
+
+fn cluster() -> RedisTopology {
+    RedisTopology::Cluster(CLUSTER.get_or_init(RedisCluster::start).urls())
 }
 
 fn redis_settings(topology: RedisTopology) -> RedisSettings {
@@ -60,28 +84,10 @@ fn redis_settings(topology: RedisTopology) -> RedisSettings {
     settings
 }
 
-async fn redis_store(topology: RedisTopology) -> RedisStore {
-    let store = RedisStore::start(redis_settings(topology)).await.unwrap();
+async fn redis_store(topology: RedisTopology) -> RedisConnection {
+    let store = RedisConnection::start(redis_settings(topology)).await.unwrap();
     assert!(store.is_up(), "connected to the test redis");
     store
-}
-
-impl Backend {
-    /// One agent's view of the store: its own connections, the shared keys.
-    async fn leases(&self, prefix: &str) -> AnyLeases {
-        match self {
-            Backend::Memory(leases) => AnyLeases::Memory(leases.clone()),
-            Backend::Redis(topology) => {
-                AnyLeases::Redis(RedisLeases::new(redis_store(topology.clone()).await, prefix, DEADLINE))
-            }
-        }
-    }
-
-    async fn agent(&self, prefix: &str, pod: &str, rules: &[LeaseRule]) -> Arc<LeaseManager<AnyLeases>> {
-        let manager = LeaseManager::new(self.leases(prefix).await, pod, Arc::new(Metrics::default()));
-        manager.set_leases(rules);
-        Arc::new(manager)
-    }
 }
 
 fn lease(name: &str, ttl: Duration, holders: u32) -> LeaseRule {
@@ -118,7 +124,7 @@ struct Workload {
 /// `agents` managers over one store, `per_agent` contenders each, taking turns on `rule`
 /// for `workload.rounds` grants in total; returns every grant and release as recorded.
 async fn contend(
-    backend: &Backend,
+    backend: &impl Backend,
     rule: &LeaseRule,
     agents: usize,
     per_agent: usize,
@@ -156,14 +162,14 @@ async fn contend(
                         match manager.renew(&name, &grant.holder, grant.fencing_token).await {
                             Ok(renewed) => record.expires_us = renewed.expires_at_us,
                             // Held past the TTL on a loaded machine: expired, which is fine.
-                            Err(LeaseError::NotHolder { .. }) => {}
+                            Err(Error::Store(StoreError::NotHolder { .. })) => {}
                             Err(error) => panic!("renew: {error}"),
                         }
                     }
                     if r % workload.crash_every != workload.crash_every / 2 {
                         match manager.release(&name, &grant.holder, grant.fencing_token).await {
                             Ok(at) => record.released_us = Some(at),
-                            Err(LeaseError::NotHolder { .. }) => {}
+                            Err(Error::Store(StoreError::NotHolder { .. })) => {}
                             Err(error) => panic!("release: {error}"),
                         }
                     }
@@ -180,7 +186,7 @@ async fn contend(
 
 /// 32 contenders (4 agents x 8) for 2,000 grants of a lock with a short TTL; about one
 /// grant in a hundred is never released and must expire.
-async fn mutual_exclusion(backend: Backend) {
+async fn mutual_exclusion(backend: impl Backend) {
     let rule = lease("mutex", Duration::from_millis(150), 1);
     let workload = Workload {
         rounds: 2_000,
@@ -199,7 +205,7 @@ async fn mutual_exclusion(backend: Backend) {
 }
 
 /// A semaphore of 3: never more than 3 holders, and 3 at once do happen.
-async fn semaphore(backend: Backend) {
+async fn semaphore(backend: impl Backend) {
     let rule = lease("pool", Duration::from_millis(150), 3);
     let workload = Workload {
         rounds: 600,
@@ -236,7 +242,7 @@ async fn checker_catches_two_holders_of_a_lock() {
 
 /// Renew and release only for the holder with its token while the grant lives; unknown
 /// names; a wait that ends Busy with the expiry.
-async fn refusals(backend: Backend) {
+async fn refusals(backend: impl Backend) {
     let prefix = unique_prefix("refusals");
     let rule = lease("lock", Duration::from_millis(800), 1);
     let agent = backend.agent(&prefix, "pod-a", std::slice::from_ref(&rule)).await;
@@ -245,8 +251,8 @@ async fn refusals(backend: Backend) {
     assert!(held.holder.starts_with("pod-a/"), "{held:?}");
     assert_eq!(held.expires_at_us - held.acquired_at_us, 800_000);
 
-    fn not_holder<T>(result: &Result<T, LeaseError>) -> bool {
-        matches!(result, Err(LeaseError::NotHolder { .. }))
+    fn not_holder<T>(result: &Result<T, Error>) -> bool {
+        matches!(result, Err(Error::Store(StoreError::NotHolder { .. })))
     }
     let (holder, token) = (held.holder.as_str(), held.fencing_token);
     // Someone else, with the right token.
@@ -265,7 +271,7 @@ async fn refusals(backend: Backend) {
         agent.release("nope", holder, token).await.map(|_| ()),
         agent.state("nope").await.map(|_| ()),
     ] {
-        assert_eq!(result, Err(LeaseError::Unknown("nope".into())));
+        assert!(matches!(result, Err(Error::UnknownLease(n)) if n == "nope"));
     }
 
     // The holder renews; the grant is the same one, later.
@@ -278,7 +284,7 @@ async fn refusals(backend: Backend) {
     let busy = other.acquire("lock", Duration::from_millis(100)).await.unwrap_err();
     assert!(started.elapsed() >= Duration::from_millis(100));
     match busy {
-        LeaseError::Busy { lease, waited, free_at_us } => {
+        Error::LeaseBusy { lease, waited, free_at_us } => {
             assert_eq!((lease.as_str(), waited), ("lock", Duration::from_millis(100)));
             assert_eq!(free_at_us, renewed.expires_at_us);
         }
@@ -301,7 +307,7 @@ async fn refusals(backend: Backend) {
 }
 
 /// An agent killed while holding (dropped without releasing): the lease frees at expiry.
-async fn agent_killed(backend: Backend) {
+async fn agent_killed(backend: impl Backend) {
     let prefix = unique_prefix("killed");
     let rule = lease("lock", Duration::from_millis(500), 1);
     let doomed = backend.agent(&prefix, "pod-a", std::slice::from_ref(&rule)).await;
@@ -334,7 +340,7 @@ impl FencedResource {
 
 /// A holder paused past its TTL (a GC pause): another takes the lease, the paused one's
 /// renewal is refused, and its late write with the old token is rejected by the resource.
-async fn paused_holder(backend: Backend) {
+async fn paused_holder(backend: impl Backend) {
     let prefix = unique_prefix("paused");
     let rule = lease("lock", Duration::from_secs(1), 1);
     let paused = backend.agent(&prefix, "pod-a", std::slice::from_ref(&rule)).await;
@@ -351,7 +357,7 @@ async fn paused_holder(backend: Backend) {
     // pod-a wakes up and carries on as if it still held the lease.
     assert!(matches!(
         paused.renew("lock", &stale.holder, stale.fencing_token).await,
-        Err(LeaseError::NotHolder { .. })
+        Err(Error::Store(StoreError::NotHolder { .. }))
     ));
     assert_eq!(resource.write(stale.fencing_token, "a: after the pause"), Err(fresh.fencing_token));
     assert_eq!(
@@ -397,19 +403,21 @@ fn standalone_at(server: &RedisServer) -> RedisTopology {
     RedisTopology::Standalone(server.url())
 }
 
-async fn agent_on(store: RedisStore, prefix: &str, pod: &str, rule: &LeaseRule) -> LeaseManager<AnyLeases> {
-    let manager = LeaseManager::new(
-        AnyLeases::Redis(RedisLeases::new(store, prefix, DEADLINE)),
-        pod,
-        Arc::new(Metrics::default()),
-    );
+async fn agent_on(
+    store: RedisConnection,
+    prefix: &str,
+    pod: &str,
+    rule: &LeaseRule,
+) -> LeaseManager<RedisLeases> {
+    let manager =
+        LeaseManager::new(RedisLeases::new(store, prefix, DEADLINE), pod, Arc::new(Metrics::default()));
     manager.set_leases(std::slice::from_ref(rule));
     manager
 }
 
 /// Waits until `manager` answers again after a restart (its first call may find the old
 /// connection broken; the store then reconnects).
-async fn reconnected(manager: &LeaseManager<AnyLeases>) {
+async fn reconnected(manager: &LeaseManager<RedisLeases>) {
     eventually("the agent reconnects to the restarted redis", Duration::from_secs(10), || async {
         manager.state("lock").await.is_ok()
     })
@@ -437,14 +445,13 @@ async fn redis_restart_loses_holders_but_tokens_never_go_back() {
     // The old holder finds out at its next renewal.
     assert!(matches!(
         a.renew("lock", &before.holder, before.fencing_token).await,
-        Err(LeaseError::NotHolder { .. })
+        Err(Error::Store(StoreError::NotHolder { .. }))
     ));
     b.release("lock", &after.holder, after.fencing_token).await.unwrap();
 
     // Now a clock that runs behind the tokens already granted (as after a restart on a host
     // whose clock stepped back an hour): tokens an hour ahead, then the keys are lost.
-    let AnyLeases::Redis(leases) = a.store() else { unreachable!() };
-    let token_key = leases.keys(&rule.id).token;
+    let token_key = a.store().keys(&rule.id).token;
     let ahead = after.fencing_token + 3_600_000_000;
     assert_eq!(server.cli(&["SET", &token_key, &ahead.to_string()]).trim(), "OK");
     let high = a.acquire("lock", Duration::ZERO).await.unwrap();
@@ -480,7 +487,6 @@ async fn stalled_redis_fails_within_the_deadline_and_retries_keep_one_grant() {
     let error = leases.try_acquire("team/lock", "pod-a/1", ttl, 2, 0).await.unwrap_err();
     let elapsed = started.elapsed();
     server.resume();
-    let LeaseError::Store(error) = error else { panic!("expected a store error, got {error:?}") };
     assert!(error.is_transient(), "{error}");
     assert!(
         elapsed >= DEFAULT_DEADLINE && elapsed < DEFAULT_DEADLINE + Duration::from_millis(200),
@@ -560,7 +566,7 @@ async fn events_are_published_on_grant_release_and_noticed_expiry() {
     let leases = RedisLeases::new(redis_store(standalone_at(&server)).await, prefix.clone(), DEADLINE);
     assert_eq!(leases.channel(), events::channel(&prefix));
     assert_eq!(events::channel("bw"), "bw:lease-events");
-    let mut events = Box::pin(events::subscribe(&server.url(), &prefix).await.unwrap());
+    let mut events = Box::pin(events::subscribe(&standalone_at(&server), &prefix).await.unwrap());
 
     let (short, long) = (Duration::from_millis(300), Duration::from_secs(30));
     let Attempt::Granted(x1) = leases.try_acquire("team/x", "h1", short, 2, 0).await.unwrap() else {
@@ -597,7 +603,9 @@ async fn events_are_published_on_grant_release_and_noticed_expiry() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribing_to_an_unreachable_redis_fails() {
     let port = free_port();
-    let error = match events::subscribe(&format!("redis://127.0.0.1:{port}"), "bw").await {
+    let error = match events::subscribe(&RedisTopology::Standalone(format!("redis://127.0.0.1:{port}")), "bw")
+        .await
+    {
         Ok(_) => panic!("nothing listens on {port}"),
         Err(error) => error,
     };
@@ -608,20 +616,23 @@ async fn subscribing_to_an_unreachable_redis_fails() {
 /// token, with the newest token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_lists_the_live_grants_by_token() {
-    for backend in [memory(), standalone()] {
-        let prefix = unique_prefix("state");
-        let rule = lease("pool", Duration::from_secs(30), 3);
-        let agent = backend.agent(&prefix, "pod-a", std::slice::from_ref(&rule)).await;
-        let mut grants: Vec<Grant> = Vec::new();
-        for _ in 0..3 {
-            grants.push(agent.acquire("pool", Duration::ZERO).await.unwrap());
-        }
-        let state = agent.state("pool").await.unwrap();
-        assert_eq!(state.grants, grants);
-        assert_eq!(state.last_token, Some(grants[2].fencing_token));
-        assert!(state.now_us >= grants[2].acquired_at_us);
-        for grant in &grants {
-            agent.release("pool", &grant.holder, grant.fencing_token).await.unwrap();
-        }
+    state_by_token(memory()).await;
+    state_by_token(standalone()).await;
+}
+
+async fn state_by_token(backend: impl Backend) {
+    let prefix = unique_prefix("state");
+    let rule = lease("pool", Duration::from_secs(30), 3);
+    let agent = backend.agent(&prefix, "pod-a", std::slice::from_ref(&rule)).await;
+    let mut grants: Vec<Grant> = Vec::new();
+    for _ in 0..3 {
+        grants.push(agent.acquire("pool", Duration::ZERO).await.unwrap());
+    }
+    let state = agent.state("pool").await.unwrap();
+    assert_eq!(state.grants, grants);
+    assert_eq!(state.last_token, Some(grants[2].fencing_token));
+    assert!(state.now_us >= grants[2].acquired_at_us);
+    for grant in &grants {
+        agent.release("pool", &grant.holder, grant.fencing_token).await.unwrap();
     }
 }

@@ -60,11 +60,11 @@ impl Agent {
         };
         let (http, lease) = (listeners.http.local_addr().unwrap(), listeners.lease.local_addr().unwrap());
         let settings = Settings {
+            pod: format!("shop/{pod}"),
             config: ConfigSource::Channel(configs),
             store: StoreSettings::Redis(RedisSettings::new(RedisTopology::Standalone(redis.url()))),
             limiter: LimiterSettings { key_prefix: prefix.to_string(), ..LimiterSettings::default() },
             leases: LeaseSettings {
-                pod: format!("shop/{pod}"),
                 leaders: leader.0,
                 leader: LeaderSettings { dir: leader.1.map(Path::to_path_buf), ..LeaderSettings::default() },
                 deadline: Duration::from_secs(2),

@@ -132,9 +132,8 @@ fn agent(endpoint: String) -> (watch::Receiver<Option<AgentConfig>>, watch::Send
     let (configs, received) = watch::channel(None);
     let (stop, stopped) = watch::channel(false);
     let settings = AdsSettings {
-        endpoint,
-        node_id: NODE.into(),
         backoff: (Duration::from_millis(20), Duration::from_millis(200)),
+        ..AdsSettings::new(endpoint, NODE)
     };
     tokio::spawn(ads::follow(settings, configs, stopped));
     (received, stop)

@@ -1,7 +1,7 @@
 //! A LockLease from `examples/` travels the whole way without a cluster: the operator
 //! compiles it into the agent configuration of the pods it selects and serves it over ADS;
-//! the agent of such a pod subscribes with its node id (as `breakwater-agent
-//! --xds-endpoint` does), ACKs — so the LockLease reports `Programmed` — and grants the
+//! the agent of such a pod — the whole agent, `breakwater_agent::run` with an xDS source, as
+//! `breakwater-agent --xds-endpoint` runs it — subscribes with its node id, ACKs — so the LockLease reports `Programmed` — and grants the
 //! lease over its HTTP API with a fencing token. The agent of a pod the lease does not
 //! select refuses it. Counters and leases are in memory here; the Redis side has its own
 //! suites in policy-agent/tests.
@@ -10,16 +10,14 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use breakwater_agent::ads::{self, AdsSettings};
 use breakwater_agent::config::ConfigSource;
-use breakwater_agent::{LeaseSettings, Listeners, Settings, StoreSettings};
+use breakwater_agent::{Listeners, Settings, StoreSettings};
 use breakwater_operator::http::State;
 use breakwater_operator::inventory::ObjectName;
 use breakwater_operator::standalone::load;
 use breakwater_operator::xds::{AdsServer, SnapshotCache, feed};
 use serde_json::Value;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 
 const DEADLINE: Duration = Duration::from_secs(20);
 
@@ -35,39 +33,27 @@ async fn operator() -> (String, Arc<SnapshotCache>) {
     (endpoint, cache)
 }
 
-/// One pod's agent: its HTTP and lease API addresses, and what keeps its ADS client running.
+/// One pod's agent: its HTTP and lease API addresses.
 struct Agent {
     http: String,
     lease: String,
-    _running: watch::Sender<bool>,
 }
 
 /// The agent of `pod`, configured over ADS from `endpoint`.
 async fn agent(endpoint: &str, pod: &str) -> Agent {
-    let (configs, received) = watch::channel(None);
-    let settings = AdsSettings {
-        endpoint: endpoint.to_string(),
-        node_id: pod.to_string(),
-        backoff: (Duration::from_millis(20), Duration::from_millis(200)),
-    };
-    let (stop, stopped) = watch::channel(false);
-    tokio::spawn(ads::follow(settings, configs, stopped));
-    let bind = || TcpListener::bind("127.0.0.1:0");
-    let listeners = Listeners {
-        grpc: bind().await.expect("bind"),
-        http: bind().await.expect("bind"),
-        lease: bind().await.expect("bind"),
-    };
+    let loopback = "127.0.0.1:0".parse().expect("address");
+    let listeners = Listeners::bind(loopback, loopback, loopback).await.expect("bind");
     let http = listeners.http.local_addr().expect("addr").to_string();
     let lease = listeners.lease.local_addr().expect("addr").to_string();
     let settings = Settings {
-        config: ConfigSource::Channel(received),
+        pod: pod.to_string(),
+        config: ConfigSource::Xds { endpoint: endpoint.to_string() },
         store: StoreSettings::Memory,
         limiter: Default::default(),
-        leases: LeaseSettings { pod: pod.to_string(), ..LeaseSettings::default() },
+        leases: Default::default(),
     };
     tokio::spawn(breakwater_agent::run(listeners, settings, std::future::pending()));
-    Agent { http, lease, _running: stop }
+    Agent { http, lease }
 }
 
 /// Waits until the agent has a configuration (`/readyz`; memory store, so nothing else).

@@ -4,11 +4,11 @@
 
 use std::time::Duration;
 
-use breakwater_agent::lease::{Grant, LeaseState};
 use breakwater_api::{
     LockLease, LockLeaseSpec,
     lock_lease::{LeaseGrant, LockLeaseStatus},
 };
+use breakwater_store::lease::{Grant, LeaseState};
 use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 use serde::Serialize;
 

@@ -32,7 +32,9 @@ use tokio::sync::watch;
 
 use super::leader::LeaderState;
 use super::manager::LeaseManager;
-use super::{Grant, LeaseError, LeaseState, LeaseStore};
+use super::{Grant, LeaseState, LeaseStore};
+use crate::Error;
+use crate::store::StoreError;
 
 /// The longest `wait` an acquire may ask for: a caller that wants longer loops, so that no
 /// request outlives a proxy's or a client's idle timeout by much.
@@ -126,22 +128,25 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// What a lease error means over HTTP. `now_us` is the time `Retry-After` counts from.
-pub fn error_response(error: &LeaseError, now_us: i64) -> ApiError {
+/// What a lease error means over HTTP. `now_us` is the time `Retry-After` counts from. The
+/// manager only fails with the lease and store variants; any other is a 500.
+pub fn error_response(error: &Error, now_us: i64) -> ApiError {
     let message = error.to_string();
     match error {
-        LeaseError::Unknown(_) => ApiError::new(StatusCode::NOT_FOUND, "UnknownLease", message),
-        LeaseError::Busy { free_at_us, .. } => {
+        Error::UnknownLease(_) => ApiError::new(StatusCode::NOT_FOUND, "UnknownLease", message),
+        Error::LeaseBusy { free_at_us, .. } => {
             let mut answer = ApiError::new(StatusCode::LOCKED, "Held", message);
             answer.body.free_at = Some(rfc3339(*free_at_us));
             answer.retry_after = Some(retry_after_seconds(*free_at_us, now_us));
             answer
         }
-        LeaseError::NotHolder { .. } => ApiError::new(StatusCode::CONFLICT, "NotHolder", message),
-        LeaseError::Store(store) if store.is_transient() => {
+        Error::Store(StoreError::NotHolder { .. }) => {
+            ApiError::new(StatusCode::CONFLICT, "NotHolder", message)
+        }
+        Error::Store(store) if store.is_transient() => {
             ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "StoreUnavailable", message)
         }
-        LeaseError::Store(_) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "StoreError", message),
+        _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "StoreError", message),
     }
 }
 
@@ -276,7 +281,7 @@ fn now_us() -> i64 {
     jiff::Timestamp::now().as_microsecond()
 }
 
-fn lease_error(error: LeaseError) -> ApiError {
+fn lease_error(error: Error) -> ApiError {
     // Busy carries the store's free time but not its clock: count from ours. Retry-After is
     // advice; the grant's own expiry is what the store enforces.
     error_response(&error, now_us())
@@ -372,7 +377,7 @@ async fn state<S: LeaseStore>(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<StateBody>, ApiError> {
     let name = lease_name(path)?;
-    let rule = api.manager.rule(&name).ok_or_else(|| lease_error(LeaseError::Unknown(name.clone())))?;
+    let rule = api.manager.rule(&name).ok_or_else(|| lease_error(Error::UnknownLease(name.clone())))?;
     let state: LeaseState = api.manager.state(&name).await.map_err(lease_error)?;
     Ok(Json(StateBody {
         holders: rule.holders,
@@ -391,7 +396,7 @@ async fn leader<S: LeaseStore>(
     let name = lease_name(path)?;
     match api.leaders.get(&name) {
         Some(rx) => Ok(Json(LeaderBody::new(&rx.borrow()))),
-        None if api.manager.rule(&name).is_none() => Err(lease_error(LeaseError::Unknown(name))),
+        None if api.manager.rule(&name).is_none() => Err(lease_error(Error::UnknownLease(name))),
         None => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "NotCampaigning",
@@ -405,15 +410,14 @@ async fn leader<S: LeaseStore>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::StoreError;
 
     #[test]
     fn every_lease_error_has_its_status_and_reason() {
         let now = 1_700_000_000_000_000;
         let cases = [
-            (LeaseError::Unknown("x".into()), 404, "UnknownLease"),
+            (Error::UnknownLease("x".into()), 404, "UnknownLease"),
             (
-                LeaseError::Busy {
+                Error::LeaseBusy {
                     lease: "x".into(),
                     waited: Duration::from_secs(1),
                     free_at_us: now + 2_500_000,
@@ -421,9 +425,17 @@ mod tests {
                 423,
                 "Held",
             ),
-            (LeaseError::NotHolder { lease: "x".into(), holder: "h".into(), token: 7 }, 409, "NotHolder"),
-            (LeaseError::Store(StoreError::transient("connection refused")), 503, "StoreUnavailable"),
-            (LeaseError::Store(StoreError::permanent("NOSCRIPT")), 500, "StoreError"),
+            (
+                Error::Store(StoreError::NotHolder { lease: "x".into(), holder: "h".into(), token: 7 }),
+                409,
+                "NotHolder",
+            ),
+            (Error::Store(StoreError::NotConnected), 503, "StoreUnavailable"),
+            (
+                Error::Store(StoreError::UnexpectedReply { script: "lease state", reply: "[]".into() }),
+                500,
+                "StoreError",
+            ),
         ];
         for (error, status, reason) in cases {
             let answer = error_response(&error, now);
@@ -433,7 +445,7 @@ mod tests {
             assert_eq!(answer.retry_after.is_some(), reason == "Held");
         }
         let held = error_response(
-            &LeaseError::Busy { lease: "x".into(), waited: Duration::ZERO, free_at_us: now + 2_500_000 },
+            &Error::LeaseBusy { lease: "x".into(), waited: Duration::ZERO, free_at_us: now + 2_500_000 },
             now,
         );
         assert_eq!(held.retry_after, Some(3), "rounded up");

@@ -29,7 +29,9 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::manager::LeaseManager;
-use super::{Grant, LeaseError, LeaseStore};
+use super::{Grant, LeaseStore};
+use crate::Error;
+use crate::store::StoreError;
 
 /// The least margin kept between the believed deadline and the earliest possible expiry.
 pub const MIN_MARGIN: Duration = Duration::from_millis(100);
@@ -190,7 +192,7 @@ impl<S: LeaseStore> LeaderElection<S> {
                 return None;
             }
             let Some(ttl) = self.ttl() else {
-                self.wait_note(LeaseError::Unknown(self.lease.clone()).to_string());
+                self.wait_note(Error::UnknownLease(self.lease.clone()).to_string());
                 tokio::select! {
                     _ = stop.wait_for(|s| *s) => return None,
                     _ = tokio::time::sleep(backoff) => {}
@@ -214,7 +216,7 @@ impl<S: LeaseStore> LeaderElection<S> {
                     );
                     return Some(Held { grant, sent, ttl });
                 }
-                Err(LeaseError::Busy { .. }) => {
+                Err(Error::LeaseBusy { .. }) => {
                     self.wait_note("held by another holder".into());
                     backoff = self.settings.backoff.0;
                     // The manager waited up to a TTL; never spin if it answered at once.
@@ -286,7 +288,7 @@ impl<S: LeaseStore> LeaderElection<S> {
                     held = Held { grant, sent, ttl };
                     due = renewal_due(sent, ttl);
                 }
-                Err(error @ (LeaseError::NotHolder { .. } | LeaseError::Unknown(_))) => {
+                Err(error @ (Error::Store(StoreError::NotHolder { .. }) | Error::UnknownLease(_))) => {
                     tracing::warn!(lease = self.lease, %error, "lease renewal refused; stepping down");
                     if leading {
                         self.step_down(error.to_string());
@@ -455,7 +457,6 @@ mod tests {
         use super::*;
         use crate::lease::{Attempt, LeaseState, MemoryLeases};
         use crate::metrics::Metrics;
-        use crate::store::StoreError;
 
         const ID: &str = "ns/lead";
         const TTL: Duration = Duration::from_secs(10);
@@ -491,7 +492,7 @@ mod tests {
                 ttl: Duration,
                 capacity: u32,
                 floor: i64,
-            ) -> Result<Attempt, LeaseError> {
+            ) -> Result<Attempt, StoreError> {
                 self.inner.try_acquire(lease, holder, ttl, capacity, floor).await
             }
 
@@ -501,20 +502,20 @@ mod tests {
                 holder: &str,
                 token: i64,
                 ttl: Duration,
-            ) -> Result<Grant, LeaseError> {
+            ) -> Result<Grant, StoreError> {
                 let mode = *self.renewals.lock().unwrap();
                 match mode {
                     Renewals::Pass => self.inner.renew(lease, holder, token, ttl).await,
                     Renewals::Hang => std::future::pending().await,
-                    Renewals::Fail => Err(LeaseError::Store(StoreError::transient("connection refused"))),
+                    Renewals::Fail => Err(StoreError::NotConnected),
                 }
             }
 
-            async fn release(&self, lease: &str, holder: &str, token: i64) -> Result<i64, LeaseError> {
+            async fn release(&self, lease: &str, holder: &str, token: i64) -> Result<i64, StoreError> {
                 self.inner.release(lease, holder, token).await
             }
 
-            async fn state(&self, lease: &str) -> Result<LeaseState, LeaseError> {
+            async fn state(&self, lease: &str) -> Result<LeaseState, StoreError> {
                 self.inner.state(lease).await
             }
         }

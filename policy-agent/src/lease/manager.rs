@@ -12,8 +12,10 @@ use breakwater_api::agent::LeaseRule;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::{Attempt, Grant, LeaseError, LeaseState, LeaseStore};
+use super::{Attempt, Grant, LeaseState, LeaseStore};
 use crate::metrics::Metrics;
+use crate::store::StoreError;
+use crate::{Error, Result};
 
 /// The first pause between attempts while a lease is busy; it doubles up to [`MAX_POLL`].
 const FIRST_POLL: Duration = Duration::from_millis(5);
@@ -116,12 +118,12 @@ impl<S: LeaseStore> LeaseManager<S> {
         self.leases.load().get(name).map(|e| e.local.floor.load(Ordering::SeqCst))
     }
 
-    fn entry(&self, name: &str) -> Result<(LeaseRule, Arc<Local>), LeaseError> {
+    fn entry(&self, name: &str) -> Result<(LeaseRule, Arc<Local>)> {
         self.leases
             .load()
             .get(name)
             .map(|e| (e.rule.clone(), e.local.clone()))
-            .ok_or_else(|| LeaseError::Unknown(name.into()))
+            .ok_or_else(|| Error::UnknownLease(name.into()))
     }
 
     /// A holder id no other grant has: `<pod>/<random nonce>`.
@@ -141,7 +143,7 @@ impl<S: LeaseStore> LeaseManager<S> {
     /// handling. All attempts of one call use one holder id, so an attempt whose reply was
     /// lost (deadline) and that was granted anyway is returned by the next attempt instead
     /// of taking a second slot; transient store errors are retried within the wait.
-    pub async fn acquire(&self, name: &str, wait: Duration) -> Result<Grant, LeaseError> {
+    pub async fn acquire(&self, name: &str, wait: Duration) -> Result<Grant> {
         let (rule, local) = self.entry(name)?;
         let holder = self.new_holder();
         let ttl = ttl(&rule);
@@ -167,19 +169,19 @@ impl<S: LeaseStore> LeaseManager<S> {
                 Ok(Attempt::Busy { now_us, free_at_us }) => {
                     if now >= deadline {
                         self.metrics.lease_was_busy(&rule.id);
-                        return Err(LeaseError::Busy { lease: name.into(), waited: wait, free_at_us });
+                        return Err(Error::LeaseBusy { lease: name.into(), waited: wait, free_at_us });
                     }
                     let until_free = Duration::from_micros(u64::try_from(free_at_us - now_us).unwrap_or(0));
                     until_free.min(jittered(poll))
                 }
-                Err(LeaseError::Store(error)) if error.is_transient() && now < deadline => {
-                    self.metrics.lease_store_error(&rule.id, error.kind.label());
+                Err(error) if error.is_transient() && now < deadline => {
+                    self.metrics.lease_store_error(&rule.id, error.kind().label());
                     tracing::debug!(lease = %rule.id, %error, "lease store failed; retrying within the wait");
                     jittered(poll)
                 }
                 Err(error) => {
                     self.record_error(&rule.id, "acquire", &error);
-                    return Err(error);
+                    return Err(error.into());
                 }
             };
             poll = (poll * 2).min(MAX_POLL);
@@ -191,18 +193,18 @@ impl<S: LeaseStore> LeaseManager<S> {
     }
 
     /// Extends `holder`'s grant of `name` (fencing token `token`) by the lease's TTL from now.
-    pub async fn renew(&self, name: &str, holder: &str, token: i64) -> Result<Grant, LeaseError> {
+    pub async fn renew(&self, name: &str, holder: &str, token: i64) -> Result<Grant> {
         let (rule, local) = self.entry(name)?;
         let result = self.store.renew(&rule.id, holder, token, ttl(&rule)).await;
         match &result {
             Ok(grant) => local.observe(grant.fencing_token),
             Err(error) => self.record_error(&rule.id, "renew", error),
         }
-        result
+        Ok(result?)
     }
 
     /// Ends `holder`'s grant of `name`; returns the store time it ended at.
-    pub async fn release(&self, name: &str, holder: &str, token: i64) -> Result<i64, LeaseError> {
+    pub async fn release(&self, name: &str, holder: &str, token: i64) -> Result<i64> {
         let (rule, local) = self.entry(name)?;
         let result = self.store.release(&rule.id, holder, token).await;
         match &result {
@@ -210,11 +212,11 @@ impl<S: LeaseStore> LeaseManager<S> {
             Ok(_) => local.released.notify_one(),
             Err(error) => self.record_error(&rule.id, "release", error),
         }
-        result
+        Ok(result?)
     }
 
     /// The current grants of `name`.
-    pub async fn state(&self, name: &str) -> Result<LeaseState, LeaseError> {
+    pub async fn state(&self, name: &str) -> Result<LeaseState> {
         let (rule, local) = self.entry(name)?;
         let result = self.store.state(&rule.id).await;
         match &result {
@@ -225,17 +227,16 @@ impl<S: LeaseStore> LeaseManager<S> {
             }
             Err(error) => self.record_error(&rule.id, "state", error),
         }
-        result
+        Ok(result?)
     }
 
-    fn record_error(&self, lease: &str, op: &'static str, error: &LeaseError) {
+    fn record_error(&self, lease: &str, op: &'static str, error: &StoreError) {
         match error {
-            LeaseError::NotHolder { .. } => self.metrics.lease_refused(lease, op),
-            LeaseError::Store(error) => {
-                self.metrics.lease_store_error(lease, error.kind.label());
+            StoreError::NotHolder { .. } => self.metrics.lease_refused(lease, op),
+            error => {
+                self.metrics.lease_store_error(lease, error.kind().label());
                 tracing::debug!(lease, op, %error, "lease store failed");
             }
-            LeaseError::Unknown(_) | LeaseError::Busy { .. } => {}
         }
     }
 }
@@ -280,8 +281,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn unknown_names_are_refused() {
         let manager = manager();
-        fn unknown<T>(r: Result<T, LeaseError>) -> bool {
-            matches!(r, Err(LeaseError::Unknown(n)) if n == "nope")
+        fn unknown<T>(r: Result<T>) -> bool {
+            matches!(r, Err(Error::UnknownLease(n)) if n == "nope")
         }
         assert!(unknown(manager.acquire("nope", Duration::ZERO).await));
         assert!(unknown(manager.renew("nope", "h", 1).await));
@@ -314,7 +315,7 @@ mod tests {
         let held = manager.acquire("lock", Duration::ZERO).await.unwrap();
         let busy = manager.acquire("lock", Duration::from_millis(300)).await.unwrap_err();
         assert!(
-            matches!(&busy, LeaseError::Busy { free_at_us, waited, .. }
+            matches!(&busy, Error::LeaseBusy { free_at_us, waited, .. }
                 if *free_at_us == held.expires_at_us && *waited == Duration::from_millis(300)),
             "{busy:?}"
         );
@@ -330,11 +331,11 @@ mod tests {
         let held = manager.acquire("lock", Duration::ZERO).await.unwrap();
         assert!(matches!(
             manager.renew("lock", &held.holder, held.fencing_token + 1).await,
-            Err(LeaseError::NotHolder { .. })
+            Err(Error::Store(StoreError::NotHolder { .. }))
         ));
         assert!(matches!(
             manager.release("lock", "pod-a/other", held.fencing_token).await,
-            Err(LeaseError::NotHolder { .. })
+            Err(Error::Store(StoreError::NotHolder { .. }))
         ));
         assert_eq!(manager.metrics().lease_not_holder("ns/lock", "renew"), 1);
         assert_eq!(manager.metrics().lease_not_holder("ns/lock", "release"), 1);

@@ -1,123 +1,22 @@
-//! Leases: named locks and counting semaphores granted to this pod, each grant with a
-//! fencing token. The operator declares them (`LockLease`, delivered as
-//! [`breakwater_api::agent::LeaseRule`]s in the agent configuration); the agent grants them to
-//! its pod over a loopback HTTP API ([`api`]) and can keep one on the pod's behalf to elect a
-//! leader ([`leader`]).
+//! Leases for this pod: named locks and counting semaphores with fencing tokens. The
+//! operator declares them (`LockLease`, delivered as [`breakwater_api::agent::LeaseRule`]s
+//! in the agent configuration); the agent grants them to its pod over a loopback HTTP API
+//! ([`api`]) and can keep one on the pod's behalf to elect a leader ([`leader`]).
 //!
-//! - [`LeaseStore`]: the atomic operations (grant, renew, release with an owner check,
-//!   read), with a Redis backend ([`redis`]: Lua scripts, Redis `TIME` as the only clock,
-//!   one hash tag per lease) and an in-memory one ([`memory`]: one agent only; tests);
+//! The store — the atomic operations, the Redis key layout and scripts, the in-memory twin,
+//! the events — is [`breakwater_store::lease`], shared with the operator, which reads it;
+//! what is only the agent's is here:
+//!
 //! - [`manager`]: what the API and the leader helper call — the leases this pod may use,
-//!   holder ids, waiting for a grant, the token floor, metrics.
-//!
-//! Fencing tokens: `token = max(last + 1, now_us, floor + 1)` where `last` is the lease's
-//! newest token in Redis, `now_us` is Redis `TIME` in microseconds and `floor` the highest
-//! token this agent has seen for the lease. Tokens strictly increase while Redis keeps its
-//! data; when it loses it (a restart without persistence), the clock term still puts the
-//! next token above every earlier one unless Redis's clock stepped back by more than the
-//! outage, and the floor covers that case too while any agent that saw the old tokens lives.
-//! See docs/leases.md.
+//!   holder ids, waiting for a grant, the token floor, metrics;
+//! - [`api`], [`leader`]: the HTTP API and leader election on top of it.
 
-use std::future::Future;
-use std::time::Duration;
-
-use crate::store::StoreError;
+pub use breakwater_store::lease::{
+    Attempt, Grant, LeaseState, LeaseStore, MemoryLeases, RedisLeases, events, memory, redis,
+};
 
 pub mod api;
-pub mod backend;
-pub mod events;
 pub mod leader;
 pub mod manager;
-pub mod memory;
-pub mod redis;
 
-pub use backend::AnyLeases;
 pub use manager::LeaseManager;
-pub use memory::MemoryLeases;
-pub use redis::RedisLeases;
-
-/// One grant of a lease, as the store holds it. Times are the store's clock (Redis `TIME`)
-/// in microseconds since the Unix epoch.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Grant {
-    pub holder: String,
-    pub fencing_token: i64,
-    pub acquired_at_us: i64,
-    pub renewed_at_us: i64,
-    pub expires_at_us: i64,
-}
-
-/// What one acquisition attempt got.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Attempt {
-    Granted(Grant),
-    /// Every slot is taken; the earliest current grant ends at `free_at_us` (store clock,
-    /// read at `now_us`) unless renewed.
-    Busy {
-        now_us: i64,
-        free_at_us: i64,
-    },
-}
-
-/// A lease's current grants (expired ones already dropped) and its newest token.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct LeaseState {
-    pub now_us: i64,
-    pub last_token: Option<i64>,
-    /// Sorted by fencing token.
-    pub grants: Vec<Grant>,
-}
-
-/// Every way a lease operation can fail; the HTTP API maps each to one status code.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum LeaseError {
-    /// No `LockLease` of that name selects this pod (HTTP 404).
-    #[error("no lease {0:?} for this pod: no LockLease of that name in its namespace selects it")]
-    Unknown(String),
-    /// Still fully held when the wait ended (HTTP 423, with Retry-After).
-    #[error("lease {lease:?} is still held after waiting {}ms", waited.as_millis())]
-    Busy { lease: String, waited: Duration, free_at_us: i64 },
-    /// Renew or release by someone who does not hold the lease (it expired, was released,
-    /// or the token is not this holder's grant). Never a silent success (HTTP 409).
-    #[error("lease {lease:?} is not held by {holder:?} with fencing token {token} (expired or released)")]
-    NotHolder { lease: String, holder: String, token: i64 },
-    /// Redis failed or timed out (HTTP 503 when transient, 500 otherwise).
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
-
-/// The atomic lease operations. `lease` is the lease id (`<namespace>/<name>`); the backend
-/// derives its keys from it.
-pub trait LeaseStore: Send + Sync + 'static {
-    /// Grants `holder` one of `capacity` slots for `ttl` if one is free, with a fencing token
-    /// above every earlier one and above `floor`.
-    fn try_acquire(
-        &self,
-        lease: &str,
-        holder: &str,
-        ttl: Duration,
-        capacity: u32,
-        floor: i64,
-    ) -> impl Future<Output = Result<Attempt, LeaseError>> + Send;
-
-    /// Extends `holder`'s grant with `token` to now + `ttl`; refused once it has expired.
-    fn renew(
-        &self,
-        lease: &str,
-        holder: &str,
-        token: i64,
-        ttl: Duration,
-    ) -> impl Future<Output = Result<Grant, LeaseError>> + Send;
-
-    /// Ends `holder`'s grant with `token`; returns the store time of the release.
-    fn release(
-        &self,
-        lease: &str,
-        holder: &str,
-        token: i64,
-    ) -> impl Future<Output = Result<i64, LeaseError>> + Send;
-
-    /// The current grants.
-    fn state(&self, lease: &str) -> impl Future<Output = Result<LeaseState, LeaseError>> + Send;
-}

@@ -74,17 +74,19 @@ impl MemoryStore {
 
     /// How many counters are held (expired ones may linger until the next sweep).
     pub fn len(&self) -> usize {
-        self.inner.shards.iter().map(|s| s.lock().map(|s| s.counters.len()).unwrap_or(0)).sum()
+        self.inner.shards.iter().map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).counters.len()).sum()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    fn hit_now(&self, key: &str, limit: &Limit, hits: u32) -> Result<Verdict, StoreError> {
+    fn hit_now(&self, key: &str, limit: &Limit, hits: u32) -> Verdict {
         let now = (self.inner.clock)();
         let shard = &self.inner.shards[(self.inner.hasher.hash_one(key) as usize) % SHARDS];
-        let mut shard = shard.lock().map_err(|_| StoreError::permanent("in-memory store poisoned"))?;
+        // A panic while holding the lock cannot leave a counter half-updated: the new state
+        // is computed first and stored last.
+        let mut shard = shard.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut state = match shard.counters.get(key) {
             Some((state, expires)) if *expires > now => Some(state.clone()),
             _ => None,
@@ -102,13 +104,13 @@ impl MemoryStore {
             shard.counters.retain(|_, (_, expires)| *expires > now);
             shard.sweep_at = (shard.counters.len() * 2).max(1024);
         }
-        Ok(verdict)
+        verdict
     }
 }
 
 impl CounterStore for MemoryStore {
     async fn hit(&self, key: &str, limit: &Limit, hits: u32) -> Result<Verdict, StoreError> {
-        self.hit_now(key, limit, hits)
+        Ok(self.hit_now(key, limit, hits))
     }
 
     fn is_up(&self) -> bool {

@@ -1,7 +1,7 @@
 //! LockLease status from Redis: the controller against the real API server and a real
-//! `redis-server` (breakwater-harness), with grants made by the agent's own store code, as an
-//! agent would make them. Each test creates its LockLease for real in a namespace of its own
-//! (so its lease id, `<namespace>/invoice-run`, is its own too), feeds the controller's store
+//! `redis-server` (breakwater-harness), with grants made by the agents' own store code
+//! (breakwater-store), as an agent would make them. Each test creates its LockLease for
+//! real in a namespace of its own (so its lease id, `<namespace>/invoice-run`, is its own too), feeds the controller's store
 //! and calls `reconcile` itself. Status is written by server-side apply, so a field the
 //! operator stops applying (a released holder) is removed from the stored object — the
 //! in-memory fake merged the apply and needed an interceptor to pretend that. Also the lease
@@ -9,10 +9,6 @@
 
 use std::{sync::Arc, time::Duration};
 
-use breakwater_agent::{
-    lease::{Attempt, Grant, LeaseStore, redis::RedisLeases},
-    store::{RedisSettings, RedisStore, RedisTopology},
-};
 use breakwater_api::LockLease;
 use breakwater_harness::{RedisCluster, RedisServer, unique_prefix};
 use breakwater_operator::{
@@ -21,6 +17,10 @@ use breakwater_operator::{
     lease::{self, Backoff, LeaseReader, RedisOptions},
     policy::lock_lease::time,
     standalone,
+};
+use breakwater_store::{
+    RedisConnection, RedisSettings, RedisTopology,
+    lease::{Attempt, Grant, LeaseStore, RedisLeases},
 };
 use futures::StreamExt;
 use k8s_openapi::{
@@ -58,12 +58,12 @@ spec:
     .expect("fixture parses")
 }
 
-/// What an agent uses to grant leases: the agent's Redis store code.
+/// What an agent uses to grant leases: the lease store code agents run (breakwater-store).
 async fn agent_store(redis: &RedisServer, prefix: &str) -> RedisLeases {
-    let store = RedisStore::start(RedisSettings::new(RedisTopology::Standalone(redis.url())))
+    let connection = RedisConnection::start(RedisSettings::new(RedisTopology::Standalone(redis.url())))
         .await
-        .expect("redis store");
-    RedisLeases::new(store, prefix, Duration::from_secs(2))
+        .expect("redis connection");
+    RedisLeases::new(connection, prefix, Duration::from_secs(2))
 }
 
 async fn grant(agent: &RedisLeases, id: &str, holder: &str, ttl: Duration, capacity: u32) -> Grant {
@@ -366,8 +366,8 @@ async fn agents_on_a_redis_cluster_are_read_and_followed_through_its_seeds() {
 
     // The agent grants on the Cluster (its --redis-cluster): the lease's slot may live on any
     // master, and its event still reaches the operator subscribed on the first seed.
-    let store = RedisStore::start(RedisSettings::new(topology)).await.expect("cluster store");
-    let agent = RedisLeases::new(store, prefix.as_str(), Duration::from_secs(2));
+    let connection = RedisConnection::start(RedisSettings::new(topology)).await.expect("cluster connection");
+    let agent = RedisLeases::new(connection, prefix.as_str(), Duration::from_secs(2));
     let granted = grant(&agent, &id, HOLDER, Duration::from_secs(30), 1).await;
     assert_eq!(next(&mut triggers.leases, "grant event").await, id);
     let lease = world.reconcile().await;

@@ -8,7 +8,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::time::Instant;
 
-use super::{Attempt, Grant, LeaseError, LeaseState, LeaseStore};
+use super::{Attempt, Grant, LeaseState, LeaseStore, not_holder};
+use crate::Error;
 
 /// Leases in memory. Clones share the leases.
 #[derive(Debug, Clone, Default)]
@@ -113,11 +114,11 @@ impl LeaseStore for MemoryLeases {
         ttl: Duration,
         capacity: u32,
         floor: i64,
-    ) -> Result<Attempt, LeaseError> {
+    ) -> Result<Attempt, Error> {
         Ok(self.with_lease(lease, |l, now| l.acquire(now, holder, micros(ttl), capacity, floor)))
     }
 
-    async fn renew(&self, lease: &str, holder: &str, token: i64, ttl: Duration) -> Result<Grant, LeaseError> {
+    async fn renew(&self, lease: &str, holder: &str, token: i64, ttl: Duration) -> Result<Grant, Error> {
         self.with_lease(lease, |l, now| {
             let i = l.position(holder, token)?;
             let grant = &mut l.grants[i];
@@ -125,19 +126,19 @@ impl LeaseStore for MemoryLeases {
             grant.expires_at_us = now.saturating_add(micros(ttl));
             Some(grant.clone())
         })
-        .ok_or_else(|| LeaseError::NotHolder { lease: lease.into(), holder: holder.into(), token })
+        .ok_or_else(|| not_holder(lease, holder, token))
     }
 
-    async fn release(&self, lease: &str, holder: &str, token: i64) -> Result<i64, LeaseError> {
+    async fn release(&self, lease: &str, holder: &str, token: i64) -> Result<i64, Error> {
         self.with_lease(lease, |l, now| {
             let i = l.position(holder, token)?;
             l.grants.swap_remove(i);
             Some(now)
         })
-        .ok_or_else(|| LeaseError::NotHolder { lease: lease.into(), holder: holder.into(), token })
+        .ok_or_else(|| not_holder(lease, holder, token))
     }
 
-    async fn state(&self, lease: &str) -> Result<LeaseState, LeaseError> {
+    async fn state(&self, lease: &str) -> Result<LeaseState, Error> {
         Ok(self.with_lease(lease, |l, now| {
             let mut grants = l.grants.clone();
             grants.sort_by_key(|g| g.fencing_token);
@@ -191,7 +192,7 @@ mod tests {
         tokio::time::advance(Duration::from_millis(1)).await;
         assert!(matches!(
             store.renew("l", "a", a.fencing_token, Duration::from_secs(1)).await,
-            Err(LeaseError::NotHolder { .. })
+            Err(Error::NotHolder { .. })
         ));
         assert!(matches!(
             store.try_acquire("l", "b", Duration::from_secs(1), 1, 0).await.unwrap(),

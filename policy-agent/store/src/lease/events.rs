@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 
-use crate::store::StoreError;
-use crate::store::redis::{classify, redact};
+use crate::connection::open;
+use crate::{Error, RedisTopology};
 
 /// How long subscribing may take (connect and `SUBSCRIBE`).
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -28,31 +28,31 @@ pub fn channel(prefix: &str) -> String {
     format!("{prefix}:lease-events")
 }
 
-/// Subscribes to the lease events under `prefix` on the standalone Redis at `url`: a stream
-/// of lease ids as published, which ends when the connection does.
+/// Where to subscribe: the server, or the first Cluster seed (a Cluster delivers a
+/// `PUBLISH` to the subscribers of every node).
+pub fn events_url(topology: &RedisTopology) -> Result<&str, Error> {
+    match topology {
+        RedisTopology::Standalone(url) => Ok(url),
+        RedisTopology::Cluster(seeds) => seeds.first().map(String::as_str).ok_or(Error::NoSeeds),
+    }
+}
+
+/// Subscribes to the lease events under `prefix` on the Redis of `topology`: a stream of
+/// lease ids as published, which ends when the connection does.
 pub async fn subscribe(
-    url: &str,
+    topology: &RedisTopology,
     prefix: &str,
-) -> Result<impl Stream<Item = String> + Send + 'static, StoreError> {
-    let client = redis::Client::open(url)
-        .map_err(|e| StoreError::permanent(format!("redis url {}: {e}", redact(url))))?;
+) -> Result<impl Stream<Item = String> + Send + 'static, Error> {
+    let client = open(events_url(topology)?)?;
     let channel = channel(prefix);
     let subscribed = async {
         let mut pubsub = client.get_async_pubsub().await?;
         pubsub.subscribe(&channel).await?;
         Ok::<_, redis::RedisError>(pubsub)
     };
-    let pubsub = match tokio::time::timeout(SUBSCRIBE_TIMEOUT, subscribed).await {
-        Ok(Ok(pubsub)) => pubsub,
-        Ok(Err(error)) => return Err(classify(&error)),
-        Err(_) => {
-            return Err(StoreError::transient(format!(
-                "subscribing to {channel} on {} took more than {}s",
-                redact(url),
-                SUBSCRIBE_TIMEOUT.as_secs()
-            )));
-        }
-    };
+    let pubsub = tokio::time::timeout(SUBSCRIBE_TIMEOUT, subscribed)
+        .await
+        .map_err(|_| Error::Timeout { call: "SUBSCRIBE", deadline: SUBSCRIBE_TIMEOUT })??;
     Ok(pubsub.into_on_message().filter_map(|message| async move {
         match message.get_payload::<String>() {
             Ok(id) => Some(id),
@@ -62,4 +62,18 @@ pub async fn subscribe(
             }
         }
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subscribes_on_the_server_or_the_first_seed() {
+        let standalone = RedisTopology::Standalone("redis://a:1".into());
+        assert_eq!(events_url(&standalone).unwrap(), "redis://a:1");
+        let cluster = RedisTopology::Cluster(vec!["redis://b:1".into(), "redis://c:1".into()]);
+        assert_eq!(events_url(&cluster).unwrap(), "redis://b:1");
+        assert!(matches!(events_url(&RedisTopology::Cluster(vec![])), Err(Error::NoSeeds)));
+    }
 }

@@ -1,6 +1,6 @@
 //! Leases in Redis (standalone or Cluster): one Lua script per operation, run atomically by
-//! Redis on the counter store's shared connections ([`RedisStore::run_script`]), each call
-//! bounded by a deadline.
+//! Redis on shared connections ([`RedisConnection::run_script`]; in the agent, the counters'
+//! connections), each call bounded by a deadline.
 //!
 //! Layout: every key of a lease shares the hash tag `{<prefix>:lease:<id>}` (prefix and id
 //! percent-escaped as counter keys are), so a lease lives in one Cluster slot and a script
@@ -25,9 +25,9 @@ use std::time::Duration;
 
 use redis::{Script, ScriptInvocation, Value};
 
-use super::{Attempt, Grant, LeaseError, LeaseState, LeaseStore};
-use crate::limiter::escape_into;
-use crate::store::{RedisStore, StoreError};
+use super::{Attempt, Grant, LeaseState, LeaseStore, not_holder};
+use crate::key::escape_into;
+use crate::{Error, RedisConnection};
 
 /// The deadline of one lease call when the caller has no reason to pick another. Lease
 /// calls are not on a request's path, so this is far above a Redis round trip (well under a
@@ -90,10 +90,10 @@ pub fn lease_keys(prefix: &str, lease: &str) -> LeaseKeys {
     }
 }
 
-/// Leases in Redis. Cheap to clone: the connections are the [`RedisStore`]'s.
+/// Leases in Redis. Cheap to clone: the connections are the [`RedisConnection`]'s.
 #[derive(Debug, Clone)]
 pub struct RedisLeases {
-    store: RedisStore,
+    store: RedisConnection,
     prefix: Arc<str>,
     channel: Arc<str>,
     deadline: Duration,
@@ -101,15 +101,15 @@ pub struct RedisLeases {
 
 impl RedisLeases {
     /// Leases under `key_prefix` (inside each lease's hash tag; several agents'
-    /// configurations, or tests, can share one Redis), each call failing with a transient
-    /// [`StoreError`] when Redis has not answered within `deadline`.
-    pub fn new(store: RedisStore, key_prefix: impl Into<String>, deadline: Duration) -> Self {
+    /// configurations, or tests, can share one Redis), each call failing with
+    /// [`Error::Timeout`] when Redis has not answered within `deadline`.
+    pub fn new(store: RedisConnection, key_prefix: impl Into<String>, deadline: Duration) -> Self {
         let prefix: String = key_prefix.into();
         let channel = super::events::channel(&prefix);
         RedisLeases { store, prefix: prefix.into(), channel: channel.into(), deadline }
     }
 
-    pub fn store(&self) -> &RedisStore {
+    pub fn connection(&self) -> &RedisConnection {
         &self.store
     }
 
@@ -138,13 +138,10 @@ impl RedisLeases {
         invocation
     }
 
-    async fn run(&self, invocation: &ScriptInvocation<'_>) -> Result<Vec<Value>, StoreError> {
+    async fn run(&self, invocation: &ScriptInvocation<'_>) -> Result<Vec<Value>, Error> {
         match tokio::time::timeout(self.deadline, self.store.run_script(invocation)).await {
             Ok(reply) => reply,
-            Err(_) => Err(StoreError::transient(format!(
-                "redis did not answer a lease call within the deadline ({}ms)",
-                self.deadline.as_millis()
-            ))),
+            Err(_) => Err(Error::Timeout { call: "a lease call", deadline: self.deadline }),
         }
     }
 }
@@ -161,7 +158,7 @@ impl LeaseStore for RedisLeases {
         ttl: Duration,
         capacity: u32,
         floor: i64,
-    ) -> Result<Attempt, LeaseError> {
+    ) -> Result<Attempt, Error> {
         let mut invocation = self.invocation(&SCRIPTS.acquire, lease);
         invocation
             .arg(holder)
@@ -172,10 +169,10 @@ impl LeaseStore for RedisLeases {
             .arg(&*self.channel)
             .arg(TOKEN_RETENTION.as_millis() as u64);
         let reply = self.run(&invocation).await?;
-        Ok(parse_attempt(holder, &reply)?)
+        parse_attempt(holder, &reply)
     }
 
-    async fn renew(&self, lease: &str, holder: &str, token: i64, ttl: Duration) -> Result<Grant, LeaseError> {
+    async fn renew(&self, lease: &str, holder: &str, token: i64, ttl: Duration) -> Result<Grant, Error> {
         let mut invocation = self.invocation(&SCRIPTS.renew, lease);
         invocation
             .arg(holder)
@@ -188,27 +185,23 @@ impl LeaseStore for RedisLeases {
         parse_renew(holder, &reply)?.ok_or_else(|| not_holder(lease, holder, token))
     }
 
-    async fn release(&self, lease: &str, holder: &str, token: i64) -> Result<i64, LeaseError> {
+    async fn release(&self, lease: &str, holder: &str, token: i64) -> Result<i64, Error> {
         let mut invocation = self.invocation(&SCRIPTS.release, lease);
         invocation.arg(holder).arg(token).arg(lease).arg(&*self.channel);
         let reply = self.run(&invocation).await?;
         parse_release(&reply)?.ok_or_else(|| not_holder(lease, holder, token))
     }
 
-    async fn state(&self, lease: &str) -> Result<LeaseState, LeaseError> {
+    async fn state(&self, lease: &str) -> Result<LeaseState, Error> {
         let mut invocation = self.invocation(&SCRIPTS.state, lease);
         invocation.arg(lease).arg(&*self.channel);
         let reply = self.run(&invocation).await?;
-        Ok(parse_state(&reply)?)
+        parse_state(&reply)
     }
 }
 
-fn not_holder(lease: &str, holder: &str, token: i64) -> LeaseError {
-    LeaseError::NotHolder { lease: lease.into(), holder: holder.into(), token }
-}
-
-fn unexpected(script: &str, reply: &[Value]) -> StoreError {
-    StoreError::permanent(format!("unexpected reply from the lease {script} script: {reply:?}"))
+fn unexpected(script: &'static str, reply: &[Value]) -> Error {
+    Error::UnexpectedReply { script, reply: format!("{reply:?}") }
 }
 
 fn int(value: &Value) -> Option<i64> {
@@ -240,41 +233,41 @@ fn grant(holder: &str, [token, acquired, renewed, expires]: [i64; 4]) -> Grant {
 }
 
 /// `{1, token, acquired, renewed, expiry}` or `{0, now, free_at}`.
-fn parse_attempt(holder: &str, reply: &[Value]) -> Result<Attempt, StoreError> {
+fn parse_attempt(holder: &str, reply: &[Value]) -> Result<Attempt, Error> {
     match reply.split_first() {
         Some((Value::Int(1), rest)) => ints::<4>(rest)
             .map(|g| Attempt::Granted(grant(holder, g)))
-            .ok_or_else(|| unexpected("acquire", reply)),
+            .ok_or_else(|| unexpected("lease acquire", reply)),
         Some((Value::Int(0), rest)) => ints::<2>(rest)
             .map(|[now_us, free_at_us]| Attempt::Busy { now_us, free_at_us })
-            .ok_or_else(|| unexpected("acquire", reply)),
-        _ => Err(unexpected("acquire", reply)),
+            .ok_or_else(|| unexpected("lease acquire", reply)),
+        _ => Err(unexpected("lease acquire", reply)),
     }
 }
 
 /// `{1, token, acquired, renewed, expiry}` or `{0, now}` (not the holder).
-fn parse_renew(holder: &str, reply: &[Value]) -> Result<Option<Grant>, StoreError> {
+fn parse_renew(holder: &str, reply: &[Value]) -> Result<Option<Grant>, Error> {
     match reply.split_first() {
         Some((Value::Int(1), rest)) => {
-            ints::<4>(rest).map(|g| Some(grant(holder, g))).ok_or_else(|| unexpected("renew", reply))
+            ints::<4>(rest).map(|g| Some(grant(holder, g))).ok_or_else(|| unexpected("lease renew", reply))
         }
         Some((Value::Int(0), rest)) if ints::<1>(rest).is_some() => Ok(None),
-        _ => Err(unexpected("renew", reply)),
+        _ => Err(unexpected("lease renew", reply)),
     }
 }
 
 /// `{1, now}` (released at now) or `{0, now}` (not the holder).
-fn parse_release(reply: &[Value]) -> Result<Option<i64>, StoreError> {
+fn parse_release(reply: &[Value]) -> Result<Option<i64>, Error> {
     match ints::<2>(reply) {
         Some([1, now]) => Ok(Some(now)),
         Some([0, _]) => Ok(None),
-        _ => Err(unexpected("release", reply)),
+        _ => Err(unexpected("lease release", reply)),
     }
 }
 
 /// `{now, has_last, last, (holder, token, acquired, renewed, expiry)*}`.
-fn parse_state(reply: &[Value]) -> Result<LeaseState, StoreError> {
-    let bad = || unexpected("state", reply);
+fn parse_state(reply: &[Value]) -> Result<LeaseState, Error> {
+    let bad = || unexpected("lease state", reply);
     if reply.len() < 3 || !(reply.len() - 3).is_multiple_of(5) {
         return Err(bad());
     }
@@ -343,7 +336,7 @@ mod tests {
         for bad in [vec![], ints_of(&[1, 7]), ints_of(&[0, 5]), ints_of(&[2, 1, 1]), vec![Value::Nil]] {
             let error = parse_attempt("h", &bad).unwrap_err();
             assert!(!error.is_transient(), "{error}");
-            assert!(error.message.contains("acquire"), "{error}");
+            assert!(error.to_string().contains("lease acquire"), "{error}");
         }
     }
 
