@@ -14,7 +14,7 @@ use breakwater_agent::config::ConfigSource;
 use breakwater_agent::grpc::RateLimitGrpc;
 use breakwater_agent::limiter::LimiterSettings;
 use breakwater_agent::store::{MemoryStore, RedisSettings, RedisTopology};
-use breakwater_agent::{Listeners, Settings, StoreSettings};
+use breakwater_agent::{Settings, StoreSettings};
 use breakwater_api::agent::AgentConfig;
 use breakwater_api::rate_limit::Algorithm;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
@@ -22,8 +22,7 @@ use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::R
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitService;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 
 const OK: i32 = Code::Ok as i32;
 const OVER: i32 = Code::OverLimit as i32;
@@ -64,44 +63,12 @@ async fn without_configuration_the_service_is_unavailable() {
     assert_eq!(status.code(), tonic::Code::Unavailable, "Envoy then applies its failure_mode_deny");
 }
 
-struct Running {
-    grpc: SocketAddr,
-    http: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<breakwater_agent::Result<()>>,
-}
-
-impl Running {
-    async fn client(&self) -> RateLimitServiceClient<tonic::transport::Channel> {
-        RateLimitServiceClient::connect(format!("http://{}", self.grpc)).await.expect("connects")
-    }
-
-    async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        tokio::time::timeout(Duration::from_secs(10), self.task)
-            .await
-            .expect("drains")
-            .unwrap()
-            .expect("clean exit");
-    }
-}
-
-async fn listeners() -> Listeners {
-    Listeners {
-        grpc: TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        http: TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        lease: TcpListener::bind("127.0.0.1:0").await.unwrap(),
-    }
+async fn rls_client(agent: &Running) -> RateLimitServiceClient<tonic::transport::Channel> {
+    RateLimitServiceClient::connect(format!("http://{}", agent.grpc)).await.expect("connects")
 }
 
 async fn start(settings: Settings) -> Running {
-    let listeners = listeners().await;
-    let (grpc, http) = (listeners.grpc.local_addr().unwrap(), listeners.http.local_addr().unwrap());
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(breakwater_agent::run(listeners, settings, async move {
-        let _ = stopped.await;
-    }));
-    Running { grpc, http, stop: Some(stop), task }
+    Running::start(settings).await
 }
 
 /// A bare HTTP/1.1 GET: (status, body).
@@ -133,7 +100,7 @@ async fn over_loopback_with_config_pushed_on_a_channel() {
         .await;
     let (status, body) = get(agent.http, "/readyz").await;
     assert_eq!((status, body.as_str()), (503, "not ready: no configuration yet\n"));
-    let mut client = agent.client().await;
+    let mut client = rls_client(&agent).await;
     let early =
         client.should_rate_limit(request(vec![descriptor("shop/api/wire", &[])], 1)).await.unwrap_err();
     assert_eq!(early.code(), tonic::Code::Unavailable);
@@ -232,7 +199,7 @@ async fn run_on_redis_with_a_config_file_that_changes() {
     })
     .await;
     wait_until("ready", Duration::from_secs(5), || async { get(agent.http, "/readyz").await.0 == 200 }).await;
-    let mut client = agent.client().await;
+    let mut client = rls_client(&agent).await;
     let ask = || {
         let mut c = client.clone();
         async move {
@@ -268,7 +235,7 @@ async fn run_on_redis_with_a_config_file_that_changes() {
         get(agent.http, "/readyz").await.0 == 503
     })
     .await;
-    client = agent.client().await;
+    client = rls_client(&agent).await;
     let r = client.should_rate_limit(request(vec![descriptor("shop/api/file", &[("k", "other")])], 1)).await;
     assert_eq!(r.unwrap().into_inner().overall_code, OVER);
     agent.stop().await;

@@ -6,6 +6,8 @@
 // Helpers outside #[test] fns unwrap too, as the tests themselves may.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -15,12 +17,11 @@ use breakwater_agent::config::ConfigSource;
 use breakwater_agent::lease::leader::LeaderSettings;
 use breakwater_agent::limiter::LimiterSettings;
 use breakwater_agent::store::{RedisSettings, RedisTopology};
-use breakwater_agent::{LeaseSettings, Listeners, Settings, StoreSettings};
+use breakwater_agent::{LeaseSettings, Settings, StoreSettings};
 use breakwater_api::agent::{AgentConfig, LeaseRule};
-use breakwater_harness::{RedisServer, unique_prefix, wait_until};
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
-use tokio::sync::{oneshot, watch};
+use support::{RedisServer, Running, unique_prefix, wait_until};
+use tokio::sync::watch;
 
 fn lease(name: &str, ttl_ms: u64, holders: u32) -> LeaseRule {
     LeaseRule { id: format!("shop/{name}"), name: name.into(), ttl_ms, holders }
@@ -31,11 +32,9 @@ fn config(leases: Vec<LeaseRule>) -> AgentConfig {
 }
 
 struct Agent {
-    http: SocketAddr,
+    running: Running,
     lease: SocketAddr,
     client: reqwest::Client,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<breakwater_agent::Result<()>>,
 }
 
 struct Answer {
@@ -53,12 +52,6 @@ impl Agent {
         configs: watch::Receiver<Option<AgentConfig>>,
         leader: (Vec<String>, Option<&Path>),
     ) -> Agent {
-        let listeners = Listeners {
-            grpc: TcpListener::bind("127.0.0.1:0").await.unwrap(),
-            http: TcpListener::bind("127.0.0.1:0").await.unwrap(),
-            lease: TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        };
-        let (http, lease) = (listeners.http.local_addr().unwrap(), listeners.lease.local_addr().unwrap());
         let settings = Settings {
             pod: format!("shop/{pod}"),
             config: ConfigSource::Channel(configs),
@@ -70,11 +63,9 @@ impl Agent {
                 deadline: Duration::from_secs(2),
             },
         };
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(breakwater_agent::run(listeners, settings, async move {
-            let _ = stopped.await;
-        }));
-        let agent = Agent { http, lease, client: reqwest::Client::new(), stop: Some(stop), task };
+        let running = Running::start(settings).await;
+        let (http, lease) = (running.http, running.lease);
+        let agent = Agent { running, lease, client: reqwest::Client::new() };
         wait_until("the agent serves", Duration::from_secs(10), || async {
             agent.client.get(format!("http://{http}/healthz")).send().await.is_ok()
         })
@@ -82,13 +73,8 @@ impl Agent {
         agent
     }
 
-    async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        tokio::time::timeout(Duration::from_secs(10), self.task)
-            .await
-            .expect("drains")
-            .unwrap()
-            .expect("clean exit");
+    async fn stop(self) {
+        self.running.stop().await;
     }
 
     async fn call(&self, method: reqwest::Method, path: &str, body: Option<&str>) -> Answer {
@@ -114,7 +100,7 @@ impl Agent {
     }
 
     async fn ready(&self) -> u16 {
-        let url = format!("http://{}/readyz", self.http);
+        let url = format!("http://{}/readyz", self.running.http);
         self.client.get(url).send().await.map(|r| r.status().as_u16()).unwrap_or(0)
     }
 }
@@ -335,7 +321,8 @@ async fn a_configuration_swap_adds_and_removes_leases() {
     // A bad lease refuses the whole configuration: "a" and "b" stay as they were.
     configs.send(Some(config(vec![lease("b", 5_000, 3), lease("c", 0, 1)]))).unwrap();
     wait_until("the bad configuration is refused", Duration::from_secs(5), || async {
-        let metrics = agent.client.get(format!("http://{}/metrics", agent.http)).send().await.unwrap();
+        let metrics =
+            agent.client.get(format!("http://{}/metrics", agent.running.http)).send().await.unwrap();
         metrics.text().await.unwrap().contains("breakwater_agent_config_reloads_total{reason=\"rejected\"} 1")
     })
     .await;

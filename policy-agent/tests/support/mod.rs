@@ -1,8 +1,10 @@
-//! Agent test helpers: requests, rules and limiters. The Redis harness (servers, clusters,
-//! free ports, unique key prefixes) is the workspace's `breakwater-harness`, re-exported.
+//! Agent test helpers: requests, rules and limiters, and the whole agent on loopback
+//! ([`Running`]). The Redis harness (servers, clusters, free ports, unique key prefixes) is
+//! the workspace's `breakwater-harness`, re-exported.
 
 #![allow(dead_code)]
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,11 +12,13 @@ use breakwater_agent::config::{RuleHolder, RuleSet};
 use breakwater_agent::limiter::{Limiter, LimiterSettings};
 use breakwater_agent::metrics::Metrics;
 use breakwater_agent::store::CounterStore;
+use breakwater_agent::{Listeners, Settings};
 use breakwater_api::agent::{AgentConfig, DOMAIN, LIMIT_KEY, RateLimitRule};
 use breakwater_api::rate_limit::{Algorithm, FailureMode};
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
 use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
+use tokio::sync::oneshot;
 
 pub use breakwater_harness::*;
 
@@ -64,4 +68,39 @@ pub fn header<'a>(
     name: &str,
 ) -> Option<&'a str> {
     response.response_headers_to_add.iter().find(|h| h.key == name).map(|h| h.value.as_str())
+}
+
+/// The whole agent (`breakwater_agent::run`) on loopback ports chosen by the system.
+pub struct Running {
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    pub lease: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<breakwater_agent::Result<()>>,
+}
+
+impl Running {
+    pub async fn start(settings: Settings) -> Running {
+        let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+        let listeners = Listeners::bind(loopback, loopback, loopback).await.expect("bind");
+        let addr = |l: &tokio::net::TcpListener| l.local_addr().expect("addr");
+        let (grpc, http, lease) = (addr(&listeners.grpc), addr(&listeners.http), addr(&listeners.lease));
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(breakwater_agent::run(listeners, settings, async move {
+            let _ = stopped.await;
+        }));
+        Running { grpc, http, lease, stop: Some(stop), task }
+    }
+
+    /// Shuts the agent down and waits until it has drained, cleanly.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("drains")
+            .expect("the agent's task")
+            .expect("clean exit");
+    }
 }
