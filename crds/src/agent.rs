@@ -239,23 +239,7 @@ mod tests {
 
     #[test]
     fn round_trips_as_json() {
-        let config = AgentConfig {
-            rate_limits: vec![RateLimitRule {
-                id: "shop/api/per-user".into(),
-                requests: 100,
-                period_ms: 60_000,
-                burst: 20,
-                algorithm: Algorithm::TokenBucket,
-                shadow: false,
-                failure_mode: FailureMode::Open,
-            }],
-            leases: vec![LeaseRule {
-                id: "billing/invoice-run".into(),
-                name: "invoice-run".into(),
-                ttl_ms: 30_000,
-                holders: 1,
-            }],
-        };
+        let config = sample();
         let json = serde_json::to_string(&config).expect("serializes");
         assert!(json.contains(r#""periodMs":60000"#), "{json}");
         assert!(json.contains(r#""ttlMs":30000"#), "{json}");
