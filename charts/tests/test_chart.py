@@ -269,6 +269,7 @@ def test_default_render_kinds(default: Rendered) -> None:
             "Role",
             "RoleBinding",
             "Service",
+            "Service",
             "ServiceAccount",
         ]
     )
@@ -432,23 +433,41 @@ def test_probes_use_the_metrics_port(default: Rendered) -> None:
     assert probe_target("readinessProbe") == ("/readyz", 8080)
 
 
-def test_service_exposes_metrics_and_xds(default: Rendered) -> None:
-    service = default.one("Service")
-    assert service["spec"]["type"] == "ClusterIP"
-    ports = [
-        (p["name"], p["port"], p["targetPort"], p["protocol"], p.get("appProtocol"))
-        for p in service["spec"]["ports"]
-    ]
-    assert ports == [
-        ("http-metrics", 8080, "http-metrics", "TCP", None),
-        ("grpc-xds", 18000, "grpc-xds", "TCP", "grpc"),
-    ]
+def services(out: Rendered) -> dict[str, Doc]:
+    return {doc["metadata"]["name"]: doc for doc in out.all("Service")}
+
+
+def test_services_expose_xds_on_the_leader_and_metrics_on_every_replica(default: Rendered) -> None:
+    by_name = services(default)
+    assert sorted(by_name) == [FULLNAME, f"{FULLNAME}-metrics"]
     container_ports = {p["name"] for p in default.container()["ports"]}
-    assert {p["targetPort"] for p in service["spec"]["ports"]} <= container_ports
     pod_labels = default.deployment()["spec"]["template"]["metadata"]["labels"]
-    selector = service["spec"]["selector"]
-    assert selector and selector.items() <= pod_labels.items()
-    assert default.deployment()["spec"]["selector"]["matchLabels"] == selector
+    matched = default.deployment()["spec"]["selector"]["matchLabels"]
+    expected = {
+        FULLNAME: ("grpc-xds", 18000, "grpc-xds", "TCP", "grpc"),
+        f"{FULLNAME}-metrics": ("http-metrics", 8080, "http-metrics", "TCP", None),
+    }
+    for name, port in expected.items():
+        service = by_name[name]
+        assert service["spec"]["type"] == "ClusterIP"
+        ports = [
+            (p["name"], p["port"], p["targetPort"], p["protocol"], p.get("appProtocol"))
+            for p in service["spec"]["ports"]
+        ]
+        assert ports == [port], name
+        assert {p["targetPort"] for p in service["spec"]["ports"]} <= container_ports
+    # Metrics: every replica. xDS: only the pod the leader labels as serving it.
+    assert by_name[f"{FULLNAME}-metrics"]["spec"]["selector"] == matched
+    xds_selector = by_name[FULLNAME]["spec"]["selector"]
+    assert xds_selector == {**matched, "breakwater.dev/serving-xds": "true"}
+    assert matched.items() <= pod_labels.items()
+    assert "breakwater.dev/serving-xds" not in pod_labels, "the operator sets it, never the chart"
+
+
+def test_without_leader_election_the_one_replica_serves_xds(chart: helm.Chart) -> None:
+    out = render(chart, {"replicas": 1, "leaderElection": {"enabled": False}})
+    matched = out.deployment()["spec"]["selector"]["matchLabels"]
+    assert services(out)[FULLNAME]["spec"]["selector"] == matched
 
 
 def test_resources_from_values(default: Rendered) -> None:
@@ -631,7 +650,7 @@ def test_port_overrides_stay_consistent(chart: helm.Chart) -> None:
     assert out.flag("--xds-addr") == "0.0.0.0:15010"
     ports = {p["name"]: p["containerPort"] for p in out.container()["ports"]}
     assert ports == {"http-metrics": 9090, "grpc-xds": 15010}
-    service = {p["name"]: p for p in out.one("Service")["spec"]["ports"]}
+    service = {p["name"]: p for doc in out.all("Service") for p in doc["spec"]["ports"]}
     assert {name: p["port"] for name, p in service.items()} == {"http-metrics": 9090, "grpc-xds": 15010}
     assert {name: p["targetPort"] for name, p in service.items()} == {
         "http-metrics": "http-metrics",
@@ -641,7 +660,7 @@ def test_port_overrides_stay_consistent(chart: helm.Chart) -> None:
         port = out.container()[probe]["httpGet"]["port"]
         assert (ports[port] if isinstance(port, str) else port) == 9090, probe
     assert f"{FULLNAME}.{NAMESPACE}.svc:15010" in out.notes
-    assert f"{FULLNAME}.{NAMESPACE}.svc:9090/metrics" in out.notes
+    assert f"{FULLNAME}-metrics.{NAMESPACE}.svc:9090/metrics" in out.notes
 
 
 def test_schema_accepts_xds_values(chart: helm.Chart) -> None:
@@ -682,7 +701,7 @@ def test_notes_say_how_to_check_the_install(default: Rendered) -> None:
     assert f"kubectl get pods -n {NAMESPACE}" in notes
     assert "kubectl get breakwater -A" in notes
     assert "examples/" in notes
-    assert f"{FULLNAME}.{NAMESPACE}.svc:8080/metrics" in notes
+    assert f"{FULLNAME}-metrics.{NAMESPACE}.svc:8080/metrics" in notes
 
 
 def test_notes_say_where_sidecars_connect(default: Rendered) -> None:

@@ -12,11 +12,11 @@ use std::{
 
 use breakwater_api::{CircuitBreakerPolicy, Duration as PolicyDuration};
 use breakwater_operator::{
-    compile::{self, Proxy, type_url},
+    compile::{self, Compiled, Proxy, type_url},
     http::State,
     inventory::{Inventory, ObjectName},
     standalone::load,
-    xds::{AdsServer, SnapshotCache, feed},
+    xds::{AdsServer, SnapshotCache},
 };
 use envoy_types::pb::envoy::{
     config::core::v3::Node,
@@ -86,12 +86,12 @@ async fn wait_for_all_acks(cache: &SnapshotCache, generation: i64) {
     let name = ObjectName::new("shop", "payments");
     let mut changes = cache.subscribe_changes();
     loop {
-        let verdict = cache.programmed("CircuitBreakerPolicy", &name, generation);
-        if verdict.ok && verdict.message == format!("acknowledged by {CLIENTS}/{CLIENTS} proxies") {
+        let acks = cache.acknowledgements("CircuitBreakerPolicy", &name, generation);
+        if acks.acknowledged == CLIENTS {
             return;
         }
         if tokio::time::timeout(Duration::from_secs(60), changes.changed()).await.is_err() {
-            panic!("no progress for 60s; last verdict: {} {}", verdict.reason, verdict.message);
+            panic!("no progress for 60s; last: {acks:?}");
         }
     }
 }
@@ -132,7 +132,7 @@ async fn main() {
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
     let base = load::load_dir(&examples, "breakwater-system").expect("examples load").inventory;
     let cache = Arc::new(SnapshotCache::default());
-    cache.set_compiler(feed::compiler(&with_timeout(&base, 10, 1)));
+    cache.publish(Compiled::new(&with_timeout(&base, 10, 1)));
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
@@ -159,7 +159,7 @@ async fn main() {
         baselines.push(baseline);
         bytes = encoded;
         let started = Instant::now();
-        cache.set_compiler(feed::compiler(&inventory));
+        cache.publish(Compiled::new(&inventory));
         wait_for_all_acks(&cache, generation).await;
         pushes.push(started.elapsed());
     }

@@ -1,8 +1,10 @@
-//! The controllers: one per kind, each reconciling a resource into its status. A reconcile
-//! builds an [`Inventory`] from the reflector stores, runs the same pure evaluation as
-//! standalone mode, and writes the status by server-side apply only when it changed.
-//! Services and Namespaces are watched through the same stream that fills the stores, so a
-//! reconcile they trigger always sees them.
+//! The controllers: one kube-runtime `Controller` per kind, all sharing one [`Context`] and
+//! treating every kind alike through [`Policy`]. A reconcile reads an [`Inventory`] from the
+//! shared stores, gathers what a status is made of — the evaluation, the proxies'
+//! acknowledgements, a LockLease's holders — and writes what [`status::assemble`] makes of
+//! it by server-side apply, only when it changed. A controller's triggers are subscriptions
+//! to the shared reflectors (one watch per kind), whose stores the reconcile reads, so a
+//! reconcile a Service or Namespace triggers always sees that change.
 
 use std::{
     collections::HashMap,
@@ -11,36 +13,30 @@ use std::{
     time::{Duration, Instant},
 };
 
-use breakwater_api::{
-    Attachment, CircuitBreakerPolicy, LockLease, OutboxRelay, RateLimitPolicy, common::GROUP,
-};
-use futures::{Stream, StreamExt, stream::BoxStream};
-use k8s_openapi::{
-    NamespaceResourceScope,
-    api::core::v1::{Namespace, Secret, Service},
-    apimachinery::pkg::apis::meta::v1::Time,
-};
+use breakwater_api::{LockLease, common::condition_type};
+use futures::{StreamExt, stream::BoxStream};
+use k8s_openapi::{api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::Time};
 use kube::{
-    Api, Client, Resource, ResourceExt,
+    Api, Client,
     api::{Patch, PatchParams},
     runtime::{
-        Controller, WatchStreamExt,
-        controller::Action,
+        Controller,
+        controller::{self, Action},
         events::{Event, EventType, Recorder, Reporter},
-        reflector::{self, ObjectRef, Store},
-        watcher,
+        reflector::{ObjectRef, Store},
     },
 };
-use serde::{Serialize, de::DeserializeOwned};
 
 use crate::{
-    error::{Error, Result},
+    error::{Error, Report, Result},
     http::State,
     inventory::{Inventory, ObjectName},
     lease::{self, LeaseReader},
+    metrics::{ErrorLabels, KindLabel},
     policy::lock_lease::{self, LeaseFields, Observation},
-    resource::Policy,
-    status::{self, OwnedStatus, owned_status, transitions},
+    reflectors::{Reflector, Reflectors},
+    resource::{Kind, Policy},
+    status::{self, Findings, OwnedStatus, transitions},
     xds::SnapshotCache,
 };
 
@@ -59,201 +55,53 @@ pub const LEASE_RESYNC: Duration = Duration::from_secs(30);
 /// read sees it gone despite the time the reconcile itself takes to start.
 const EXPIRY_MARGIN: Duration = Duration::from_millis(100);
 
-/// A Breakwater kind the controllers reconcile.
-pub trait Kind:
-    Resource<DynamicType = (), Scope = NamespaceResourceScope>
-    + Clone
-    + Debug
-    + DeserializeOwned
-    + Serialize
-    + Send
-    + Sync
-    + 'static
-{
-    /// Whether the kind attaches to Services (and so is re-evaluated when they change).
-    const ATTACHES_TO_SERVICES: bool;
-    fn into_policy(self: Arc<Self>) -> Policy;
-    /// Puts every resource of this kind into the inventory.
-    fn fill(inventory: &mut Inventory, all: Vec<Arc<Self>>);
-    /// The Secret whose keys evaluation needs, if any.
-    fn secret(&self) -> Option<ObjectName> {
-        None
-    }
-    /// Whether this resource may attach to `service` (so a change to it needs a reconcile).
-    fn may_target(&self, service: &ObjectName, root_namespace: &str) -> bool {
-        let _ = (service, root_namespace);
-        false
-    }
-    /// The resources of this kind whose outcome may change when `changed` changes.
-    fn related(changed: &Self, all: &[Arc<Self>], root_namespace: &str) -> Vec<ObjectRef<Self>> {
-        let _ = (changed, all, root_namespace);
-        Vec::new()
-    }
-}
-
-/// Attachment policies influence each other: root policies merge into every namespace, and
-/// namespace policies on one Service conflict or shadow a root Default.
-fn related_policies<K: Kind>(changed: &K, all: &[Arc<K>], root_namespace: &str) -> Vec<ObjectRef<K>> {
-    let namespace = changed.namespace().unwrap_or_default();
-    all.iter()
-        .filter(|other| {
-            let other_ns = other.namespace().unwrap_or_default();
-            other.name_any() != changed.name_any()
-                && (namespace == root_namespace || other_ns == root_namespace || other_ns == namespace)
-        })
-        .map(|other| ObjectRef::from_obj(other.as_ref()))
-        .collect()
-}
-
-fn may_target<K: Kind>(
-    policy: &K,
-    spec: &impl Attachment,
-    service: &ObjectName,
-    root_namespace: &str,
-) -> bool {
-    let namespace = policy.namespace().unwrap_or_default();
-    (namespace == root_namespace && spec.namespace_selector().is_some())
-        || (namespace == service.namespace && spec.target_refs().iter().any(|t| t.name == service.name))
-}
-
-impl Kind for CircuitBreakerPolicy {
-    const ATTACHES_TO_SERVICES: bool = true;
-    fn into_policy(self: Arc<Self>) -> Policy {
-        Policy::CircuitBreaker(self)
-    }
-    fn fill(inventory: &mut Inventory, all: Vec<Arc<Self>>) {
-        inventory.circuit_breakers = all;
-    }
-    fn may_target(&self, service: &ObjectName, root_namespace: &str) -> bool {
-        may_target(self, &self.spec, service, root_namespace)
-    }
-    fn related(changed: &Self, all: &[Arc<Self>], root_namespace: &str) -> Vec<ObjectRef<Self>> {
-        related_policies(changed, all, root_namespace)
-    }
-}
-
-impl Kind for RateLimitPolicy {
-    const ATTACHES_TO_SERVICES: bool = true;
-    fn into_policy(self: Arc<Self>) -> Policy {
-        Policy::RateLimit(self)
-    }
-    fn fill(inventory: &mut Inventory, all: Vec<Arc<Self>>) {
-        inventory.rate_limits = all;
-    }
-    fn may_target(&self, service: &ObjectName, root_namespace: &str) -> bool {
-        may_target(self, &self.spec, service, root_namespace)
-    }
-    fn related(changed: &Self, all: &[Arc<Self>], root_namespace: &str) -> Vec<ObjectRef<Self>> {
-        related_policies(changed, all, root_namespace)
-    }
-}
-
-impl Kind for LockLease {
-    const ATTACHES_TO_SERVICES: bool = false;
-    fn into_policy(self: Arc<Self>) -> Policy {
-        Policy::LockLease(self)
-    }
-    fn fill(inventory: &mut Inventory, all: Vec<Arc<Self>>) {
-        inventory.lock_leases = all;
-    }
-}
-
-impl Kind for OutboxRelay {
-    const ATTACHES_TO_SERVICES: bool = false;
-    fn into_policy(self: Arc<Self>) -> Policy {
-        Policy::OutboxRelay(self)
-    }
-    fn fill(inventory: &mut Inventory, all: Vec<Arc<Self>>) {
-        inventory.outbox_relays = all;
-    }
-    fn secret(&self) -> Option<ObjectName> {
-        let name = &self.spec.source.postgres.connection_secret_ref.name;
-        Some(ObjectName::new(self.namespace().unwrap_or_default(), name))
-    }
-}
-
-/// What a reconcile needs. The client is injected so tests can pass an in-memory API.
-pub struct Context<K: Kind> {
-    pub client: Client,
+/// How the controllers run, besides the client and the stores.
+#[derive(Clone)]
+pub struct Options {
+    /// Policies here may select other namespaces and set mode Default/Override.
     pub root_namespace: String,
-    pub policies: Store<K>,
-    pub services: Store<Service>,
-    pub namespaces: Store<Namespace>,
-    pub recorder: Recorder,
+    /// Who the Events say they come from.
+    pub reporter: Reporter,
+    /// What the HTTP side reads (metrics).
     pub state: Arc<State>,
     /// The xDS snapshot cache whose ACKs decide `Programmed`; None when no xDS is served.
     pub cache: Option<Arc<SnapshotCache>>,
     /// Where LockLeases are read from; None when the operator runs without Redis.
     pub leases: Option<Arc<dyn LeaseReader>>,
-    /// Consecutive failures per object, for exponential backoff.
-    failures: Mutex<HashMap<ObjectRef<K>, u32>>,
 }
 
-impl<K: Kind> Debug for Context<K> {
+impl Debug for Options {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Context")
-            .field("kind", &K::kind(&()))
-            .field("root_namespace", &self.root_namespace)
-            .finish()
+        f.debug_struct("Options").field("root_namespace", &self.root_namespace).finish_non_exhaustive()
     }
 }
 
-impl<K: Kind> Context<K> {
-    pub fn new(
-        client: Client,
-        root_namespace: String,
-        stores: (Store<K>, Store<Service>, Store<Namespace>),
-        reporter: Reporter,
-        state: Arc<State>,
-        cache: Option<Arc<SnapshotCache>>,
-    ) -> Self {
-        let (policies, services, namespaces) = stores;
-        Self {
-            cache,
-            recorder: Recorder::new(client.clone(), reporter),
-            client,
-            root_namespace,
-            policies,
-            services,
-            namespaces,
-            state,
-            leases: None,
-            failures: Mutex::default(),
-        }
+/// What a reconcile needs, shared by the four controllers. The client and the stores are
+/// injected, so tests reconcile against stores they fill themselves.
+pub struct Context {
+    client: Client,
+    reflectors: Reflectors,
+    recorder: Recorder,
+    options: Options,
+    /// Consecutive failures per object, for exponential backoff.
+    failures: Mutex<HashMap<(&'static str, ObjectName), u32>>,
+}
+
+impl Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context").field("options", &self.options).finish_non_exhaustive()
+    }
+}
+
+impl Context {
+    pub fn new(client: Client, reflectors: Reflectors, options: Options) -> Self {
+        let recorder = Recorder::new(client.clone(), options.reporter.clone());
+        Self { client, reflectors, recorder, options, failures: Mutex::default() }
     }
 
-    /// Reads LockLeases from `leases` (otherwise their `Held` is Unknown: no store).
-    #[must_use]
-    pub fn with_leases(mut self, leases: Arc<dyn LeaseReader>) -> Self {
-        self.leases = Some(leases);
-        self
-    }
-
-    /// What the store says about a LockLease (`last`: the fields its status has now).
-    async fn observe(&self, lease: &LockLease, last: &LeaseFields) -> lock_lease::Report {
-        let Some(reader) = &self.leases else {
-            return lock_lease::report(Observation::NoStore, &lease.spec, last);
-        };
-        let id = ObjectName::of(lease).to_string();
-        match reader.state(&id).await {
-            Ok(state) => lock_lease::report(Observation::Read(&state), &lease.spec, last),
-            Err(error) => {
-                tracing::warn!(lease = id, %error, "cannot read lease from Redis");
-                let error = error.to_string();
-                lock_lease::report(Observation::Unavailable(&error), &lease.spec, last)
-            }
-        }
-    }
-
-    async fn inventory(&self, policy: &K) -> Result<Inventory> {
-        let mut inventory = Inventory::new(&self.root_namespace);
-        for service in self.services.state() {
-            inventory.add_service(service);
-        }
-        for namespace in self.namespaces.state() {
-            inventory.add_namespace(namespace.name_any(), namespace.labels().clone());
-        }
-        K::fill(&mut inventory, self.policies.state());
+    /// What evaluation reads, and for a resource that refers to a Secret, that Secret's keys.
+    async fn inventory(&self, policy: &Policy) -> Result<Inventory> {
+        let mut inventory = self.reflectors.evaluation_inventory(&self.options.root_namespace);
         if let Some(secret) = policy.secret() {
             let api: Api<Secret> = Api::namespaced(self.client.clone(), &secret.namespace);
             if let Some(found) = api.get_opt(&secret.name).await? {
@@ -262,45 +110,77 @@ impl<K: Kind> Context<K> {
         }
         Ok(inventory)
     }
-}
 
-/// Reconciles one resource: evaluate, then write status and Events if anything changed.
-pub async fn reconcile<K: Kind>(object: Arc<K>, ctx: Arc<Context<K>>) -> Result<Action> {
-    let started = Instant::now();
-    let policy = object.clone().into_policy();
-    let kind = policy.kind();
-    let inventory = ctx.inventory(&object).await?;
-    let assessment = policy.assess(&inventory);
-    let now = Time(jiff::Timestamp::now());
-    let generation = object.meta().generation;
-    let programmed = status::programmed(&assessment, ctx.cache.as_deref(), kind, &policy.name(), generation);
-    let mut status = owned_status(&assessment, programmed, generation, policy.conditions(), &now);
-    let mut requeue = RESYNC;
-    if let Policy::LockLease(lease) = &policy {
-        let report = ctx.observe(lease, &policy.lease_fields().unwrap_or_default()).await;
-        requeue = lease_requeue(&report);
-        status = status::with_lease(status, report, generation, policy.conditions(), &now);
+    /// What the store says about a LockLease, given the holders its status shows now.
+    async fn read_lease(&self, lease: &LockLease) -> lock_lease::Report {
+        let last = LeaseFields::of(lease.status.as_ref());
+        let Some(reader) = &self.options.leases else {
+            return lock_lease::report(Observation::NoStore, &lease.spec, &last);
+        };
+        let id = ObjectName::of(lease).to_string();
+        match reader.state(&id).await {
+            Ok(state) => lock_lease::report(Observation::Read(&state), &lease.spec, &last),
+            Err(error) => {
+                let error = Report(&error).to_string();
+                tracing::warn!(lease = id, error, "cannot read lease from Redis");
+                lock_lease::report(Observation::Unavailable(&error), &lease.spec, &last)
+            }
+        }
     }
 
+    /// What the status of `policy` is made of, and when to look again without an event.
+    async fn findings(&self, policy: &Policy) -> Result<(Findings, Duration)> {
+        let inventory = self.inventory(policy).await?;
+        let lease = match policy.lease() {
+            Some(lease) => Some(self.read_lease(lease).await),
+            None => None,
+        };
+        let requeue = lease.as_ref().map_or(RESYNC, lease_requeue);
+        let generation = policy.meta().generation.unwrap_or(1);
+        let findings = Findings {
+            assessment: policy.assess(&inventory),
+            acknowledgements: self
+                .options
+                .cache
+                .as_ref()
+                .map(|cache| cache.acknowledgements(policy.kind(), &policy.name(), generation)),
+            lease,
+        };
+        Ok((findings, requeue))
+    }
+}
+
+/// Reconciles one resource: gathers its findings, then writes its status and Events if
+/// anything changed.
+pub async fn reconcile<K: Kind>(object: Arc<K>, ctx: Arc<Context>) -> Result<Action> {
+    let started = Instant::now();
+    let policy = object.clone().policy();
+    let kind = policy.kind();
+    let (findings, requeue) = ctx.findings(&policy).await?;
+    let accepted = findings.assessment.accepted.clone();
+    let now = Time(jiff::Timestamp::now());
+    let status = status::assemble(findings, policy.meta().generation, policy.conditions(), &now);
+
     if status_changed(&policy, &status) {
-        let name = object.name_any();
-        let api: Api<K> = Api::namespaced(ctx.client.clone(), &object.namespace().unwrap_or_default());
+        let name = policy.name();
+        let api: Api<K> = Api::namespaced(ctx.client.clone(), &name.namespace);
         let body = serde_json::json!({
-            "apiVersion": format!("{GROUP}/{}", K::version(&())),
+            "apiVersion": K::api_version(&()),
             "kind": kind,
             // A lease field left out (no holder any more) is removed by the API server: the
             // operator is its only manager and stops applying it.
             "status": status,
         });
-        api.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body)).await?;
-        ctx.state.metrics.status_writes.get_or_create(&crate::metrics::KindLabel { kind }).inc();
-        publish_events(&ctx, object.as_ref(), &policy, &status).await;
-        tracing::info!(kind, namespace = %policy.name().namespace, name, accepted = assessment.accepted.ok, reason = assessment.accepted.reason, "status updated");
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        api.patch_status(&name.name, &params, &Patch::Apply(&body)).await?;
+        ctx.options.state.metrics.status_writes.get_or_create(&KindLabel { kind }).inc();
+        publish_events(&ctx.recorder, &object.object_ref(&()), &policy, &status).await;
+        tracing::info!(kind, namespace = %name.namespace, name = %name.name, accepted = accepted.ok, reason = accepted.reason, "status updated");
     }
     if let Ok(mut failures) = ctx.failures.lock() {
-        failures.remove(&ObjectRef::from_obj(object.as_ref()));
+        failures.remove(&(kind, policy.name()));
     }
-    ctx.state.metrics.observe(kind, started.elapsed());
+    ctx.options.state.metrics.observe(kind, started.elapsed());
     Ok(Action::requeue(requeue))
 }
 
@@ -318,10 +198,14 @@ fn status_changed(policy: &Policy, status: &OwnedStatus) -> bool {
         || policy.lease_fields() != status.lease
 }
 
-async fn publish_events<K: Kind>(ctx: &Context<K>, object: &K, policy: &Policy, status: &OwnedStatus) {
-    let reference = object.object_ref(&());
+async fn publish_events(
+    recorder: &Recorder,
+    reference: &k8s_openapi::api::core::v1::ObjectReference,
+    policy: &Policy,
+    status: &OwnedStatus,
+) {
     for condition in transitions(policy.conditions(), &status.conditions) {
-        if condition.type_ == breakwater_api::common::condition_type::PROGRAMMED {
+        if condition.type_ == condition_type::PROGRAMMED {
             continue; // Pending is no news until a data plane reports.
         }
         if condition.type_ == lock_lease::held::TYPE {
@@ -334,31 +218,28 @@ async fn publish_events<K: Kind>(ctx: &Context<K>, object: &K, policy: &Policy, 
             action: "Reconcile".into(),
             secondary: None,
         };
-        if let Err(err) = ctx.recorder.publish(&event, &reference).await {
-            tracing::warn!(error = %err, "could not publish event");
+        if let Err(err) = recorder.publish(&event, reference).await {
+            tracing::warn!(error = %Report(&err), "could not publish event");
         }
     }
 }
 
 /// Backs off by error class, doubling per consecutive failure of the same object.
-pub fn error_policy<K: Kind>(object: Arc<K>, error: &Error, ctx: Arc<Context<K>>) -> Action {
-    let kind = object.clone().into_policy().kind();
-    ctx.state
-        .metrics
-        .errors
-        .get_or_create(&crate::metrics::ErrorLabels { kind, error: error.metric_label() })
-        .inc();
+pub fn error_policy<K: Kind>(object: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action {
+    let policy = object.policy();
+    let kind = policy.kind();
+    ctx.options.state.metrics.errors.get_or_create(&ErrorLabels { kind, error: error.metric_label() }).inc();
     let failures = ctx
         .failures
         .lock()
         .map(|mut f| {
-            let n = f.entry(ObjectRef::from_obj(object.as_ref())).or_insert(0);
+            let n = f.entry((kind, policy.name())).or_insert(0);
             *n = n.saturating_add(1);
             *n
         })
         .unwrap_or(1);
     let delay = backoff(error, failures);
-    tracing::warn!(kind, name = %object.name_any(), error = %error, retry_in = ?delay, "reconcile failed");
+    tracing::warn!(kind, name = %policy.name(), error = %Report(error), retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
 }
 
@@ -377,43 +258,30 @@ pub fn backoff(error: &Error, failures: u32) -> Duration {
     base.saturating_mul(factor).min(Duration::from_secs(300))
 }
 
-/// A watch of `R` that also fills a store: the stream triggers, the store is read, and
-/// because both are one stream a triggered reconcile always sees the change.
-pub(crate) fn reflected<R>(
-    client: &Client,
-) -> (Store<R>, impl Stream<Item = Result<R, watcher::Error>> + Send + 'static)
-where
-    R: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
-{
-    let (reader, writer) = reflector::store();
-    let stream = reflector::reflector(
-        writer,
-        watcher::watcher(Api::<R>::all(client.clone()), watcher::Config::default()),
-    )
-    .default_backoff()
-    .touched_objects();
-    (reader, stream)
-}
-
 /// Reconcile triggers beyond the Kubernetes watches (the lease events of agents).
-pub struct Triggers<K: Kind> {
+pub struct Triggers {
     /// Objects to reconcile.
-    pub objects: BoxStream<'static, ObjectRef<K>>,
+    pub objects: BoxStream<'static, ObjectName>,
     /// Reconcile every object on each item.
     pub all: BoxStream<'static, ()>,
 }
 
-impl<K: Kind> Debug for Triggers<K> {
+impl Debug for Triggers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Triggers").finish_non_exhaustive()
     }
 }
 
-impl Triggers<LockLease> {
+impl Triggers {
+    /// No triggers beyond the watches.
+    pub fn none() -> Self {
+        Self { objects: futures::stream::empty().boxed(), all: futures::stream::empty().boxed() }
+    }
+
     /// The LockLeases the agents' lease events name, and all of them on each resubscription.
     pub fn from_leases(triggers: lease::Triggers) -> Self {
         let objects = triggers.leases.filter_map(|id| async move {
-            let parsed = lease::parse_id(&id).map(|(ns, name)| ObjectRef::new(name).within(ns));
+            let parsed = lease::parse_id(&id).map(|(namespace, name)| ObjectName::new(namespace, name));
             if parsed.is_none() {
                 tracing::debug!(id, "lease event names no LockLease");
             }
@@ -423,94 +291,60 @@ impl Triggers<LockLease> {
     }
 }
 
-/// Runs the controller of kind `K` until `shutdown` resolves.
-pub async fn run_controller<K: Kind>(
-    client: Client,
-    root_namespace: String,
-    reporter: Reporter,
-    state: Arc<State>,
-    cache: Option<Arc<SnapshotCache>>,
-    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+/// Runs the controller of the kind `reflector` holds until `shutdown` resolves. It
+/// reconciles a resource when it changes, when a Service or Namespace it
+/// [follows](Policy::may_target) changes, when a policy it [follows](Policy::follows)
+/// changes or goes, when the proxies' ACKs change, and on `triggers`.
+pub async fn run<K: Kind>(
+    ctx: Arc<Context>,
+    reflector: &Reflector<K>,
+    triggers: Triggers,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
-    run_controller_with::<K>(client, root_namespace, reporter, state, cache, None, None, shutdown).await;
-}
-
-/// [`run_controller`] with a lease reader and extra triggers.
-#[allow(clippy::too_many_arguments)]
-pub async fn run_controller_with<K: Kind>(
-    client: Client,
-    root_namespace: String,
-    reporter: Reporter,
-    state: Arc<State>,
-    cache: Option<Arc<SnapshotCache>>,
-    leases: Option<Arc<dyn LeaseReader>>,
-    triggers: Option<Triggers<K>>,
-    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
-) {
-    let (services, service_events) = reflected::<Service>(&client);
-    let (namespaces, namespace_events) = reflected::<Namespace>(&client);
-    let config = kube::runtime::controller::Config::default().debounce(Duration::from_millis(500));
-    let mut controller = Controller::new(Api::<K>::all(client.clone()), watcher::Config::default())
+    let root = ctx.options.root_namespace.clone();
+    let config = controller::Config::default().debounce(Duration::from_millis(500));
+    let store = reflector.store();
+    let (by_service, by_namespace, by_policy) = (store.clone(), store.clone(), store.clone());
+    let (root_s, root_n, root_p) = (root.clone(), root.clone(), root);
+    let mut controller = Controller::for_shared_stream(reflector.subscribe(), store)
         .with_config(config)
-        .graceful_shutdown_on(shutdown);
-    let policies = controller.store();
-    if K::ATTACHES_TO_SERVICES {
-        let (by_service, by_namespace, related) = (policies.clone(), policies.clone(), policies.clone());
-        let (root, root2, root3) = (root_namespace.clone(), root_namespace.clone(), root_namespace.clone());
-        controller = controller
-            .watches_stream(service_events, move |svc| targeting(&by_service, &ObjectName::of(&svc), &root))
-            .watches_stream(namespace_events, move |_| in_root(&by_namespace, &root2))
-            .watches(Api::<K>::all(client.clone()), watcher::Config::default(), move |changed| {
-                K::related(&changed, &related.state(), &root3)
-            });
-    } else {
-        // Keep the stores fed even when nothing maps from them.
-        controller = controller
-            .watches_stream(service_events, |_| Vec::<ObjectRef<K>>::new())
-            .watches_stream(namespace_events, |_| Vec::<ObjectRef<K>>::new());
-    }
-    if let Some(cache) = &cache {
+        .graceful_shutdown_on(shutdown)
+        .watches_shared_stream(ctx.reflectors.services.subscribe(), move |service| {
+            let service = ObjectName::of(service.as_ref());
+            concerned(&by_service, |policy| policy.may_target(&service, &root_s))
+        })
+        .watches_shared_stream(ctx.reflectors.namespaces.subscribe(), move |_| {
+            concerned(&by_namespace, |policy| policy.follows_namespace_labels(&root_n))
+        })
+        .watches_shared_stream(reflector.subscribe(), move |changed| {
+            let changed = changed.policy();
+            concerned(&by_policy, |policy| policy.follows(&changed, &root_p))
+        });
+    if let Some(cache) = &ctx.options.cache {
         // Programmed follows the proxies' ACKs: re-evaluate when they change (debounced).
         let acks = tokio_stream::wrappers::WatchStream::new(cache.subscribe_changes()).map(|_| ());
         controller = controller.reconcile_all_on(acks);
     }
-    if let Some(triggers) = triggers {
-        controller = controller.reconcile_on(triggers.objects).reconcile_all_on(triggers.all);
-    }
-    let stores = (policies, services, namespaces);
-    let mut ctx = Context::new(client, root_namespace, stores, reporter, state, cache);
-    if let Some(leases) = leases {
-        ctx = ctx.with_leases(leases);
-    }
-    let ctx = Arc::new(ctx);
+    let objects = triggers.objects.map(|name| ObjectRef::new(&name.name).within(&name.namespace));
     controller
+        .reconcile_on(objects)
+        .reconcile_all_on(triggers.all)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
             if let Err(err) = result {
-                tracing::debug!(error = %err, "controller event");
+                tracing::debug!(error = %Report(&err), "controller event");
             }
         })
         .await;
 }
 
-/// Policies that may attach to `service`: those naming it in their namespace, and the
-/// root-namespace policies (they select by labels).
-fn targeting<K: Kind>(policies: &Store<K>, service: &ObjectName, root_namespace: &str) -> Vec<ObjectRef<K>> {
-    policies
+/// The resources of the store whose outcome `concerns` says a change may alter.
+fn concerned<K: Kind>(store: &Store<K>, concerns: impl Fn(&Policy) -> bool) -> Vec<ObjectRef<K>> {
+    store
         .state()
-        .iter()
-        .filter(|p| p.may_target(service, root_namespace))
-        .map(|p| ObjectRef::from_obj(p.as_ref()))
-        .collect()
-}
-
-/// Namespace labels matter only to the root-namespace policies' selectors.
-fn in_root<K: Kind>(policies: &Store<K>, root_namespace: &str) -> Vec<ObjectRef<K>> {
-    policies
-        .state()
-        .iter()
-        .filter(|p| p.namespace().as_deref() == Some(root_namespace))
-        .map(|p| ObjectRef::from_obj(p.as_ref()))
+        .into_iter()
+        .filter(|object| concerns(&object.clone().policy()))
+        .map(|object| ObjectRef::from_obj(object.as_ref()))
         .collect()
 }
 
@@ -550,11 +384,8 @@ mod tests {
         }
         all.send(()).await.expect("send");
         drop((ids, all));
-        let objects: Vec<ObjectRef<LockLease>> = triggers.objects.collect().await;
-        assert_eq!(
-            objects,
-            [ObjectRef::new("invoice-run").within("billing"), ObjectRef::new("reindex").within("shop")]
-        );
+        let objects: Vec<ObjectName> = triggers.objects.collect().await;
+        assert_eq!(objects, [ObjectName::new("billing", "invoice-run"), ObjectName::new("shop", "reindex")]);
         assert_eq!(triggers.all.count().await, 1);
     }
 
@@ -564,7 +395,7 @@ mod tests {
         assert_eq!(backoff(&api_error(409), 3), Duration::from_millis(800));
         assert_eq!(backoff(&api_error(429), 1), Duration::from_secs(2));
         assert_eq!(backoff(&api_error(503), 2), Duration::from_secs(4));
-        assert_eq!(backoff(&Error::LeaderElection("x".into()), 1), Duration::from_secs(10));
+        assert_eq!(backoff(&Error::LeaseTaken, 1), Duration::from_secs(10));
         assert_eq!(backoff(&api_error(500), 40), Duration::from_secs(300), "capped");
     }
 }

@@ -1,5 +1,5 @@
-//! The operator's HTTP endpoints: `/healthz` (the process runs), `/readyz` (its caches are
-//! synced, or it is a standby replica) and `/metrics` (Prometheus).
+//! The operator's HTTP endpoints: `/healthz` (the process runs), `/readyz` (its watches are
+//! synced; a standby replica is ready too, see `serving`) and `/metrics` (Prometheus).
 
 use std::sync::{
     Arc,

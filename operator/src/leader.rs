@@ -13,7 +13,7 @@ use k8s_openapi::{
 use kube::{Api, api::PostParams};
 use tokio::time::Instant;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Report, Result};
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -115,7 +115,7 @@ impl LeaderElector {
             match self.try_acquire_or_renew().await {
                 Ok(true) => return Ok(()),
                 Ok(false) => {}
-                Err(err) => tracing::warn!(error = %err, "leader election attempt failed"),
+                Err(err) => tracing::warn!(error = %Report(&err), "leader election attempt failed"),
             }
             tokio::time::sleep(self.config.retry_period).await;
         }
@@ -137,12 +137,12 @@ impl LeaderElector {
             // this replica went on leading after its lease lapsed and another replica took it.
             match tokio::time::timeout_at(step_down, self.try_acquire_or_renew()).await {
                 Ok(Ok(true)) => continue,
-                Ok(Ok(false)) => return Error::LeaderElection("another replica took the lease".into()),
-                Ok(Err(err)) => tracing::warn!(error = %err, "lease renewal failed"),
+                Ok(Ok(false)) => return Error::LeaseTaken,
+                Ok(Err(err)) => tracing::warn!(error = %Report(&err), "lease renewal failed"),
                 Err(_) => tracing::warn!("lease renewal did not finish before the step-down deadline"),
             }
             if Instant::now() >= step_down {
-                return Error::LeaderElection("could not renew the lease in time".into());
+                return Error::LeaseNotRenewed;
             }
         }
     }
@@ -152,9 +152,7 @@ impl LeaderElector {
         // Bounded like a renewal: a hung API server must not hold up shutdown; the lease then
         // simply lapses.
         let limit = self.config.retry_period;
-        tokio::time::timeout(limit, self.hand_back()).await.unwrap_or_else(|_| {
-            Err(Error::LeaderElection(format!("the API server did not answer within {limit:?}")))
-        })
+        tokio::time::timeout(limit, self.hand_back()).await.unwrap_or(Err(Error::LeaseNotReleased(limit)))
     }
 
     async fn hand_back(&mut self) -> Result<()> {

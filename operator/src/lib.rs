@@ -1,5 +1,7 @@
-//! breakwater-operator: reconciles Breakwater policies into status conditions (and, later,
-//! Envoy and agent configuration), in a cluster or standalone on files.
+//! breakwater-operator: reconciles Breakwater policies into status conditions and into the
+//! Envoy and agent configuration it serves over xDS, in a cluster or standalone on files.
+//! The modules depend on each other one way (docs/architecture.md): inventory and policy
+//! (evaluation), compile, xds and status, then controller, standalone and run.
 
 pub mod compile;
 pub mod controller;
@@ -11,10 +13,12 @@ pub mod lease;
 pub mod metrics;
 pub mod policy;
 pub mod rbac;
+pub mod reflectors;
 pub mod render;
 pub mod resource;
 pub mod run;
 pub mod selector;
+pub mod serving;
 pub mod standalone;
 pub mod status;
 pub mod telemetry;

@@ -2,7 +2,7 @@
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
-use breakwater_operator::{run, standalone, telemetry};
+use breakwater_operator::{error::Report, inventory::ObjectName, run, standalone, telemetry};
 use breakwater_store::RedisTopology;
 use clap::{Parser, Subcommand};
 
@@ -45,6 +45,13 @@ enum Command {
         /// This replica's identity.
         #[arg(long, env = "POD_NAME", default_value = "breakwater-operator")]
         identity: String,
+        /// The pod this replica runs in: while it leads, it labels the pod
+        /// breakwater.dev/serving-xds, which the chart's xDS Service selects. Unset outside a pod.
+        #[arg(long, env = "POD_NAME")]
+        pod_name: Option<String>,
+        /// The namespace of that pod.
+        #[arg(long, env = "POD_NAMESPACE")]
+        pod_namespace: Option<String>,
         /// Redis the agents keep leases in (redis://[:password@]host:port[/db], rediss:// for
         /// TLS): LockLease status shows who holds each lease. Without it, Held is Unknown.
         #[arg(long, env = "BREAKWATER_REDIS_URL", hide_env_values = true, conflicts_with = "redis_cluster")]
@@ -120,6 +127,8 @@ fn main() -> ExitCode {
                 leader_election,
                 leader_election_namespace,
                 identity,
+                pod_name,
+                pod_namespace,
                 redis_url,
                 redis_cluster,
                 redis_key_prefix,
@@ -128,7 +137,7 @@ fn main() -> ExitCode {
                 let client = match kube::Client::try_default().await {
                     Ok(client) => client,
                     Err(err) => {
-                        tracing::error!(error = %err, "cannot configure a Kubernetes client");
+                        tracing::error!(error = %Report(&err), "cannot configure a Kubernetes client");
                         return ExitCode::FAILURE;
                     }
                 };
@@ -138,6 +147,9 @@ fn main() -> ExitCode {
                     xds_addr,
                     leader_election_namespace: leader_election.then_some(leader_election_namespace),
                     identity,
+                    pod: pod_name
+                        .zip(pod_namespace)
+                        .map(|(name, namespace)| ObjectName::new(namespace, name)),
                     redis: redis_topology(redis_url, redis_cluster).map(|topology| {
                         breakwater_operator::lease::RedisOptions { topology, key_prefix: redis_key_prefix }
                     }),
@@ -145,7 +157,7 @@ fn main() -> ExitCode {
                 match run::run(client, options, shutdown_signal()).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(err) => {
-                        tracing::error!(error = %err, "operator stopped");
+                        tracing::error!(error = %Report(&err), "operator stopped");
                         ExitCode::FAILURE
                     }
                 }
@@ -161,7 +173,7 @@ fn main() -> ExitCode {
                 match standalone::run(options, shutdown_signal()).await {
                     Ok(code) => ExitCode::from(code),
                     Err(err) => {
-                        eprintln!("error: {err}");
+                        eprintln!("error: {}", Report(&err));
                         ExitCode::from(standalone::exit::UNREADABLE)
                     }
                 }
@@ -184,7 +196,6 @@ fn main() -> ExitCode {
     })
 }
 
-/// Resolves on SIGTERM (Kubernetes stopping the pod) or Ctrl-C.
 /// The agents' Redis, from `--redis-url` or `--redis-cluster` (empty values count as unset,
 /// as a chart renders them).
 fn redis_topology(url: Option<String>, cluster: Vec<String>) -> Option<RedisTopology> {
@@ -195,6 +206,7 @@ fn redis_topology(url: Option<String>, cluster: Vec<String>) -> Option<RedisTopo
     }
 }
 
+/// Resolves on SIGTERM (Kubernetes stopping the pod) or Ctrl-C.
 async fn shutdown_signal() {
     let ctrl_c = async {
         if tokio::signal::ctrl_c().await.is_err() {

@@ -41,9 +41,13 @@ pub fn cluster_rules() -> Vec<PolicyRule> {
     ]
 }
 
-/// Rules in the operator's own namespace: the leader-election Lease.
+/// Rules in the operator's own namespace: the leader-election Lease, and the label the
+/// leader puts on its own pod so that the xDS Service sends the proxies to it (`serving`).
 pub fn namespaced_rules() -> Vec<PolicyRule> {
-    vec![rule("coordination.k8s.io", &["leases"], &["create", "get", "update"])]
+    vec![
+        rule("coordination.k8s.io", &["leases"], &["create", "get", "update"]),
+        rule("", &["pods"], &["patch"]),
+    ]
 }
 
 pub fn to_json() -> serde_json::Value {

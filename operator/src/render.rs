@@ -5,16 +5,20 @@
 //! rendered through prost-reflect with the descriptor set envoy-types ships (copied in by
 //! `build.rs`); the agent's resource is the JSON it already is.
 
-use std::{path::PathBuf, sync::OnceLock};
+use std::{
+    path::PathBuf,
+    sync::{Arc, OnceLock},
+};
 
 use breakwater_api::agent::AgentConfig;
 use envoy_types::pb::google::protobuf::Any;
 use prost::Message;
-use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};
+use prost_reflect::{DescriptorError, DescriptorPool, DynamicMessage, SerializeOptions};
 use serde::{Serialize, Serializer};
 
 use crate::{
     compile::{self, Compiled, Proxy, Snapshot, XdsServer, type_url},
+    error::{Error, Report, Result},
     standalone::{exit, load},
 };
 
@@ -41,23 +45,11 @@ pub struct Options {
     pub xds: XdsServer,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum RenderError {
-    #[error("the Envoy descriptor set is unreadable: {0}")]
-    Descriptors(String),
-    #[error("no message type {0} in the Envoy descriptor set")]
-    UnknownType(String),
-    #[error("cannot decode a {type_url} resource: {message}")]
-    Decode { type_url: String, message: String },
-    #[error("cannot print the configuration: {0}")]
-    Print(String),
-}
-
-fn pool() -> Result<&'static DescriptorPool, RenderError> {
-    static POOL: OnceLock<Result<DescriptorPool, String>> = OnceLock::new();
-    POOL.get_or_init(|| DescriptorPool::decode(DESCRIPTORS).map_err(|err| err.to_string()))
+fn pool() -> Result<&'static DescriptorPool> {
+    static POOL: OnceLock<Result<DescriptorPool, Arc<DescriptorError>>> = OnceLock::new();
+    POOL.get_or_init(|| DescriptorPool::decode(DESCRIPTORS).map_err(Arc::new))
         .as_ref()
-        .map_err(|err| RenderError::Descriptors(err.clone()))
+        .map_err(|err| Error::Descriptors(err.clone()))
 }
 
 /// Field names as in the .proto files (and Envoy's docs and config dumps); default values
@@ -100,19 +92,21 @@ impl Serialize for Resource {
     }
 }
 
-fn resource(any: &Any) -> Result<Resource, RenderError> {
-    let decode_err = |message: String| RenderError::Decode { type_url: any.type_url.clone(), message };
+fn resource(any: &Any) -> Result<Resource> {
     if any.type_url == type_url::AGENT {
         // Through the contract type, so fields print in its order (id first), not sorted.
-        let config = serde_json::from_slice(&any.value).map_err(|err| decode_err(err.to_string()))?;
+        let config = serde_json::from_slice(&any.value).map_err(Error::DecodeAgent)?;
         return Ok(Resource::Agent(config));
     }
-    let name = "google.protobuf.Any";
-    let descriptor =
-        pool()?.get_message_by_name(name).ok_or_else(|| RenderError::UnknownType(name.into()))?;
-    let message = DynamicMessage::decode(descriptor, any.encode_to_vec().as_slice())
-        .map_err(|err| decode_err(err.to_string()))?;
+    let message = decode("google.protobuf.Any", &any.encode_to_vec())?;
     Ok(Resource::Envoy(Proto(message)))
+}
+
+/// Decodes `bytes` as the message type `name` of the Envoy descriptor set.
+fn decode(name: &str, bytes: &[u8]) -> Result<DynamicMessage> {
+    let descriptor = pool()?.get_message_by_name(name).ok_or_else(|| Error::UnknownType(name.into()))?;
+    DynamicMessage::decode(descriptor, bytes)
+        .map_err(|source| Error::DecodeResource { type_url: name.to_string(), source })
 }
 
 /// Resources of one type, as in a DiscoveryResponse.
@@ -141,16 +135,9 @@ pub struct Rendered {
 }
 
 /// Renders one proxy's snapshot and bootstrap.
-pub fn render(proxy: &Proxy, snapshot: &Snapshot, xds: &XdsServer) -> Result<Rendered, RenderError> {
-    let bootstrap_name = "envoy.config.bootstrap.v3.Bootstrap";
-    let bootstrap_descriptor = pool()?
-        .get_message_by_name(bootstrap_name)
-        .ok_or_else(|| RenderError::UnknownType(bootstrap_name.into()))?;
-    let bootstrap = DynamicMessage::decode(
-        bootstrap_descriptor,
-        compile::bootstrap(proxy, xds).encode_to_vec().as_slice(),
-    )
-    .map_err(|err| RenderError::Decode { type_url: bootstrap_name.into(), message: err.to_string() })?;
+pub fn render(proxy: &Proxy, snapshot: &Snapshot, xds: &XdsServer) -> Result<Rendered> {
+    let bootstrap =
+        decode("envoy.config.bootstrap.v3.Bootstrap", &compile::bootstrap(proxy, xds).encode_to_vec())?;
     let mut discovery = Vec::new();
     for type_url in TYPE_ORDER {
         let Some(resources) = snapshot.resources.get(type_url) else { continue };
@@ -163,7 +150,7 @@ pub fn render(proxy: &Proxy, snapshot: &Snapshot, xds: &XdsServer) -> Result<Ren
         node: proxy.node_id(),
         policies: snapshot
             .policies
-            .iter()
+            .keys()
             .map(|p| PolicyEntry {
                 kind: p.kind,
                 namespace: p.name.namespace.clone(),
@@ -178,8 +165,7 @@ pub fn render(proxy: &Proxy, snapshot: &Snapshot, xds: &XdsServer) -> Result<Ren
 
 /// Prints rendered proxies: YAML documents separated by `---`, or JSON (one object for one
 /// proxy, an array for several).
-pub fn print(rendered: &[Rendered], format: Format, single: bool) -> Result<String, RenderError> {
-    let print_err = |err: &dyn std::fmt::Display| RenderError::Print(err.to_string());
+pub fn print(rendered: &[Rendered], format: Format, single: bool) -> Result<String> {
     match format {
         Format::Yaml => {
             let mut out = String::new();
@@ -192,15 +178,15 @@ pub fn print(rendered: &[Rendered], format: Format, single: bool) -> Result<Stri
                 let mut yaml_options = serde_saphyr::SerializerOptions::default();
                 yaml_options.prefer_block_scalars = false;
                 out.push_str(
-                    &serde_saphyr::to_string_with_options(doc, yaml_options).map_err(|e| print_err(&e))?,
+                    &serde_saphyr::to_string_with_options(doc, yaml_options).map_err(Error::PrintYaml)?,
                 );
             }
             Ok(out)
         }
         Format::Json if single && rendered.len() == 1 => {
-            serde_json::to_string_pretty(&rendered[0]).map_err(|e| print_err(&e))
+            serde_json::to_string_pretty(&rendered[0]).map_err(Error::PrintJson)
         }
-        Format::Json => serde_json::to_string_pretty(rendered).map_err(|e| print_err(&e)),
+        Format::Json => serde_json::to_string_pretty(rendered).map_err(Error::PrintJson),
     }
 }
 
@@ -209,7 +195,7 @@ pub fn render_dir(
     inventory: &crate::inventory::Inventory,
     proxies: &[Proxy],
     xds: &XdsServer,
-) -> Result<Vec<Rendered>, RenderError> {
+) -> Result<Vec<Rendered>> {
     let compiled = Compiled::new(inventory);
     proxies.iter().map(|proxy| render(proxy, &compiled.snapshot(proxy), xds)).collect()
 }
@@ -219,7 +205,7 @@ pub fn run(options: &Options) -> u8 {
     let loaded = match load::load_dir(&options.dir, &options.root_namespace) {
         Ok(loaded) => loaded,
         Err(err) => {
-            eprintln!("error: {err}");
+            eprintln!("error: {}", Report(&err));
             return exit::UNREADABLE;
         }
     };
@@ -265,7 +251,7 @@ pub fn run(options: &Options) -> u8 {
             0
         }
         Err(err) => {
-            eprintln!("error: {err}");
+            eprintln!("error: {}", Report(&err));
             exit::UNREADABLE
         }
     }

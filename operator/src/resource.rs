@@ -1,11 +1,17 @@
-//! The four Breakwater kinds behind one type, so that evaluation, output and status writing
-//! treat them alike.
+//! The four Breakwater kinds behind one type, [`Policy`]: the one place that says how the
+//! kinds differ — how each is evaluated, what it refers to, which changes of other objects
+//! concern it, what its status carries. The controllers, standalone mode and status writing
+//! treat every kind alike through it.
 
-use std::sync::Arc;
+use std::{fmt::Debug, sync::Arc};
 
-use breakwater_api::{CircuitBreakerPolicy, LockLease, OutboxRelay, RateLimitPolicy};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use breakwater_api::{Attachment, CircuitBreakerPolicy, LockLease, OutboxRelay, RateLimitPolicy};
+use k8s_openapi::{
+    NamespaceResourceScope,
+    apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta},
+};
 use kube::Resource;
+use serde::{Serialize, de::DeserializeOwned};
 
 use crate::{
     inventory::{Inventory, ObjectName},
@@ -20,6 +26,39 @@ pub enum Policy {
     OutboxRelay(Arc<OutboxRelay>),
 }
 
+/// A Breakwater kind as a controller handles it: a namespaced resource that is a [`Policy`].
+/// Implemented for exactly the four kinds, below.
+pub trait Kind:
+    Resource<DynamicType = (), Scope = NamespaceResourceScope>
+    + Clone
+    + Debug
+    + DeserializeOwned
+    + Serialize
+    + Send
+    + Sync
+    + 'static
+{
+    fn policy(self: Arc<Self>) -> Policy;
+}
+
+/// Each kind becomes its variant; that is all a kind knows of the others.
+macro_rules! kinds {
+    ($($kind:ty => $variant:ident),* $(,)?) => {$(
+        impl Kind for $kind {
+            fn policy(self: Arc<Self>) -> Policy {
+                Policy::$variant(self)
+            }
+        }
+    )*};
+}
+
+kinds! {
+    CircuitBreakerPolicy => CircuitBreaker,
+    RateLimitPolicy => RateLimit,
+    LockLease => LockLease,
+    OutboxRelay => OutboxRelay,
+}
+
 impl Policy {
     /// Every resource of the inventory, by kind then namespace/name.
     pub fn all(inventory: &Inventory) -> Vec<Policy> {
@@ -27,10 +66,10 @@ impl Policy {
             .circuit_breakers
             .iter()
             .cloned()
-            .map(Policy::CircuitBreaker)
-            .chain(inventory.rate_limits.iter().cloned().map(Policy::RateLimit))
-            .chain(inventory.lock_leases.iter().cloned().map(Policy::LockLease))
-            .chain(inventory.outbox_relays.iter().cloned().map(Policy::OutboxRelay))
+            .map(Kind::policy)
+            .chain(inventory.rate_limits.iter().cloned().map(Kind::policy))
+            .chain(inventory.lock_leases.iter().cloned().map(Kind::policy))
+            .chain(inventory.outbox_relays.iter().cloned().map(Kind::policy))
             .collect();
         all.sort_by(|a, b| (a.kind(), a.name()).cmp(&(b.kind(), b.name())));
         all
@@ -54,7 +93,7 @@ impl Policy {
         }
     }
 
-    pub fn meta(&self) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+    pub fn meta(&self) -> &ObjectMeta {
         match self {
             Self::CircuitBreaker(p) => p.meta(),
             Self::RateLimit(p) => p.meta(),
@@ -70,6 +109,63 @@ impl Policy {
         )
     }
 
+    /// How the resource attaches to Services; None for kinds that attach to none.
+    fn attachment(&self) -> Option<&dyn Attachment> {
+        match self {
+            Self::CircuitBreaker(p) => Some(&p.spec),
+            Self::RateLimit(p) => Some(&p.spec),
+            Self::LockLease(_) | Self::OutboxRelay(_) => None,
+        }
+    }
+
+    /// Whether a change of `service` may change this resource's outcome: it names the
+    /// Service in its namespace, or it selects Services from the root namespace.
+    pub fn may_target(&self, service: &ObjectName, root_namespace: &str) -> bool {
+        let Some(attachment) = self.attachment() else { return false };
+        let namespace = self.name().namespace;
+        (namespace == root_namespace && attachment.namespace_selector().is_some())
+            || (namespace == service.namespace
+                && attachment.target_refs().iter().any(|t| t.name == service.name))
+    }
+
+    /// Whether a change of a Namespace's labels may change this resource's outcome: only the
+    /// root namespace's Service policies select by namespace labels.
+    pub fn follows_namespace_labels(&self, root_namespace: &str) -> bool {
+        self.attachment().is_some() && self.name().namespace == root_namespace
+    }
+
+    /// Whether a change of `other`, of the same kind, may change this resource's outcome.
+    /// Service policies influence each other: root policies merge into every namespace, and
+    /// namespace policies on one Service conflict or shadow a root Default.
+    pub fn follows(&self, other: &Policy, root_namespace: &str) -> bool {
+        let (name, other_name) = (self.name(), other.name());
+        self.kind() == other.kind()
+            && self.attachment().is_some()
+            && name != other_name
+            && (name.namespace == root_namespace
+                || other_name.namespace == root_namespace
+                || other_name.namespace == name.namespace)
+    }
+
+    /// The Secret whose keys evaluation needs, if any.
+    pub fn secret(&self) -> Option<ObjectName> {
+        match self {
+            Self::OutboxRelay(relay) => {
+                let name = &relay.spec.source.postgres.connection_secret_ref.name;
+                Some(ObjectName::new(self.name().namespace, name))
+            }
+            _ => None,
+        }
+    }
+
+    /// The lease whose holders the status shows: a LockLease's own.
+    pub fn lease(&self) -> Option<&LockLease> {
+        match self {
+            Self::LockLease(lease) => Some(lease),
+            _ => None,
+        }
+    }
+
     /// The `status.targets` the resource carries now; None for kinds without it.
     pub fn targets(&self) -> Option<u32> {
         match self {
@@ -81,10 +177,7 @@ impl Policy {
 
     /// The lease fields the resource carries now (LockLease only).
     pub fn lease_fields(&self) -> Option<LeaseFields> {
-        match self {
-            Self::LockLease(p) => Some(LeaseFields::of(p.status.as_ref())),
-            _ => None,
-        }
+        self.lease().map(|lease| LeaseFields::of(lease.status.as_ref()))
     }
 
     /// The conditions the resource carries now (as last written).

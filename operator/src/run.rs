@@ -1,8 +1,11 @@
-//! Cluster mode: health and metrics endpoints, the xDS server and its feed, leader
-//! election, and the four controllers. Every replica runs the feed and keeps its snapshots
-//! warm; only the leader accepts ADS streams and runs the controllers, so the replica that
-//! writes `Programmed` is the one that sees every proxy's ACKs. With Redis, the LockLease
-//! controller reads who holds each lease and follows the agents' lease events.
+//! Cluster mode: health and metrics endpoints, one watch per kind shared by everything
+//! (`reflectors`), the xDS server and its feed, leader election, and the four controllers.
+//! Every replica watches, feeds its snapshot cache and reports ready once its stores are
+//! synced; only the leader accepts ADS streams (a standby refuses them) and runs the
+//! controllers, so the replica that writes `Programmed` is the one that sees every proxy's
+//! ACKs. The leader labels its own pod `breakwater.dev/serving-xds` so that the chart's xDS
+//! Service sends the proxies to it alone (`serving`). With Redis, the LockLease controller
+//! reads who holds each lease and follows the agents' lease events.
 
 use std::{
     net::SocketAddr,
@@ -12,17 +15,20 @@ use std::{
     },
 };
 
-use breakwater_api::{CircuitBreakerPolicy, LockLease, OutboxRelay, RateLimitPolicy};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::{Api, Client, runtime::events::Reporter};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    controller::{Kind, Triggers, run_controller, run_controller_with},
-    error::{Error, Result},
+    controller::{self, Context, Triggers},
+    error::{Error, Report, Result},
     http::{self, State},
+    inventory::ObjectName,
     leader::{self, LeaderElector},
-    lease::{self, LeaseReader, RedisOptions},
+    lease::{self, RedisOptions},
+    reflectors::Reflectors,
+    serving,
     xds::{self, SnapshotCache},
 };
 
@@ -35,6 +41,9 @@ pub struct Options {
     pub leader_election_namespace: Option<String>,
     /// This replica's name (the pod name), for the Lease and for Events.
     pub identity: String,
+    /// The pod this replica runs in, which the leader labels as the one serving xDS; None
+    /// outside a pod (then nothing is labelled).
+    pub pod: Option<ObjectName>,
     /// Where the agents keep leases; None runs without (LockLease `Held` is then Unknown).
     pub redis: Option<RedisOptions>,
 }
@@ -46,44 +55,8 @@ pub fn install_tls_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// What every controller shares.
-#[derive(Clone)]
-struct Shared {
-    client: Client,
-    root: String,
-    reporter: Reporter,
-    state: Arc<State>,
-    cache: Arc<SnapshotCache>,
-    stop: CancellationToken,
-    leases: Option<(Arc<dyn LeaseReader>, RedisOptions)>,
-}
-
-impl Shared {
-    async fn controller<K: Kind>(self) {
-        let stop = self.stop.cancelled_owned();
-        run_controller::<K>(self.client, self.root, self.reporter, self.state, Some(self.cache), stop).await;
-    }
-
-    /// The LockLease controller: reads Redis and follows the lease events when it has one.
-    async fn lease_controller(self) {
-        let Some((reader, redis)) = self.leases.clone() else {
-            return self.controller::<LockLease>().await;
-        };
-        let events = lease::follow_redis(&redis, lease::Backoff::default(), self.stop.child_token());
-        let (cache, stop) = (Some(self.cache), self.stop.cancelled_owned());
-        let triggers = Some(Triggers::from_leases(events));
-        run_controller_with::<LockLease>(
-            self.client,
-            self.root,
-            self.reporter,
-            self.state,
-            cache,
-            Some(reader),
-            triggers,
-            stop,
-        )
-        .await;
-    }
+async fn bind(addr: SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })
 }
 
 /// Runs until `shutdown` resolves (Ok) or leadership is lost (Err: the process should exit
@@ -98,29 +71,32 @@ pub async fn run(
     let stop = CancellationToken::new();
     let leases = match &options.redis {
         Some(redis) => {
-            let reader = lease::connect(redis).await.map_err(|e| Error::Redis(e.to_string()))?;
+            let reader = lease::connect(redis).await.map_err(Error::Redis)?;
             tracing::info!(?redis, "reading LockLeases from Redis");
-            Some((reader, redis.clone()))
+            Some(reader)
         }
         None => {
             tracing::info!("no --redis-url: LockLease holders are not shown (Held is Unknown)");
             None
         }
     };
-    let listener = tokio::net::TcpListener::bind(options.metrics_addr).await?;
-    tracing::info!(addr = %listener.local_addr()?, "serving /healthz, /readyz and /metrics");
+    let electing = options.leader_election_namespace.is_some();
+    // A replica that restarts after losing the lease may still carry the label; a standby
+    // must not draw ADS streams.
+    let pod = options.pod.clone().filter(|_| electing);
+    if let Some(pod) = &pod {
+        serving::unmark(&client, pod).await;
+    }
+    let listener = bind(options.metrics_addr).await?;
+    let addr = listener.local_addr().unwrap_or(options.metrics_addr);
+    tracing::info!(%addr, "serving /healthz, /readyz and /metrics");
     let server = tokio::spawn(http::serve(listener, state.clone(), stop.clone().cancelled_owned()));
-    let xds_listener = tokio::net::TcpListener::bind(options.xds_addr).await?;
-    tracing::info!(addr = %xds_listener.local_addr()?, "serving ADS");
-    let xds_open = Arc::new(AtomicBool::new(options.leader_election_namespace.is_none()));
+    let xds_listener = bind(options.xds_addr).await?;
+    let addr = xds_listener.local_addr().unwrap_or(options.xds_addr);
+    tracing::info!(%addr, "serving ADS (a standby refuses streams until it leads)");
+    let xds_open = Arc::new(AtomicBool::new(!electing));
     let ads = xds::AdsServer::gated(cache.clone(), state.clone(), xds_open.clone());
     tokio::spawn(xds::serve(xds_listener, ads, stop.clone().cancelled_owned()));
-    tokio::spawn(xds::feed::run(
-        client.clone(),
-        options.root_namespace.clone(),
-        cache.clone(),
-        stop.clone().cancelled_owned(),
-    ));
     {
         let stop = stop.clone();
         tokio::spawn(async move {
@@ -129,6 +105,22 @@ pub async fn run(
         });
     }
 
+    let reflectors = Reflectors::watch(&client, &stop);
+    tokio::select! {
+        () = stop.cancelled() => return finish(server).await,
+        synced = reflectors.ready() => if synced.is_err() { return finish(server).await },
+    }
+    tracing::info!("watches synced");
+    {
+        let (reflectors, root) = (reflectors.clone(), options.root_namespace.clone());
+        let changes = reflectors.changes();
+        let inventory = move || reflectors.inventory(&root);
+        tokio::spawn(xds::feed::run(changes, inventory, cache.clone(), stop.clone().cancelled_owned()));
+    }
+    // Ready: the stores are synced. A standby is ready too (a rolling update waits for it,
+    // and it takes over at once), but it is not labelled, so it draws no ADS streams.
+    state.set_ready(true);
+
     let mut elector = options.leader_election_namespace.as_ref().map(|ns| {
         LeaderElector::new(
             Api::<Lease>::namespaced(client.clone(), ns),
@@ -136,8 +128,6 @@ pub async fn run(
         )
     });
     if let Some(elector) = elector.as_mut() {
-        // A standby replica is healthy and ready: it serves xDS, it just does not write.
-        state.set_ready(true);
         tracing::info!(identity = %options.identity, "waiting for the leader lease");
         tokio::select! {
             () = stop.cancelled() => return finish(server).await,
@@ -145,37 +135,51 @@ pub async fn run(
         }
         tracing::info!("became leader");
         xds_open.store(true, Ordering::Release);
+        if let Some(pod) = &pod {
+            serving::mark(&client, pod).await;
+        }
     }
     state.metrics.leader.set(1);
 
-    let shared = Shared {
-        client,
-        root: options.root_namespace.clone(),
-        reporter: Reporter {
-            controller: "breakwater-operator".into(),
-            instance: Some(options.identity.clone()),
+    let lease_triggers = match &options.redis {
+        Some(redis) => {
+            Triggers::from_leases(lease::follow_redis(redis, lease::Backoff::default(), stop.child_token()))
+        }
+        None => Triggers::none(),
+    };
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        reflectors.clone(),
+        controller::Options {
+            root_namespace: options.root_namespace.clone(),
+            reporter: Reporter {
+                controller: "breakwater-operator".into(),
+                instance: Some(options.identity.clone()),
+            },
+            state: state.clone(),
+            cache: Some(cache),
+            leases,
         },
-        state: state.clone(),
-        cache,
-        stop: stop.clone(),
-        leases,
+    ));
+    let controllers = {
+        let stop = stop.clone();
+        let stopped = move || stop.clone().cancelled_owned();
+        async move {
+            tokio::join!(
+                controller::run(ctx.clone(), &reflectors.circuit_breakers, Triggers::none(), stopped()),
+                controller::run(ctx.clone(), &reflectors.rate_limits, Triggers::none(), stopped()),
+                controller::run(ctx.clone(), &reflectors.lock_leases, lease_triggers, stopped()),
+                controller::run(ctx, &reflectors.outbox_relays, Triggers::none(), stopped()),
+            );
+        }
     };
-    let controllers = async move {
-        tokio::join!(
-            shared.clone().controller::<CircuitBreakerPolicy>(),
-            shared.clone().controller::<RateLimitPolicy>(),
-            shared.clone().lease_controller(),
-            shared.controller::<OutboxRelay>(),
-        );
-    };
-    state.set_ready(true);
     let outcome = match elector.as_mut() {
         Some(elector) => {
             tokio::pin!(controllers);
             tokio::select! {
                 () = &mut controllers => Ok(()),
                 lost = elector.hold() => {
-                    tracing::error!(error = %lost, "lost leadership; stopping");
+                    tracing::error!(error = %Report(&lost), "lost leadership; stopping");
                     stop.cancel();
                     controllers.await;
                     Err(lost)
@@ -188,10 +192,13 @@ pub async fn run(
         }
     };
     state.metrics.leader.set(0);
+    if let Some(pod) = &pod {
+        serving::unmark(&client, pod).await;
+    }
     if let (Ok(()), Some(elector)) = (&outcome, elector.as_mut())
         && let Err(err) = elector.release().await
     {
-        tracing::warn!(error = %err, "could not release the leader lease");
+        tracing::warn!(error = %Report(&err), "could not release the leader lease");
     }
     stop.cancel();
     outcome?;
@@ -200,7 +207,7 @@ pub async fn run(
 
 async fn finish(server: tokio::task::JoinHandle<std::io::Result<()>>) -> Result<()> {
     match server.await {
-        Ok(result) => result.map_err(Error::from),
-        Err(join) => Err(Error::Server(std::io::Error::other(join))),
+        Ok(result) => result.map_err(Error::Serve),
+        Err(join) => Err(Error::Task(join)),
     }
 }

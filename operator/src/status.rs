@@ -1,18 +1,19 @@
-//! Turns an [`Assessment`] into the `status` the API server holds: `metav1.Condition`s with
-//! `observedGeneration`, whose `lastTransitionTime` moves only when the status flips.
+//! Turns what the operator found out about a resource into the `status` the API server
+//! holds: `metav1.Condition`s with `observedGeneration`, whose `lastTransitionTime` moves only
+//! when the status flips. [`assemble`] is the one place a status is put together, for the
+//! controllers and standalone mode alike; [`programmed`] words what the proxies reported.
 
 use breakwater_api::common::condition_type;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use serde::Serialize;
 
 use crate::{
-    inventory::ObjectName,
     policy::{
         Assessment, Verdict,
         lock_lease::{self, LeaseFields},
         reason,
     },
-    xds::SnapshotCache,
+    xds::Acknowledgements,
 };
 
 /// The part of a resource's status the operator owns: conditions, and per kind `targets`
@@ -28,27 +29,77 @@ pub struct OwnedStatus {
     pub conditions: Vec<Condition>,
 }
 
-/// `Programmed`: what the data plane says, once the resource is accepted. Without an xDS
-/// server (`cache` None) nothing can acknowledge, so it stays Pending — never claimed.
-pub fn programmed(
-    assessment: &Assessment,
-    cache: Option<&SnapshotCache>,
-    kind: &str,
-    name: &ObjectName,
+/// What a resource's status is assembled from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Findings {
+    /// The evaluation: `Accepted`, `ResolvedRefs`, `targets`.
+    pub assessment: Assessment,
+    /// What the proxies carrying the resource said about its generation; None when no xDS
+    /// server runs (nothing can acknowledge, so `Programmed` is never claimed).
+    pub acknowledgements: Option<Acknowledgements>,
+    /// A LockLease's holders, as read from the store; None for the other kinds.
+    pub lease: Option<lock_lease::Report>,
+}
+
+/// The status of a resource at `generation`: `Accepted`, `ResolvedRefs` (for kinds with
+/// references), `Programmed` once accepted, and for a LockLease `Held` and its holders.
+/// Each condition keeps the transition time it has in `existing` unless its status flips.
+pub fn assemble(
+    findings: Findings,
     generation: Option<i64>,
-) -> Verdict {
-    if !assessment.accepted.ok {
-        return Verdict::fail(reason::PENDING, "not programmed: the resource is not accepted");
+    existing: &[Condition],
+    now: &Time,
+) -> OwnedStatus {
+    let Findings { assessment, acknowledgements, lease } = findings;
+    let programmed = if assessment.accepted.ok {
+        programmed(acknowledgements.as_ref())
+    } else {
+        Verdict::fail(reason::PENDING, "not programmed: the resource is not accepted")
+    };
+    let mut status = owned_status(&assessment, programmed, generation, existing, now);
+    if let Some(report) = lease {
+        status = with_lease(status, report, generation, existing, now);
     }
-    match cache {
-        Some(cache) => cache.programmed(kind, name, generation.unwrap_or(1)),
-        None => Verdict::fail(reason::PENDING, "no xDS server: nothing can acknowledge this generation"),
+    status
+}
+
+/// `Programmed` of an accepted resource, in words, from what the proxies that carry it said
+/// (None: no xDS server). True once every connected proxy carrying it acknowledged its
+/// generation — at least one must be connected; pods that would carry it but have no proxy
+/// connected are counted in the message and do not hold it back (see docs/decisions.md).
+/// Rejected as soon as one of them NACKed the version it holds.
+pub fn programmed(acknowledgements: Option<&Acknowledgements>) -> Verdict {
+    let Some(acks) = acknowledgements else {
+        return Verdict::fail(reason::PENDING, "no xDS server: nothing can acknowledge this generation");
+    };
+    let total = acks.connected + acks.not_connected;
+    let not_connected = match acks.not_connected {
+        0 => String::new(),
+        n => format!(" ({n} not connected)"),
+    };
+    if let Some(first) = acks.rejections.first() {
+        let rejected = acks.rejections.len();
+        return Verdict::fail(
+            reason::REJECTED,
+            format!(
+                "rejected by {rejected} of {total} proxies{not_connected}; {}: {}",
+                first.node, first.message
+            ),
+        );
+    }
+    let counted = format!("acknowledged by {}/{total} proxies{not_connected}", acks.acknowledged);
+    match acks.connected {
+        _ if total == 0 => Verdict::fail(reason::PENDING, "no proxy carries this policy yet"),
+        connected if connected > 0 && acks.acknowledged == connected => {
+            Verdict::ok(reason::PROGRAMMED, counted)
+        }
+        _ => Verdict::fail(reason::PENDING, counted),
     }
 }
 
 /// The conditions for `assessment`, keeping the transition time of each condition whose
 /// status did not change.
-pub fn owned_status(
+fn owned_status(
     assessment: &Assessment,
     programmed: Verdict,
     generation: Option<i64>,
@@ -72,7 +123,7 @@ pub fn owned_status(
 }
 
 /// Adds what a lease read produced: the holder fields and the `Held` condition.
-pub fn with_lease(
+fn with_lease(
     mut status: OwnedStatus,
     report: lock_lease::Report,
     generation: Option<i64>,
@@ -131,13 +182,10 @@ pub fn transitions<'a>(before: &[Condition], after: &'a [Condition]) -> Vec<&'a 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::xds::Rejection;
 
     fn at(seconds: i64) -> Time {
         Time(jiff::Timestamp::from_second(seconds).expect("valid timestamp"))
-    }
-
-    fn pending() -> Verdict {
-        Verdict::fail(reason::PENDING, "waiting")
     }
 
     fn assessment(ok: bool) -> Assessment {
@@ -145,27 +193,77 @@ mod tests {
         Assessment { accepted, resolved_refs: None, targets: Some(1) }
     }
 
+    fn findings(ok: bool) -> Findings {
+        Findings { assessment: assessment(ok), acknowledgements: None, lease: None }
+    }
+
+    fn acks(connected: usize, acknowledged: usize, not_connected: usize) -> Acknowledgements {
+        Acknowledgements { connected, acknowledged, not_connected, rejections: vec![] }
+    }
+
+    fn said(verdict: Verdict) -> (bool, &'static str, String) {
+        (verdict.ok, verdict.reason, verdict.message)
+    }
+
     #[test]
     fn transition_time_moves_only_when_status_flips() {
-        let first = owned_status(&assessment(true), pending(), Some(1), &[], &at(100));
-        let same = owned_status(&assessment(true), pending(), Some(2), &first.conditions, &at(200));
+        let first = assemble(findings(true), Some(1), &[], &at(100));
+        let same = assemble(findings(true), Some(2), &first.conditions, &at(200));
         assert_eq!(same.conditions[0].last_transition_time, at(100));
         assert_eq!(same.conditions[0].observed_generation, Some(2));
-        let flipped = owned_status(&assessment(false), pending(), Some(3), &same.conditions, &at(300));
+        let flipped = assemble(findings(false), Some(3), &same.conditions, &at(300));
         assert_eq!(flipped.conditions[0].last_transition_time, at(300));
         assert_eq!(flipped.conditions[0].status, "False");
     }
 
     #[test]
     fn programmed_is_never_claimed_without_a_data_plane() {
-        let name = ObjectName::new("shop", "p");
-        let verdict = programmed(&assessment(true), None, "RateLimitPolicy", &name, Some(1));
-        assert_eq!((verdict.ok, verdict.reason), (false, "Pending"));
-        let cache = SnapshotCache::default();
-        let verdict = programmed(&assessment(true), Some(&cache), "RateLimitPolicy", &name, Some(1));
-        assert_eq!((verdict.ok, verdict.reason), (false, "Pending"), "{}", verdict.message);
-        let verdict = programmed(&assessment(false), Some(&cache), "RateLimitPolicy", &name, Some(1));
-        assert!(verdict.message.contains("not accepted"));
+        assert_eq!(said(programmed(None)).1, "Pending");
+        assert_eq!(
+            said(programmed(Some(&acks(0, 0, 0)))),
+            (false, "Pending", "no proxy carries this policy yet".into())
+        );
+        let status = assemble(
+            Findings { acknowledgements: Some(acks(2, 2, 0)), ..findings(false) },
+            Some(1),
+            &[],
+            &at(1),
+        );
+        let programmed = status.conditions.iter().find(|c| c.type_ == "Programmed").expect("Programmed");
+        assert_eq!(
+            (programmed.status.as_str(), programmed.message.as_str()),
+            ("False", "not programmed: the resource is not accepted")
+        );
+    }
+
+    #[test]
+    fn programmed_counts_the_connected_carriers_and_names_the_others() {
+        assert_eq!(
+            said(programmed(Some(&acks(2, 2, 0)))),
+            (true, "Programmed", "acknowledged by 2/2 proxies".into())
+        );
+        assert_eq!(
+            said(programmed(Some(&acks(2, 1, 0)))),
+            (false, "Pending", "acknowledged by 1/2 proxies".into())
+        );
+        // Pods that carry the policy but have no proxy connected are counted, not waited for.
+        assert_eq!(
+            said(programmed(Some(&acks(1, 1, 2)))),
+            (true, "Programmed", "acknowledged by 1/3 proxies (2 not connected)".into())
+        );
+        // With none connected, nothing has acknowledged it.
+        assert_eq!(
+            said(programmed(Some(&acks(0, 0, 3)))),
+            (false, "Pending", "acknowledged by 0/3 proxies (3 not connected)".into())
+        );
+        let rejected = Acknowledgements {
+            rejections: vec![Rejection { node: "shop/a".into(), message: "bad cluster".into() }],
+            ..acks(2, 1, 1)
+        };
+        assert_eq!(
+            said(programmed(Some(&rejected))),
+            (false, "Rejected", "rejected by 1 of 3 proxies (1 not connected); shop/a: bad cluster".into())
+        );
     }
 
     #[test]
@@ -176,8 +274,8 @@ mod tests {
             held: Held { status, reason, message: "m".into() },
             next_expiry: None,
         };
-        let base = owned_status(&assessment(true), pending(), Some(1), &[], &at(1));
-        let first = with_lease(base.clone(), report(Status::True, "Held"), Some(1), &[], &at(1));
+        let leased = |status, reason| Findings { lease: Some(report(status, reason)), ..findings(true) };
+        let first = assemble(leased(Status::True, "Held"), Some(1), &[], &at(1));
         let held = first.conditions.last().expect("Held");
         assert_eq!(
             (held.type_.as_str(), held.status.as_str(), held.reason.as_str()),
@@ -187,19 +285,18 @@ mod tests {
         assert_eq!(json["holder"], "w/1", "lease fields sit beside the conditions: {json}");
         assert!(json.get("holders").is_none() && json.get("fencingToken").is_none(), "{json}");
 
-        let again =
-            with_lease(base.clone(), report(Status::True, "Held"), Some(1), &first.conditions, &at(5));
+        let again = assemble(leased(Status::True, "Held"), Some(1), &first.conditions, &at(5));
         assert_eq!(again.conditions.last().map(|c| c.last_transition_time.clone()), Some(at(1)));
         let unknown =
-            with_lease(base, report(Status::Unknown, "StoreUnavailable"), Some(1), &first.conditions, &at(9));
+            assemble(leased(Status::Unknown, "StoreUnavailable"), Some(1), &first.conditions, &at(9));
         let held = unknown.conditions.last().expect("Held");
         assert_eq!((held.status.as_str(), held.last_transition_time.clone()), ("Unknown", at(9)));
     }
 
     #[test]
     fn transitions_report_changed_conditions_only() {
-        let before = owned_status(&assessment(true), pending(), Some(1), &[], &at(1)).conditions;
-        let after = owned_status(&assessment(false), pending(), Some(2), &before, &at(2)).conditions;
+        let before = assemble(findings(true), Some(1), &[], &at(1)).conditions;
+        let after = assemble(findings(false), Some(2), &before, &at(2)).conditions;
         let changed: Vec<&str> = transitions(&before, &after).iter().map(|c| c.type_.as_str()).collect();
         // Programmed stays False/Pending: only its message changed, which is no transition.
         assert_eq!(changed, ["Accepted"]);

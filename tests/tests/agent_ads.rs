@@ -13,6 +13,7 @@ use breakwater_api::rate_limit::{Algorithm, FailureMode};
 use breakwater_operator::compile::{PolicyVersion, Proxy, Snapshot, type_url};
 use breakwater_operator::http::State;
 use breakwater_operator::inventory::ObjectName;
+use breakwater_operator::status;
 use breakwater_operator::xds::{AdsServer, SnapshotCache};
 use envoy_types::pb::google::protobuf::Any;
 use tokio::sync::watch;
@@ -40,11 +41,10 @@ fn snapshot(config: &AgentConfig, generation: i64) -> Snapshot {
     let any = Any { type_url: TYPE_URL.into(), value: serde_json::to_vec(config).expect("json") };
     Snapshot {
         resources: [(type_url::AGENT, BTreeMap::from([("agent".to_string(), any)]))].into(),
-        policies: [PolicyVersion {
-            kind: "RateLimitPolicy",
-            name: ObjectName::new("shop", "limits"),
-            generation,
-        }]
+        policies: [(
+            PolicyVersion { kind: "RateLimitPolicy", name: ObjectName::new("shop", "limits"), generation },
+            [type_url::AGENT].into(),
+        )]
         .into(),
     }
 }
@@ -120,8 +120,9 @@ impl Operator {
     }
 
     fn programmed(&self, generation: i64) -> (bool, &'static str, String) {
-        let verdict =
-            self.cache.programmed("RateLimitPolicy", &ObjectName::new("shop", "limits"), generation);
+        let acks =
+            self.cache.acknowledgements("RateLimitPolicy", &ObjectName::new("shop", "limits"), generation);
+        let verdict = status::programmed(Some(&acks));
         (verdict.ok, verdict.reason, verdict.message)
     }
 }

@@ -12,10 +12,13 @@ use std::time::Duration;
 
 use breakwater_agent::config::ConfigSource;
 use breakwater_agent::{Listeners, Settings, StoreSettings};
+use breakwater_operator::compile::Compiled;
 use breakwater_operator::http::State;
 use breakwater_operator::inventory::ObjectName;
+use breakwater_operator::policy::Verdict;
 use breakwater_operator::standalone::load;
-use breakwater_operator::xds::{AdsServer, SnapshotCache, feed};
+use breakwater_operator::status;
+use breakwater_operator::xds::{AdsServer, SnapshotCache};
 use serde_json::Value;
 use tokio::net::TcpListener;
 
@@ -25,7 +28,7 @@ async fn operator() -> (String, Arc<SnapshotCache>) {
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
     let loaded = load::load_dir(&examples, "breakwater-system").expect("examples load");
     let cache = Arc::new(SnapshotCache::default());
-    cache.set_compiler(feed::compiler(&loaded.inventory));
+    cache.publish(Compiled::new(&loaded.inventory));
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
     let ads = AdsServer::new(cache.clone(), Arc::new(State::default()));
@@ -83,7 +86,10 @@ async fn acquire(agent: &Agent, lease: &str) -> (u16, Value) {
 async fn an_example_lease_reaches_the_agents_of_the_pods_it_selects() {
     let (endpoint, cache) = operator().await;
     let lease = ObjectName::new("billing", "invoice-run");
-    assert!(!cache.programmed("LockLease", &lease, 1).ok, "no agent has acknowledged it yet");
+    let programmed = |cache: &SnapshotCache| -> Verdict {
+        status::programmed(Some(&cache.acknowledgements("LockLease", &lease, 1)))
+    };
+    assert!(!programmed(&cache).ok, "no agent has acknowledged it yet");
 
     let worker = agent(&endpoint, "billing/billing-worker-84c6d5f7b9-tq9vd").await;
     configured(&worker).await;
@@ -99,7 +105,7 @@ async fn an_example_lease_reaches_the_agents_of_the_pods_it_selects() {
 
     let give_up = tokio::time::Instant::now() + DEADLINE;
     let verdict = loop {
-        let verdict = cache.programmed("LockLease", &lease, 1);
+        let verdict = programmed(&cache);
         if verdict.ok || tokio::time::Instant::now() > give_up {
             break verdict;
         }

@@ -10,7 +10,6 @@
 
 mod agent;
 mod bootstrap;
-pub mod check;
 mod inbound;
 mod outbound;
 mod proto;
@@ -21,7 +20,7 @@ use std::{
     sync::Arc,
 };
 
-use breakwater_api::{CircuitBreakerPolicySpec, LockLease, agent::AgentConfig};
+use breakwater_api::{CircuitBreakerPolicySpec, LockLease, agent::AgentConfig, rate_limit::Scope};
 use envoy_types::pb::{envoy::config::route::v3::VirtualHost, google::protobuf::Any};
 use k8s_openapi::api::{
     core::v1::{Pod, Service},
@@ -74,16 +73,6 @@ pub const CIRCUIT_BREAKER_POLICY: &str = "CircuitBreakerPolicy";
 pub const RATE_LIMIT_POLICY: &str = "RateLimitPolicy";
 pub const LOCK_LEASE: &str = "LockLease";
 
-/// The resource types whose acknowledgement programs a policy of `kind`, when narrower than
-/// every type its proxy subscribed to. A LockLease lives in the agent's configuration only,
-/// so what Envoy says about its listeners and routes neither programs nor rejects it.
-pub fn carried_by(kind: &str) -> Option<&'static [&'static str]> {
-    match kind {
-        LOCK_LEASE => Some(&[type_url::AGENT]),
-        _ => None,
-    }
-}
-
 /// Type URLs of the resources a snapshot carries (Envoy v3, plus the agent's own type).
 pub mod type_url {
     pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
@@ -125,8 +114,9 @@ pub struct PolicyVersion {
 pub struct Snapshot {
     /// Resources by type URL, then by resource name, protobuf-encoded as `Any`.
     pub resources: BTreeMap<&'static str, BTreeMap<String, Any>>,
-    /// The policies whose configuration this snapshot carries.
-    pub policies: BTreeSet<PolicyVersion>,
+    /// The policies whose configuration this snapshot carries, each with the resource types
+    /// that carry it: only the ACKs and NACKs of those types say anything about the policy.
+    pub policies: BTreeMap<PolicyVersion, BTreeSet<&'static str>>,
 }
 
 impl Snapshot {
@@ -134,12 +124,39 @@ impl Snapshot {
         self.resources.entry(type_url).or_default().insert(name.into(), any);
     }
 
+    /// Records that resources of `type_url` carry `policy`.
+    pub fn carry(&mut self, policy: PolicyVersion, type_url: &'static str) {
+        self.policies.entry(policy).or_default().insert(type_url);
+    }
+
     /// Adds another snapshot's resources and policies (the other wins on a name clash).
     pub fn merge(&mut self, other: Snapshot) {
         for (type_url, resources) in other.resources {
             self.resources.entry(type_url).or_default().extend(resources);
         }
-        self.policies.extend(other.policies);
+        for (policy, types) in other.policies {
+            self.policies.entry(policy).or_default().extend(types);
+        }
+    }
+}
+
+/// Which pods carry each policy, whether a proxy of theirs is connected or not: what
+/// `Programmed` counts the connected proxies against. Every pod carries the shared part.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Carriers {
+    /// Every pod of the inventory.
+    pods: BTreeSet<ObjectName>,
+    /// The policies the shared part carries, by kind and name.
+    shared: BTreeSet<(&'static str, ObjectName)>,
+    /// The policies of pods' local parts, with the pods that carry each.
+    local: BTreeMap<(&'static str, ObjectName), BTreeSet<ObjectName>>,
+}
+
+impl Carriers {
+    /// The pods whose configuration carries the policy `kind` `name`; None when no pod does.
+    pub fn pods(&self, kind: &'static str, name: &ObjectName) -> Option<&BTreeSet<ObjectName>> {
+        let key = (kind, name.clone());
+        if self.shared.contains(&key) { Some(&self.pods) } else { self.local.get(&key) }
     }
 }
 
@@ -183,26 +200,12 @@ pub struct Compiled {
 }
 
 impl Compiled {
+    /// Effective policies hold only policies that evaluation accepts, so nothing the policy
+    /// checks refuse (`policy::check`) reaches a snapshot.
     pub fn new(inventory: &Inventory) -> Self {
         let generations = generations(inventory);
-        let refused_cb: BTreeSet<ObjectName> = inventory
-            .circuit_breakers
-            .iter()
-            .filter(|p| check::circuit_breaker_policy(&p.spec).is_err())
-            .map(|p| ObjectName::of(p.as_ref()))
-            .collect();
-        let refused_rl: BTreeSet<ObjectName> = inventory
-            .rate_limits
-            .iter()
-            .filter(|p| check::rate_limit_policy(&p.spec).is_err())
-            .map(|p| ObjectName::of(p.as_ref()))
-            .collect();
         let circuit_breakers = circuit_breaker::effective(inventory);
-        let mut rate_limits = rate_limit::effective(inventory);
-        for limits in rate_limits.values_mut() {
-            limits.retain(|l| !refused_rl.contains(&l.policy));
-        }
-        rate_limits.retain(|_, limits| !limits.is_empty());
+        let rate_limits = rate_limit::effective(inventory);
 
         let slices = slices_by_service(inventory);
         let mut shared = Snapshot::default();
@@ -215,8 +218,8 @@ impl Compiled {
             for port in &ports {
                 let key = ServicePort { service: name.clone(), port: port.key.clone() };
                 let (spec, sources) = match circuit_breakers.get(&key) {
-                    Some(effective) => accepted_sections(&effective.spec, &effective.sources, &refused_cb),
-                    None => (empty.clone(), BTreeMap::new()),
+                    Some(effective) => (&effective.spec, effective.sources.clone()),
+                    None => (&empty, BTreeMap::new()),
                 };
                 let cluster = outbound::cluster_name(name, port.number);
                 let endpoints = workload::endpoints(
@@ -226,23 +229,22 @@ impl Compiled {
                 shared.insert(
                     type_url::CLUSTER,
                     &cluster,
-                    proto::any(&outbound::cluster(&cluster, port, &spec)),
+                    proto::any(&outbound::cluster(&cluster, port, spec)),
                 );
                 shared.insert(
                     type_url::ENDPOINT,
                     &cluster,
                     proto::any(&outbound::load_assignment(&cluster, &endpoints)),
                 );
-                let host = |local| outbound::virtual_host(name, port.number, &cluster, &spec, local);
+                let host = |local| outbound::virtual_host(name, port.number, &cluster, spec, local);
                 hosts.push(EncodedHost {
                     namespace: name.namespace.clone(),
                     global: encode_host(&host(false)),
                     local: encode_host(&host(true)),
                 });
                 for (section, source) in sources {
-                    // The breaker runs in the agent, whose contract has no breaker yet.
-                    if section != Section::Breaker {
-                        shared.policies.insert(version(&generations, CIRCUIT_BREAKER_POLICY, &source));
+                    for type_url in carrying(section, spec) {
+                        shared.carry(version(&generations, CIRCUIT_BREAKER_POLICY, &source), type_url);
                     }
                 }
             }
@@ -293,7 +295,14 @@ impl Compiled {
                 snapshot.insert(type_url::CLUSTER, &name, proto::any(&inbound::cluster(port)));
                 snapshot.insert(type_url::ROUTE, &name, proto::any(&inbound::route_config(port)));
                 for (_, limit) in &port.limits {
-                    snapshot.policies.insert(version(&self.generations, RATE_LIMIT_POLICY, &limit.policy));
+                    let policy = version(&self.generations, RATE_LIMIT_POLICY, &limit.policy);
+                    // The port's filter chain and its route configuration enforce the limit;
+                    // a scope Cluster limit is counted by the agent too.
+                    snapshot.carry(policy.clone(), type_url::LISTENER);
+                    snapshot.carry(policy.clone(), type_url::ROUTE);
+                    if limit.limit.scope() == Scope::Cluster {
+                        snapshot.carry(policy, type_url::AGENT);
+                    }
                 }
             }
             snapshot.insert(
@@ -303,11 +312,8 @@ impl Compiled {
             );
             snapshot.insert(type_url::LISTENER, names::INBOUND, proto::any(&inbound::listener(&ports)));
             for lease in &leases {
-                snapshot.policies.insert(version(
-                    &self.generations,
-                    LOCK_LEASE,
-                    &ObjectName::of(lease.as_ref()),
-                ));
+                let policy = version(&self.generations, LOCK_LEASE, &ObjectName::of(lease.as_ref()));
+                snapshot.carry(policy, type_url::AGENT);
             }
             agent = agent::config(
                 ports.iter().flat_map(|p| p.limits.iter().map(|(_, l)| l)),
@@ -316,6 +322,23 @@ impl Compiled {
         }
         snapshot.insert(type_url::AGENT, names::AGENT_RESOURCE, agent::resource(&agent));
         snapshot
+    }
+
+    /// Which pods carry each policy: every pod what the shared part carries, and each pod
+    /// what its local part carries (computed without encoding any resource).
+    pub fn carriers(&self) -> Carriers {
+        let shared = self.shared.policies.keys().map(|p| (p.kind, p.name.clone())).collect();
+        let mut local: BTreeMap<(&'static str, ObjectName), BTreeSet<ObjectName>> = BTreeMap::new();
+        for (name, pod) in &self.pods {
+            let limits = self.inbound_ports(pod).into_iter().flat_map(|port| port.limits);
+            let rate_limits = limits.map(|(_, limit)| (RATE_LIMIT_POLICY, limit.policy));
+            let leases =
+                self.leases_of(pod).into_iter().map(|lease| (LOCK_LEASE, ObjectName::of(lease.as_ref())));
+            for key in rate_limits.chain(leases) {
+                local.entry(key).or_default().insert(name.clone());
+            }
+        }
+        Carriers { pods: self.pods.keys().cloned().collect(), shared, local }
     }
 
     /// The outbound route configuration (`outbound_http`) as seen from `namespace`: the
@@ -412,27 +435,17 @@ fn slices_by_service(inventory: &Inventory) -> BTreeMap<ObjectName, Vec<Arc<Endp
     by_service
 }
 
-/// The effective sections whose source policy the compiler accepts (see [`check`]), and
-/// where each came from.
-fn accepted_sections(
-    spec: &CircuitBreakerPolicySpec,
-    sources: &BTreeMap<Section, ObjectName>,
-    refused: &BTreeSet<ObjectName>,
-) -> (CircuitBreakerPolicySpec, BTreeMap<Section, ObjectName>) {
-    let mut spec = spec.clone();
-    let mut kept = BTreeMap::new();
-    for (section, source) in sources {
-        if !refused.contains(source) {
-            kept.insert(*section, source.clone());
-            continue;
+/// The resource types that carry one section of a Service port's effective circuit breaker:
+/// limits and outlier detection live in the outbound cluster, retries and the timeout in the
+/// virtual host of the outbound routes (a retry budget in the cluster too). The breaker
+/// runs in the agent, whose contract has no breaker yet: nothing carries it.
+fn carrying(section: Section, spec: &CircuitBreakerPolicySpec) -> &'static [&'static str] {
+    match section {
+        Section::ConnectionLimits | Section::OutlierDetection => &[type_url::CLUSTER],
+        Section::Retry if spec.retry.as_ref().is_some_and(|r| r.budget.is_some()) => {
+            &[type_url::CLUSTER, type_url::ROUTE]
         }
-        match section {
-            Section::ConnectionLimits => spec.connection_limits = None,
-            Section::OutlierDetection => spec.outlier_detection = None,
-            Section::Retry => spec.retry = None,
-            Section::Timeout => spec.timeout = None,
-            Section::Breaker => spec.breaker = None,
-        }
+        Section::Retry | Section::Timeout => &[type_url::ROUTE],
+        Section::Breaker => &[],
     }
-    (spec, kept)
 }

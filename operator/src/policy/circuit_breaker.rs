@@ -72,7 +72,7 @@ pub struct EffectiveCircuitBreaker {
 /// Semantic checks the schema and CEL cannot make.
 fn validate(spec: &CircuitBreakerPolicySpec) -> Result<(), Verdict> {
     // What Envoy cannot express as written is refused here, never dropped by the compiler.
-    crate::compile::check::circuit_breaker_policy(spec).map_err(|m| Verdict::fail(reason::INVALID, m))?;
+    super::check::circuit_breaker_policy(spec).map_err(|m| Verdict::fail(reason::INVALID, m))?;
     let durations = [
         ("timeout", spec.timeout.as_ref()),
         ("retry.perTryTimeout", spec.retry.as_ref().and_then(|r| r.per_try_timeout.as_ref())),

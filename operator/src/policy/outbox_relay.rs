@@ -1,4 +1,6 @@
-//! OutboxRelay: checks beyond the schema, and the connection Secret it references.
+//! OutboxRelay: checks beyond the schema, and the connection Secret it references. Nothing
+//! relays an outbox yet, so a valid OutboxRelay is accepted with reason
+//! `RelayNotImplemented`, and its message says that nothing reads the table.
 
 use breakwater_api::OutboxRelay;
 use kube::ResourceExt;
@@ -11,8 +13,12 @@ pub fn assess(relay: &OutboxRelay, inventory: &Inventory) -> Assessment {
     let accepted = match delivery.poll_interval.to_std() {
         Err(err) => Verdict::fail(reason::INVALID, format!("spec.delivery.pollInterval: {err}")),
         Ok(_) => Verdict::ok(
-            reason::ACCEPTED,
-            format!("relays table {} to {}", relay.spec.source.postgres.table, sink(&relay.spec.sink)),
+            reason::RELAY_NOT_IMPLEMENTED,
+            format!(
+                "valid, but no outbox relay is built yet: nothing reads table {} or publishes to {}",
+                relay.spec.source.postgres.table,
+                sink(&relay.spec.sink)
+            ),
         ),
     };
     let secret_ref = &relay.spec.source.postgres.connection_secret_ref;

@@ -46,7 +46,7 @@ fn attach(policy: &RateLimitPolicy, inventory: &Inventory) -> Result<(Role, Reso
             .map_err(|err| Verdict::fail(reason::INVALID, format!("spec.limits[{index}].rate.per: {err}")))?;
     }
     // What Envoy cannot express as written is refused here, never dropped by the compiler.
-    crate::compile::check::rate_limit_policy(&policy.spec).map_err(|m| Verdict::fail(reason::INVALID, m))?;
+    super::check::rate_limit_policy(&policy.spec).map_err(|m| Verdict::fail(reason::INVALID, m))?;
     let namespace = policy.namespace().unwrap_or_default();
     let role = attachment::check(&policy.spec, &namespace, inventory)?;
     Ok((role, attachment::resolve(&policy.spec, &namespace, role, inventory)))

@@ -17,23 +17,11 @@ use k8s_openapi::api::{
 use kube::ResourceExt;
 use serde_json::Value;
 
+pub use crate::error::Source;
 use crate::{
     error::{Error, Result},
     inventory::{Inventory, ObjectName},
 };
-
-/// Where an object was read from.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Source {
-    pub path: PathBuf,
-    pub line: usize,
-}
-
-impl std::fmt::Display for Source {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}", self.path.display(), self.line)
-    }
-}
 
 /// A Breakwater object the API server would refuse.
 #[derive(Clone, Debug)]
@@ -104,50 +92,36 @@ pub fn load_text(
     seen: &mut BTreeMap<(String, ObjectName), Source>,
 ) -> Result<()> {
     for (start, doc) in documents(text) {
-        let parse_err =
-            |line: usize, message: String| Error::Parse { path: path.to_path_buf(), line, message };
+        let at = |line: usize| Source { path: path.to_path_buf(), line };
         let value: Value = match serde_saphyr::from_str::<Option<Value>>(&doc) {
             Ok(Some(value)) => value,
             Ok(None) => continue,
-            Err(err) => {
-                let line = err.location().map_or(0, |l| usize::try_from(l.line()).unwrap_or(0));
-                return Err(parse_err(
-                    start + line.saturating_sub(1),
-                    format!("YAML syntax error: {}", first_line(&err)),
-                ));
+            Err(source) => {
+                let line = source.location().map_or(0, |l| usize::try_from(l.line()).unwrap_or(0));
+                return Err(Error::Yaml { at: at(start + line.saturating_sub(1)), source: Box::new(source) });
             }
         };
         if value.is_null() {
             continue;
         }
-        let source = Source { path: path.to_path_buf(), line: start };
+        let source = at(start);
         let (api_version, kind) = match (
             value.get("apiVersion").and_then(Value::as_str),
             value.get("kind").and_then(Value::as_str),
         ) {
             (Some(a), Some(k)) => (a.to_string(), k.to_string()),
-            _ => {
-                return Err(parse_err(
-                    start,
-                    "not a Kubernetes object: apiVersion and kind must be set".into(),
-                ));
-            }
+            _ => return Err(Error::NotAnObject { at: source }),
         };
         let meta = value.get("metadata");
         let name = meta.and_then(|m| m.get("name")).and_then(Value::as_str).unwrap_or_default();
         let namespace = meta.and_then(|m| m.get("namespace")).and_then(Value::as_str).unwrap_or("default");
         let id = ObjectName::new(namespace, name);
         if let Some(first) = seen.insert((kind.clone(), id.clone()), source.clone()) {
-            return Err(parse_err(start, format!("{kind} {id} is defined twice (first at {first})")));
+            return Err(Error::Duplicate { at: source, kind, name: id, first: Box::new(first) });
         }
-        add_object(loaded, source, &api_version, &kind, id, value)
-            .map_err(|message| parse_err(start, message))?;
+        add_object(loaded, source, &api_version, &kind, id, value)?;
     }
     Ok(())
-}
-
-fn first_line(err: &impl std::fmt::Display) -> String {
-    err.to_string().lines().next().unwrap_or_default().to_string()
 }
 
 /// Adds one parsed object. Err is for objects that are not objects of the kind they claim.
@@ -158,38 +132,50 @@ fn add_object(
     kind: &str,
     id: ObjectName,
     mut value: Value,
-) -> Result<(), String> {
+) -> Result<()> {
     // kubectl fills the namespace from the context (standalone mode uses "default"), and the
     // API server starts every object at generation 1.
     if let Some(meta) = value.get_mut("metadata").and_then(Value::as_object_mut) {
         meta.entry("namespace").or_insert_with(|| Value::String(id.namespace.clone()));
         meta.entry("generation").or_insert_with(|| Value::from(1));
     }
+    let typed = |value| Typed { at: &source, kind, name: &id, value };
     let inventory = &mut loaded.inventory;
     match (api_version, kind) {
-        ("v1", "Service") => inventory.add_service(Arc::new(typed::<Service>(value, kind)?)),
+        ("v1", "Service") => inventory.add_service(Arc::new(typed(value).decode::<Service>()?)),
         // The workloads that run proxies, and their Services' endpoints: what `render`
         // and the xDS server compile for.
         ("v1", "Pod") => {
-            inventory.pods.insert(id, Arc::new(typed::<Pod>(value, kind)?));
+            let pod = typed(value).decode::<Pod>()?;
+            inventory.pods.insert(id, Arc::new(pod));
         }
         ("discovery.k8s.io/v1", "EndpointSlice") => {
-            inventory.endpoint_slices.insert(id, Arc::new(typed::<EndpointSlice>(value, kind)?));
+            let slice = typed(value).decode::<EndpointSlice>()?;
+            inventory.endpoint_slices.insert(id, Arc::new(slice));
         }
         ("v1", "Namespace") => {
-            let ns: Namespace = typed(value, kind)?;
+            let ns: Namespace = typed(value).decode()?;
             inventory.add_namespace(ns.name_any(), ns.labels().clone());
         }
         ("v1", "Secret") => {
-            inventory.add_secret(&typed::<Secret>(value, kind)?);
+            inventory.add_secret(&typed(value).decode::<Secret>()?);
         }
         _ => match validation::crd_for(api_version, kind) {
             Some(crd) => {
                 let errors: Vec<String> =
                     validation::validate_object(crd, &value).iter().map(ToString::to_string).collect();
                 if errors.is_empty() {
-                    add_breakwater(inventory, kind, value.clone())
-                        .map_err(|err| format!("{kind} {id}: {err}"))?;
+                    let value = typed(value.clone());
+                    match kind {
+                        "CircuitBreakerPolicy" => inventory.circuit_breakers.push(Arc::new(value.decode()?)),
+                        "RateLimitPolicy" => inventory.rate_limits.push(Arc::new(value.decode()?)),
+                        "LockLease" => inventory.lock_leases.push(Arc::new(value.decode()?)),
+                        "OutboxRelay" => inventory.outbox_relays.push(Arc::new(value.decode()?)),
+                        _ => {
+                            let (api_version, kind) = (api_version.to_string(), kind.to_string());
+                            return Err(Error::UnknownKind { at: source, api_version, kind });
+                        }
+                    }
                 } else {
                     loaded.rejected.push(Rejected {
                         source,
@@ -201,9 +187,11 @@ fn add_object(
                 }
             }
             None if api_version.starts_with("breakwater.dev/") => {
-                return Err(format!(
-                    "no kind {kind:?} in {api_version}: expected CircuitBreakerPolicy, RateLimitPolicy, LockLease or OutboxRelay"
-                ));
+                return Err(Error::UnknownKind {
+                    at: source,
+                    api_version: api_version.to_string(),
+                    kind: kind.to_string(),
+                });
             }
             None => loaded.ignored.push((source, format!("{api_version} {kind} {id}"))),
         },
@@ -211,19 +199,23 @@ fn add_object(
     Ok(())
 }
 
-fn typed<K: serde::de::DeserializeOwned>(value: Value, kind: &str) -> Result<K, String> {
-    serde_json::from_value(value).map_err(|err| format!("invalid {kind}: {err}"))
+/// A parsed object on its way to its type.
+struct Typed<'a> {
+    at: &'a Source,
+    kind: &'a str,
+    name: &'a ObjectName,
+    value: Value,
 }
 
-fn add_breakwater(inventory: &mut Inventory, kind: &str, value: Value) -> Result<(), String> {
-    match kind {
-        "CircuitBreakerPolicy" => inventory.circuit_breakers.push(Arc::new(typed(value, kind)?)),
-        "RateLimitPolicy" => inventory.rate_limits.push(Arc::new(typed(value, kind)?)),
-        "LockLease" => inventory.lock_leases.push(Arc::new(typed(value, kind)?)),
-        "OutboxRelay" => inventory.outbox_relays.push(Arc::new(typed(value, kind)?)),
-        other => return Err(format!("unsupported kind {other}")),
+impl Typed<'_> {
+    fn decode<K: serde::de::DeserializeOwned>(self) -> Result<K> {
+        serde_json::from_value(self.value).map_err(|source| Error::Decode {
+            at: self.at.clone(),
+            kind: self.kind.to_string(),
+            name: self.name.clone(),
+            source,
+        })
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -256,8 +248,8 @@ mod tests {
             "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\napiVersion: v1\nkind: [unclosed\n";
         let err = load_text(Path::new("x.yaml"), text, &mut Loaded::default(), &mut BTreeMap::new())
             .expect_err("syntax error");
-        let Error::Parse { line, message, .. } = &err else { panic!("unexpected {err}") };
-        assert_eq!(*line, 6, "{message}");
+        let Error::Yaml { at, source } = &err else { panic!("unexpected {err}") };
+        assert_eq!(at.line, 6, "{source}");
         assert!(err.to_string().starts_with("x.yaml:6: YAML syntax error"), "{err}");
     }
 

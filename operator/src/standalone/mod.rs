@@ -12,16 +12,16 @@ use std::{
     time::Duration,
 };
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use serde_json::Value;
-
 use std::sync::Arc;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use self::load::Loaded;
 use crate::{
-    error::Result,
+    compile::Compiled,
+    error::{Error, Report, Result},
     http::State,
     inventory::ObjectName,
     policy::{
@@ -30,9 +30,8 @@ use crate::{
         reason,
     },
     resource::Policy,
-    status::{self, OwnedStatus, owned_status},
-    xds::SnapshotCache,
-    xds::{self, AdsServer},
+    status::{self, Findings, OwnedStatus},
+    xds::{self, AdsServer, SnapshotCache},
 };
 
 /// How the outcome is printed.
@@ -82,45 +81,34 @@ type Previous = BTreeMap<(String, ObjectName), Vec<Condition>>;
 /// that transition times only move on a change, as in the cluster.
 pub fn evaluate(loaded: &Loaded, cache: Option<&SnapshotCache>, previous: &Previous, now: &Time) -> Vec<Row> {
     let inventory = &loaded.inventory;
-    let accepted_rows = Policy::all(inventory).into_iter().map(|policy| {
-        let assessment = policy.assess(inventory);
+    let policies = Policy::all(inventory).into_iter().map(|policy| {
         let generation = policy.meta().generation;
-        let programmed = status::programmed(&assessment, cache, policy.kind(), &policy.name(), generation);
-        // Standalone mode reads no Redis: who holds a lease is not known here.
-        let lease = match &policy {
-            Policy::LockLease(lease) => {
-                Some(lock_lease::report(Observation::NoStore, &lease.spec, &LeaseFields::default()))
-            }
-            _ => None,
+        let findings = Findings {
+            assessment: policy.assess(inventory),
+            acknowledgements: cache
+                .map(|cache| cache.acknowledgements(policy.kind(), &policy.name(), generation.unwrap_or(1))),
+            // Standalone mode reads no Redis: who holds a lease is not known here.
+            lease: policy
+                .lease()
+                .map(|lease| lock_lease::report(Observation::NoStore, &lease.spec, &LeaseFields::default())),
         };
-        (
-            policy.kind().to_string(),
-            policy.name(),
-            policy.to_json(),
-            assessment,
-            programmed,
-            generation,
-            lease,
-        )
+        (policy.kind().to_string(), policy.name(), policy.to_json(), findings, generation)
     });
-    let rejected_rows = loaded.rejected.iter().map(|rejected| {
+    // What the schema refuses is not accepted; whatever the proxies say is never asked.
+    let rejected = loaded.rejected.iter().map(|rejected| {
         let assessment = Assessment {
             accepted: Verdict::fail(reason::INVALID, rejected.errors.join("; ")),
             resolved_refs: None,
             targets: None,
         };
-        let programmed = status::programmed(&assessment, cache, &rejected.kind, &rejected.name, None);
-        let (kind, name, object) = (rejected.kind.clone(), rejected.name.clone(), rejected.object.clone());
-        (kind, name, object, assessment, programmed, None, None)
+        let findings = Findings { assessment, acknowledgements: None, lease: None };
+        (rejected.kind.clone(), rejected.name.clone(), rejected.object.clone(), findings, None)
     });
-    let mut rows: Vec<Row> = accepted_rows
-        .chain(rejected_rows)
-        .map(|(kind, name, object, assessment, programmed, generation, lease)| {
+    let mut rows: Vec<Row> = policies
+        .chain(rejected)
+        .map(|(kind, name, object, findings, generation)| {
             let before = previous.get(&(kind.clone(), name.clone())).map(Vec::as_slice).unwrap_or_default();
-            let mut status = owned_status(&assessment, programmed, generation, before, now);
-            if let Some(report) = lease {
-                status = status::with_lease(status, report, generation, before, now);
-            }
+            let status = status::assemble(findings, generation, before, now);
             Row { kind, name, object, status }
         })
         .collect();
@@ -138,7 +126,7 @@ fn load_and_report(options: &Options) -> Option<Loaded> {
     let loaded = match load::load_dir(&options.dir, &options.root_namespace) {
         Ok(loaded) => loaded,
         Err(err) => {
-            eprintln!("error: {err}");
+            eprintln!("error: {}", Report(&err));
             return None;
         }
     };
@@ -188,8 +176,10 @@ pub async fn run(options: Options, shutdown: impl std::future::Future<Output = (
     let stop = CancellationToken::new();
     let _stop_on_return = stop.clone().drop_guard();
     if let Some(addr) = options.xds_addr {
-        let listener = tokio::net::TcpListener::bind(addr).await?;
-        tracing::info!(addr = %listener.local_addr()?, "serving ADS; proxies connect with node id NAMESPACE/POD");
+        let listener =
+            tokio::net::TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
+        let addr = listener.local_addr().unwrap_or(addr);
+        tracing::info!(%addr, "serving ADS; proxies connect with node id NAMESPACE/POD");
         let ads = AdsServer::new(cache.clone(), Arc::new(State::default()));
         tokio::spawn(xds::serve(listener, ads, stop.clone().cancelled_owned()));
     }
@@ -230,7 +220,7 @@ pub async fn run(options: Options, shutdown: impl std::future::Future<Output = (
 }
 
 fn publish(cache: &SnapshotCache, loaded: &Loaded) {
-    cache.set_compiler(xds::feed::compiler(&loaded.inventory));
+    cache.publish(Compiled::new(&loaded.inventory));
 }
 
 /// A hash of every YAML file's path and contents: polling it is portable and cheap for the

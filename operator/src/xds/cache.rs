@@ -1,5 +1,6 @@
 //! The snapshot cache: one compiled [`Snapshot`] per connected proxy, what each proxy has
-//! acknowledged or rejected, and from that the `Programmed` verdict of every policy.
+//! acknowledged or rejected, and from that the [`Acknowledgements`] of every policy: facts
+//! (counts and the proxies' own messages) that `status` words as `Programmed`.
 //!
 //! Versions are content hashes of the resources a proxy subscribed to, so the same
 //! configuration has the same version on every replica and after a restart, and a proxy
@@ -13,9 +14,8 @@ use std::{
 use tokio::sync::watch;
 
 use crate::{
-    compile::{Proxy, Snapshot, carried_by},
+    compile::{Carriers, Compiled, Proxy, Snapshot},
     inventory::ObjectName,
-    policy::{Verdict, reason},
 };
 
 /// Compiles the snapshot of one proxy from the current inventory.
@@ -42,7 +42,32 @@ struct Node {
 #[derive(Default)]
 struct Inner {
     compiler: Option<Compiler>,
+    /// The pods that carry each policy, connected or not (empty for a bare compiler).
+    carriers: Carriers,
     nodes: BTreeMap<String, Node>,
+}
+
+/// What the proxies that carry one policy said about its current generation.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Acknowledgements {
+    /// Connected proxies whose configuration carries the policy.
+    pub connected: usize,
+    /// Of those, the ones that acknowledged the policy's generation on every resource type
+    /// that carries it.
+    pub acknowledged: usize,
+    /// Pods whose configuration would carry the policy but that have no proxy connected.
+    pub not_connected: usize,
+    /// The carrying proxies that rejected the version they hold now, with their messages.
+    pub rejections: Vec<Rejection>,
+}
+
+/// One proxy's NACK of the configuration that carries a policy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejection {
+    /// The proxy's node id (`namespace/pod`).
+    pub node: String,
+    /// What the proxy said.
+    pub message: String,
 }
 
 /// Shared by the ADS streams (which record ACKs) and the status side (which reads them).
@@ -101,9 +126,23 @@ impl SnapshotCache {
         self.changes.subscribe()
     }
 
+    /// Serves what `compiled` compiles to every proxy, and counts the pods it says carry a
+    /// policy in that policy's [`Acknowledgements`], connected or not.
+    pub fn publish(&self, compiled: Compiled) {
+        let carriers = compiled.carriers();
+        let compiled = Arc::new(compiled);
+        self.replace(Arc::new(move |proxy: &Proxy| compiled.snapshot(proxy)), carriers);
+    }
+
+    /// Serves what `compiler` compiles (a stand-in for [`publish`](Self::publish) in tests:
+    /// only connected proxies count as carrying a policy).
+    pub fn set_compiler(&self, compiler: Compiler) {
+        self.replace(compiler, Carriers::default());
+    }
+
     /// Replaces the compiler (the inventory changed) and recompiles every connected proxy;
     /// only proxies whose snapshot differs are woken.
-    pub fn set_compiler(&self, compiler: Compiler) {
+    fn replace(&self, compiler: Compiler, carriers: Carriers) {
         let mut inner = self.lock();
         for node in inner.nodes.values() {
             let snapshot = compiler(&node.proxy);
@@ -116,6 +155,7 @@ impl SnapshotCache {
             });
         }
         inner.compiler = Some(compiler);
+        inner.carriers = carriers;
         drop(inner);
         self.changed();
     }
@@ -183,51 +223,52 @@ impl SnapshotCache {
         self.lock().nodes.len()
     }
 
-    /// `Programmed` for a policy at `generation`: True once every connected proxy whose
-    /// configuration carries the policy has acknowledged the version with this generation,
-    /// of every type it subscribed to — or, for kinds that [`carried_by`] narrows, of those
-    /// types only (a LockLease: the agent's configuration).
-    pub fn programmed(&self, kind: &str, name: &ObjectName, generation: i64) -> Verdict {
+    /// What the proxies carrying the policy `kind` `name` said about `generation`. A
+    /// connected proxy carries the policy when its snapshot does; it has acknowledged it
+    /// when its snapshot carries that generation and it ACKed the current version of every
+    /// resource type that carries the policy (a type it never subscribed to is not
+    /// acknowledged). ACKs and NACKs of other types say nothing about the policy: an Envoy
+    /// rejecting a listener does not reject a lease its agent holds.
+    pub fn acknowledgements(
+        &self,
+        kind: &'static str,
+        name: &ObjectName,
+        generation: i64,
+    ) -> Acknowledgements {
         let inner = self.lock();
-        let relevant = carried_by(kind);
-        let mut applies = 0;
-        let mut acked = 0;
-        let mut rejections = Vec::new();
+        let pods = inner.carriers.pods(kind, name);
+        let mut facts = Acknowledgements::default();
+        let mut connected_pods = 0;
         for (id, node) in &inner.nodes {
             let snapshot = node.snapshot.borrow().clone();
-            let carried = snapshot.policies.iter().find(|p| p.kind == kind && &p.name == name);
-            let Some(carried) = carried else { continue };
-            applies += 1;
-            let mut all_acked = carried.generation == generation;
-            let mut subscribed = false;
-            let types = node.types.iter().filter(|(t, _)| relevant.is_none_or(|r| r.contains(&t.as_str())));
-            for (type_url, state) in types {
-                subscribed = true;
+            let carried = snapshot.policies.iter().find(|(p, _)| p.kind == kind && &p.name == name);
+            let Some((carried, types)) = carried else { continue };
+            facts.connected += 1;
+            if pods.is_some_and(|pods| pods.contains(&node.proxy.pod)) {
+                connected_pods += 1;
+            }
+            let mut acknowledged = carried.generation == generation && !types.is_empty();
+            let mut rejection = None;
+            for type_url in types {
+                let Some(state) = node.types.get(*type_url) else {
+                    acknowledged = false;
+                    continue;
+                };
                 let current = version(&snapshot, type_url, state.names.as_ref());
                 if let Some((rejected, message)) = &state.rejected
                     && *rejected == current
+                    && rejection.is_none()
                 {
-                    rejections.push(format!("{id}: {message}"));
+                    rejection = Some(Rejection { node: id.clone(), message: message.clone() });
                 }
-                all_acked &= state.acked.as_deref() == Some(current.as_str());
+                acknowledged &= state.acked.as_deref() == Some(current.as_str());
             }
-            // A proxy that has not subscribed to the policy's types has acknowledged nothing.
-            if all_acked && subscribed {
-                acked += 1;
+            if acknowledged {
+                facts.acknowledged += 1;
             }
+            facts.rejections.extend(rejection);
         }
-        if let Some(first) = rejections.first() {
-            return Verdict::fail(
-                reason::REJECTED,
-                format!("rejected by {} of {applies} proxies; {first}", rejections.len()),
-            );
-        }
-        match applies {
-            0 => Verdict::fail(reason::PENDING, "no connected proxy carries this policy yet"),
-            n if acked == n => {
-                Verdict::ok(reason::PROGRAMMED, format!("acknowledged by {acked}/{n} proxies"))
-            }
-            n => Verdict::fail(reason::PENDING, format!("acknowledged by {acked}/{n} proxies")),
-        }
+        facts.not_connected = pods.map_or(0, |pods| pods.len().saturating_sub(connected_pods));
+        facts
     }
 }

@@ -5,5 +5,5 @@ pub mod cache;
 pub mod feed;
 pub mod server;
 
-pub use cache::{Compiler, SnapshotCache};
+pub use cache::{Acknowledgements, Compiler, Rejection, SnapshotCache};
 pub use server::{AdsServer, serve};

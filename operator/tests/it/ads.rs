@@ -13,6 +13,7 @@ use breakwater_operator::{
     compile::{PolicyVersion, Proxy, Snapshot, type_url},
     http::State,
     inventory::ObjectName,
+    status,
     xds::{AdsServer, SnapshotCache},
 };
 use envoy_types::pb::{
@@ -58,10 +59,13 @@ fn snapshot(type_: &'static str, names: &[&str], policy_generation: Option<i64>)
         })
         .collect();
     let policies = policy_generation
-        .map(|generation| PolicyVersion {
-            kind: "RateLimitPolicy",
-            name: ObjectName::new("shop", "limits"),
-            generation,
+        .map(|generation| {
+            let policy = PolicyVersion {
+                kind: "RateLimitPolicy",
+                name: ObjectName::new("shop", "limits"),
+                generation,
+            };
+            (policy, [type_].into())
         })
         .into_iter()
         .collect();
@@ -160,7 +164,7 @@ async fn programmed_reason(cache: &SnapshotCache, generation: i64, reason: &str)
 /// has `reason`, re-reading it on every change of the cache; returns its message.
 pub(crate) async fn verdict_reason(
     cache: &SnapshotCache,
-    kind: &str,
+    kind: &'static str,
     name: &ObjectName,
     generation: i64,
     reason: &str,
@@ -168,7 +172,7 @@ pub(crate) async fn verdict_reason(
     let mut changes = cache.subscribe_changes();
     let give_up = tokio::time::Instant::now() + DEADLINE;
     loop {
-        let verdict = cache.programmed(kind, name, generation);
+        let verdict = status::programmed(Some(&cache.acknowledgements(kind, name, generation)));
         if verdict.reason == reason {
             return verdict.message;
         }
@@ -200,7 +204,8 @@ async fn initial_fetch_ack_and_programmed() {
     let message = programmed_reason(&cache, 1, "Programmed").await;
     assert_eq!(message, "acknowledged by 1/1 proxies");
     // A newer generation is not programmed by an ACK of the old one.
-    assert_eq!(cache.programmed("RateLimitPolicy", &ObjectName::new("shop", "limits"), 2).reason, "Pending");
+    let older = cache.acknowledgements("RateLimitPolicy", &ObjectName::new("shop", "limits"), 2);
+    assert_eq!(status::programmed(Some(&older)).reason, "Pending");
 }
 
 #[tokio::test]

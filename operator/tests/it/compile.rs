@@ -4,12 +4,16 @@
 //! every fixture passes the CRD schema and CEL rules); resources are decoded from the
 //! snapshot exactly as Envoy receives them.
 
-use std::{collections::BTreeMap, path::Path};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::Path,
+};
 
 use breakwater_api::agent::{AgentConfig, LIMIT_KEY, LeaseRule, RateLimitRule};
 use breakwater_operator::{
     compile::{self, Compiled, PolicyVersion, Proxy, Snapshot, names, type_url},
     inventory::{Inventory, ObjectName},
+    policy,
     standalone::load::{Loaded, load_text},
 };
 use envoy_types::pb::envoy::{
@@ -392,7 +396,7 @@ fn breaker_is_not_compiled_and_not_claimed() {
     let spec =
         "  breaker: {failureRateThreshold: 50, slidingWindow: {type: Count, size: 10}, openDuration: 30s}";
     let s = snapshot(&cbp(spec), API_POD);
-    assert!(s.policies.iter().all(|p| p.kind != compile::CIRCUIT_BREAKER_POLICY), "{:?}", s.policies);
+    assert!(s.policies.keys().all(|p| p.kind != compile::CIRCUIT_BREAKER_POLICY), "{:?}", s.policies);
     assert_eq!(
         s,
         snapshot("", API_POD),
@@ -610,7 +614,7 @@ fn unknown_pods_get_the_outbound_side_only() {
     assert!(!s.resources[type_url::LISTENER].contains_key(names::INBOUND));
     assert!(s.resources[type_url::CLUSTER].keys().all(|k| k.starts_with("outbound|")));
     assert!(agent(&s).rate_limits.is_empty());
-    assert!(s.policies.iter().all(|p| p.kind != compile::RATE_LIMIT_POLICY));
+    assert!(s.policies.keys().all(|p| p.kind != compile::RATE_LIMIT_POLICY));
 }
 
 // ---- LockLease: the agent's leases --------------------------------------------------------
@@ -665,16 +669,23 @@ fn a_pod_gets_the_leases_of_its_namespace_that_select_it_sorted_by_id() {
 #[test]
 fn snapshot_carries_the_leases_it_grants_at_their_generation() {
     let s = snapshot(&leases(), API_POD);
-    let carried: Vec<PolicyVersion> =
-        s.policies.iter().filter(|p| p.kind == compile::LOCK_LEASE).cloned().collect();
+    let carried: Vec<(PolicyVersion, Vec<&str>)> = s
+        .policies
+        .iter()
+        .filter(|(p, _)| p.kind == compile::LOCK_LEASE)
+        .map(|(p, types)| (p.clone(), types.iter().copied().collect()))
+        .collect();
     let version = |name: &str| PolicyVersion {
         kind: compile::LOCK_LEASE,
         name: ObjectName::new("shop", name),
         generation: 4,
     };
-    assert_eq!(carried, [version("cron"), version("reindex")]);
-    assert_eq!(compile::carried_by(compile::LOCK_LEASE), Some(&[type_url::AGENT][..]));
-    assert_eq!(compile::carried_by(compile::RATE_LIMIT_POLICY), None);
+    // A lease lives in the agent's configuration alone: what Envoy says of its listeners
+    // and routes says nothing about it.
+    assert_eq!(
+        carried,
+        [(version("cron"), vec![type_url::AGENT]), (version("reindex"), vec![type_url::AGENT])]
+    );
 }
 
 #[test]
@@ -687,7 +698,7 @@ fn a_refused_lease_is_neither_granted_nor_claimed() {
     );
     let s = snapshot(&refused, API_POD);
     assert!(agent(&s).leases.is_empty());
-    assert!(s.policies.iter().all(|p| p.kind != compile::LOCK_LEASE), "{:?}", s.policies);
+    assert!(s.policies.keys().all(|p| p.kind != compile::LOCK_LEASE), "{:?}", s.policies);
 }
 
 // ---- outbound names and endpoints --------------------------------------------------------
@@ -845,7 +856,7 @@ fn snapshot_policies_are_exactly_those_that_landed() {
     let rl = compile::RATE_LIMIT_POLICY;
     let api = snapshot(&own, API_POD);
     assert_eq!(
-        api.policies.iter().cloned().collect::<Vec<_>>(),
+        api.policies.keys().cloned().collect::<Vec<_>>(),
         [
             version(cb, "breakwater-system", "ceiling", 1),
             version(cb, "breakwater-system", "defaults", 3),
@@ -859,13 +870,73 @@ fn snapshot_policies_are_exactly_those_that_landed() {
     // while every caller carries the circuit-breaker policies of every Service.
     let web = snapshot(&own, "shop/web-1");
     assert_eq!(
-        web.policies.iter().filter(|p| p.kind == rl).map(|p| p.name.to_string()).collect::<Vec<_>>(),
+        web.policies.keys().filter(|p| p.kind == rl).map(|p| p.name.to_string()).collect::<Vec<_>>(),
         ["breakwater-system/fallback", "breakwater-system/floor"]
     );
     // lab is not production: no rate limits, the circuit breakers as a caller.
     let lab = snapshot(&own, "lab/api-1");
-    assert!(lab.policies.iter().all(|p| p.kind == cb));
+    assert!(lab.policies.keys().all(|p| p.kind == cb));
     assert_eq!(lab.policies.len(), 3);
+}
+
+/// Each policy is carried by the resource types that hold what it says, and only their
+/// ACKs count for its `Programmed`.
+#[test]
+fn a_policy_is_carried_by_the_types_that_hold_it() {
+    let own = format!(
+        "{ROOT}\n---\n{}\n---\n{}\n---\n{}",
+        cbp("  timeout: 1s\n  retry: {attempts: 2, budget: {percent: 20}}"),
+        rlp("  limits: [{name: own, rate: {requests: 10, per: 1s}}]"),
+        lock_lease("shop", "cron", "  ttl: 30s\n  podSelector: {}"),
+    );
+    let api = snapshot(&own, API_POD);
+    let types = |kind, namespace: &str, name: &str| -> BTreeSet<&str> {
+        let (_, types) = api
+            .policies
+            .iter()
+            .find(|(p, _)| p.kind == kind && p.name == ObjectName::new(namespace, name))
+            .unwrap_or_else(|| panic!("{kind} {namespace}/{name} is carried"));
+        types.iter().copied().collect()
+    };
+    let (cb, rl, ll) = (compile::CIRCUIT_BREAKER_POLICY, compile::RATE_LIMIT_POLICY, compile::LOCK_LEASE);
+    // connectionLimits: the outbound cluster; timeout and retry: the outbound routes, and a
+    // retry budget the cluster too.
+    assert_eq!(types(cb, "breakwater-system", "ceiling"), BTreeSet::from([type_url::CLUSTER]));
+    assert_eq!(types(cb, "breakwater-system", "defaults"), BTreeSet::from([type_url::ROUTE]));
+    assert_eq!(types(cb, "shop", "cb"), BTreeSet::from([type_url::CLUSTER, type_url::ROUTE]));
+    // A scope Cluster limit: the inbound listener and routes, and the agent that counts it.
+    let inbound = [type_url::LISTENER, type_url::ROUTE];
+    assert_eq!(types(rl, "shop", "rl"), BTreeSet::from([inbound[0], inbound[1], type_url::AGENT]));
+    assert_eq!(types(ll, "shop", "cron"), BTreeSet::from([type_url::AGENT]));
+    // A scope Pod limit is Envoy's alone.
+    let local = snapshot(&rlp("  limits: [{name: own, rate: {requests: 10, per: 1s}, scope: Pod}]"), API_POD);
+    let (_, types) = local.policies.iter().next().expect("the limit is carried");
+    assert_eq!(types, &BTreeSet::from(inbound));
+}
+
+/// The pods that carry each policy, connected or not: every pod the shared part carries,
+/// the pods a local part lands on.
+#[test]
+fn carriers_are_the_pods_whose_configuration_holds_the_policy() {
+    let own = format!(
+        "{ROOT}\n---\n{}\n---\n{}",
+        rlp("  limits: [{name: own, rate: {requests: 10, per: 1s}}]"),
+        leases()
+    );
+    let carriers = Compiled::new(&world(&own)).carriers();
+    let pods = |kind, namespace: &str, name: &str| -> Vec<String> {
+        let pods = carriers.pods(kind, &ObjectName::new(namespace, name));
+        pods.into_iter().flatten().map(ToString::to_string).collect()
+    };
+    let everyone = ["lab/api-1", "shop/api-1", "shop/web-1"];
+    assert_eq!(pods(compile::CIRCUIT_BREAKER_POLICY, "breakwater-system", "ceiling"), everyone);
+    assert_eq!(pods(compile::RATE_LIMIT_POLICY, "shop", "rl"), ["shop/api-1"]);
+    assert_eq!(
+        pods(compile::RATE_LIMIT_POLICY, "breakwater-system", "fallback"),
+        ["shop/api-1", "shop/web-1"]
+    );
+    assert_eq!(pods(compile::LOCK_LEASE, "shop", "cron"), ["shop/api-1", "shop/web-1"]);
+    assert!(pods(compile::LOCK_LEASE, "shop", "nothing").is_empty());
 }
 
 #[test]
@@ -875,7 +946,7 @@ fn refused_policies_are_neither_compiled_nor_claimed() {
     assert!(s.policies.is_empty(), "{:?}", s.policies);
     assert!(cluster(&s, API_80).outlier_detection.is_none());
     let spec = &world(&refused).circuit_breakers[0].spec;
-    let err = compile::check::circuit_breaker_policy(spec).expect_err("refused");
+    let err = policy::check::circuit_breaker_policy(spec).expect_err("refused");
     assert!(err.starts_with("spec.outlierDetection.interval: must be longer than 0s"), "{err}");
 }
 
@@ -907,8 +978,8 @@ fn checks_name_the_field_and_the_reason() {
     for (yaml, expected) in cases {
         let inventory = world(&yaml);
         let err = match (inventory.circuit_breakers.first(), inventory.rate_limits.first()) {
-            (Some(p), _) => compile::check::circuit_breaker_policy(&p.spec),
-            (_, Some(p)) => compile::check::rate_limit_policy(&p.spec),
+            (Some(p), _) => policy::check::circuit_breaker_policy(&p.spec),
+            (_, Some(p)) => policy::check::rate_limit_policy(&p.spec),
             _ => unreachable!(),
         }
         .expect_err(expected);
@@ -917,7 +988,7 @@ fn checks_name_the_field_and_the_reason() {
     }
     // A Cluster-scope limit may use any period the agent can count.
     let ok = world(&rlp("  limits: [{name: a, rate: {requests: 1, per: 1500ms}}]"));
-    assert!(compile::check::rate_limit_policy(&ok.rate_limits[0].spec).is_ok());
+    assert!(policy::check::rate_limit_policy(&ok.rate_limits[0].spec).is_ok());
 }
 
 // ---- determinism -------------------------------------------------------------------------

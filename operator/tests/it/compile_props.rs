@@ -21,7 +21,7 @@ use breakwater_api::{
 use breakwater_operator::{
     compile::{self, Proxy, XdsServer, type_url},
     inventory::Inventory,
-    render,
+    policy, render,
     standalone::load::{Loaded, load_text},
 };
 use envoy_types::pb::envoy::config::{
@@ -331,12 +331,12 @@ proptest! {
         let mut inventory = world();
         for policy in &rate_limits {
             assert_schema_valid("breakwater.dev/v1alpha1", "RateLimitPolicy", policy);
-            prop_assert!(compile::check::rate_limit_policy(&policy.spec).is_ok());
+            prop_assert!(policy::check::rate_limit_policy(&policy.spec).is_ok());
             inventory.rate_limits.push(Arc::new(policy.clone()));
         }
         for policy in &circuit_breakers {
             assert_schema_valid("breakwater.dev/v1alpha1", "CircuitBreakerPolicy", policy);
-            prop_assert!(compile::check::circuit_breaker_policy(&policy.spec).is_ok());
+            prop_assert!(policy::check::circuit_breaker_policy(&policy.spec).is_ok());
             inventory.circuit_breakers.push(Arc::new(policy.clone()));
         }
         for pod in ["shop/api-1", "shop/unknown"] {

@@ -7,11 +7,12 @@ use std::{collections::BTreeMap, path::Path, sync::Arc};
 
 use breakwater_api::agent::AgentConfig;
 use breakwater_operator::{
-    compile::{self, type_url},
+    compile::{self, Compiled, type_url},
     http::State,
     inventory::{Inventory, ObjectName},
     standalone::load::{Loaded, load_text},
-    xds::{AdsServer, SnapshotCache, feed},
+    status,
+    xds::{AdsServer, SnapshotCache},
 };
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
 
@@ -62,12 +63,13 @@ async fn lease_verdict(cache: &SnapshotCache, generation: i64, reason: &str) -> 
 #[tokio::test]
 async fn a_lease_is_programmed_by_the_agents_of_the_pods_it_selects() {
     let cache = Arc::new(SnapshotCache::default());
-    cache.set_compiler(feed::compiler(&world("30s", 1)));
+    cache.publish(Compiled::new(&world("30s", 1)));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
     let ads = AdsServer::new(cache.clone(), Arc::new(State::default()));
     tokio::spawn(breakwater_operator::xds::serve(listener, ads, std::future::pending()));
-    assert_eq!(lease_verdict(&cache, 1, "Pending").await, "no connected proxy carries this policy yet");
+    // The worker carries the lease, but nothing of it is connected yet.
+    assert_eq!(lease_verdict(&cache, 1, "Pending").await, "acknowledged by 0/1 proxies (1 not connected)");
 
     // The worker's Envoy and agent each open a stream under the pod's node id; the ledger's
     // agent connects too, but the lease does not select its pod.
@@ -91,7 +93,7 @@ async fn a_lease_is_programmed_by_the_agents_of_the_pods_it_selects() {
     envoy.subscribe(type_url::CLUSTER, &[]).await;
     assert_eq!(envoy.next().await.type_url, type_url::CLUSTER);
     let name = ObjectName::new("billing", "invoice-run");
-    let verdict = cache.programmed(compile::LOCK_LEASE, &name, 1);
+    let verdict = status::programmed(Some(&cache.acknowledgements(compile::LOCK_LEASE, &name, 1)));
     assert_eq!((verdict.reason, verdict.message.as_str()), ("Pending", "acknowledged by 0/1 proxies"));
     // ...the worker's agent acknowledging its configuration programs it.
     agent.ack(&v1, &[]).await;
@@ -99,14 +101,14 @@ async fn a_lease_is_programmed_by_the_agents_of_the_pods_it_selects() {
 
     // A new generation is pushed to the agent; the old ACK does not program it, a NACK
     // rejects it with the agent's message, a later ACK programs it.
-    cache.set_compiler(feed::compiler(&world("45s", 2)));
+    cache.publish(Compiled::new(&world("45s", 2)));
     let v2 = agent.next().await;
     assert_eq!(lease_ttl(&v2), [45_000]);
     assert_eq!(lease_verdict(&cache, 2, "Pending").await, "acknowledged by 0/1 proxies");
     agent.nack(&v2, &v1.version_info, "lease billing/invoice-run: ttl too long").await;
     let rejected = lease_verdict(&cache, 2, "Rejected").await;
     assert!(rejected.contains("billing/worker-1: lease billing/invoice-run: ttl too long"), "{rejected}");
-    cache.set_compiler(feed::compiler(&world("40s", 3)));
+    cache.publish(Compiled::new(&world("40s", 3)));
     let v3 = agent.next().await;
     agent.ack(&v3, &[]).await;
     assert_eq!(lease_verdict(&cache, 3, "Programmed").await, "acknowledged by 1/1 proxies");

@@ -6,10 +6,10 @@
 use std::{path::Path, sync::Arc, time::Duration};
 
 use breakwater_operator::{
-    compile::type_url,
+    compile::{Compiled, type_url},
     http::State,
     standalone::{self, load},
-    xds::{AdsServer, SnapshotCache, feed},
+    xds::{AdsServer, SnapshotCache},
 };
 use envoy_types::pb::envoy::{
     config::core::v3::Node,
@@ -52,16 +52,23 @@ pub async fn acknowledging_proxy(endpoint: String, node: String) {
     }
 }
 
-#[tokio::test]
-async fn every_example_policy_is_programmed_once_its_proxies_ack() {
+/// The examples, compiled and served over ADS on loopback: what was loaded, the cache, and
+/// the endpoint proxies connect to.
+async fn serve_examples() -> (load::Loaded, Arc<SnapshotCache>, String) {
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
     let loaded = load::load_dir(&examples, "breakwater-system").expect("examples load");
     let cache = Arc::new(SnapshotCache::default());
-    cache.set_compiler(feed::compiler(&loaded.inventory));
+    cache.publish(Compiled::new(&loaded.inventory));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
     let ads = AdsServer::new(cache.clone(), Arc::new(State::default()));
     tokio::spawn(breakwater_operator::xds::serve(listener, ads, std::future::pending()));
+    (loaded, cache, endpoint)
+}
+
+#[tokio::test]
+async fn every_example_policy_is_programmed_once_its_proxies_ack() {
+    let (loaded, cache, endpoint) = serve_examples().await;
 
     let evaluate = || standalone::evaluate(&loaded, Some(&cache), &Default::default(), &Time(jiff_now()));
     let before = evaluate();
@@ -108,4 +115,52 @@ fn programmed(row: &standalone::Row) -> bool {
 
 fn jiff_now() -> k8s_openapi::jiff::Timestamp {
     k8s_openapi::jiff::Timestamp::now()
+}
+
+/// The first try, as a test: the examples served, and one agent — no Envoy —
+/// connected as the billing worker. Its ACKs of the agent's configuration program the lease
+/// the agent holds, and nothing else: the circuit breakers live in clusters and routes no
+/// Envoy has acknowledged, so they stay Pending, and the message counts the pods that carry
+/// them but have nothing connected.
+#[tokio::test]
+async fn an_agent_alone_programs_only_what_the_agent_carries() {
+    let (loaded, cache, endpoint) = serve_examples().await;
+
+    let mut agent = crate::ads::Client::connect(&endpoint, "billing/billing-worker-84c6d5f7b9-tq9vd").await;
+    agent.subscribe(type_url::AGENT, &[]).await;
+    let config = agent.next().await;
+    agent.ack(&config, &[]).await;
+
+    let pods = loaded.inventory.pods.len();
+    let mut changes = cache.subscribe_changes();
+    let give_up = tokio::time::Instant::now() + DEADLINE;
+    let rows = loop {
+        let rows = standalone::evaluate(&loaded, Some(&cache), &Default::default(), &Time(jiff_now()));
+        if rows.iter().any(|r| r.kind == "LockLease" && programmed(r)) {
+            break rows;
+        }
+        let left = give_up.saturating_duration_since(tokio::time::Instant::now());
+        assert!(
+            tokio::time::timeout(left, changes.changed()).await.is_ok(),
+            "the lease was never programmed"
+        );
+    };
+    let said = |kind: &str, name: &str| -> (String, String) {
+        let row = rows.iter().find(|r| r.kind == kind && r.name.name == name).expect("row");
+        let c = condition(row);
+        (c.status.clone(), c.message.clone())
+    };
+    assert_eq!(said("LockLease", "invoice-run"), ("True".into(), "acknowledged by 1/1 proxies".into()));
+    for name in ["payments", "production-defaults"] {
+        assert_eq!(
+            said("CircuitBreakerPolicy", name),
+            ("False".into(), format!("acknowledged by 0/{pods} proxies ({} not connected)", pods - 1)),
+            "{name}: the agent carries the outbound clusters but never acknowledged them"
+        );
+    }
+    // The per-user limit is carried by the two api pods alone, neither connected.
+    assert_eq!(
+        said("RateLimitPolicy", "api-per-user"),
+        ("False".into(), "acknowledged by 0/2 proxies (2 not connected)".into())
+    );
 }

@@ -9,15 +9,17 @@ use std::sync::Arc;
 use breakwater_api::{CircuitBreakerPolicy, OutboxRelay, RateLimitPolicy};
 use breakwater_operator::{
     compile::{PolicyVersion, Proxy, Snapshot, type_url},
-    controller::{Context, FIELD_MANAGER, Kind, reconcile},
+    controller::{self, Context, FIELD_MANAGER, reconcile},
     http::State,
     inventory::ObjectName,
+    reflectors::{Reflector, Reflectors},
+    resource::Kind,
     xds::{SnapshotCache, cache::version},
 };
 use envoy_types::pb::google::protobuf::Any;
 use k8s_openapi::{
     api::{
-        core::v1::{Namespace, Secret, Service},
+        core::v1::{Secret, Service},
         events::v1::Event,
     },
     apimachinery::pkg::apis::meta::v1::Condition,
@@ -25,11 +27,7 @@ use k8s_openapi::{
 use kube::{
     Api, Client, ResourceExt,
     api::{ListParams, PostParams},
-    runtime::{
-        events::Reporter,
-        reflector::{self, store::Writer},
-        watcher,
-    },
+    runtime::{events::Reporter, watcher},
 };
 use serde::de::DeserializeOwned;
 
@@ -59,37 +57,35 @@ spec:
     ))
 }
 
-/// Namespaces of its own on the real API server, and the controller's context over stores
-/// the test feeds (the controller's watches would feed them in a cluster).
+/// Namespaces of its own on the real API server, and the controllers' context over
+/// reflectors the test feeds (their watches would feed them in a cluster).
 struct World<K: Kind> {
     client: Client,
     /// The application namespace, and the operator's root namespace.
     ns: String,
     root: String,
-    policies: Writer<K>,
-    services: Writer<Service>,
-    ctx: Arc<Context<K>>,
+    reflectors: Reflectors,
+    /// The reflector of the kind under test.
+    policies: fn(&Reflectors) -> &Reflector<K>,
+    ctx: Arc<Context>,
     cache: Arc<SnapshotCache>,
 }
 
 impl<K: Kind> World<K> {
-    async fn new() -> Self {
+    async fn new(policies: fn(&Reflectors) -> &Reflector<K>) -> Self {
         let client = admin().await;
         let (ns, root) = (namespace("ctl", &[]), namespace("ctl-root", &[]));
-        let (policy_reader, policies) = reflector::store::<K>();
-        let (service_reader, services) = reflector::store::<Service>();
-        let (namespace_reader, _namespaces) = reflector::store::<Namespace>();
+        let reflectors = Reflectors::default();
         let cache = Arc::new(SnapshotCache::default());
-        let reporter = Reporter { controller: "breakwater-operator".into(), instance: Some("test".into()) };
-        let ctx = Arc::new(Context::new(
-            client.clone(),
-            root.clone(),
-            (policy_reader, service_reader, namespace_reader),
-            reporter,
-            Arc::new(State::default()),
-            Some(cache.clone()),
-        ));
-        Self { client, ns, root, policies, services, ctx, cache }
+        let options = controller::Options {
+            root_namespace: root.clone(),
+            reporter: Reporter { controller: "breakwater-operator".into(), instance: Some("test".into()) },
+            state: Arc::new(State::default()),
+            cache: Some(cache.clone()),
+            leases: None,
+        };
+        let ctx = Arc::new(Context::new(client.clone(), reflectors.clone(), options));
+        Self { client, ns, root, reflectors, policies, ctx, cache }
     }
 
     /// Creates a policy in `namespace`, as a user would.
@@ -103,14 +99,14 @@ impl<K: Kind> World<K> {
     async fn create_service(&mut self, name: &str) {
         let api: Api<Service> = Api::namespaced(self.client.clone(), &self.ns);
         let created = api.create(&PostParams::default(), &service(name)).await.expect("create service");
-        self.services.apply_watcher_event(&watcher::Event::Apply(created));
+        self.reflectors.services.apply(watcher::Event::Apply(created));
     }
 
     /// Reconciles the object as the API holds it now, and returns it afterwards.
     async fn reconcile(&mut self, namespace: &str, name: &str) -> K {
         let api: Api<K> = Api::namespaced(self.client.clone(), namespace);
         let current = api.get(name).await.expect("object exists");
-        self.policies.apply_watcher_event(&watcher::Event::Apply(current.clone()));
+        (self.policies)(&self.reflectors).apply(watcher::Event::Apply(current.clone()));
         reconcile(Arc::new(current), self.ctx.clone()).await.expect("reconcile succeeds");
         api.get(name).await.expect("object exists")
     }
@@ -127,7 +123,7 @@ fn rl_conditions(policy: &RateLimitPolicy) -> Vec<Condition> {
 
 #[tokio::test]
 async fn valid_policy_is_accepted_and_not_claimed_programmed() {
-    let mut world = World::<RateLimitPolicy>::new().await;
+    let mut world = World::new(|r| &r.rate_limits).await;
     world.create_service("api").await;
     let ns = world.ns.clone();
     world.create(&ns, rate_limit("targetRefs: [{kind: Service, name: api}]")).await;
@@ -148,7 +144,7 @@ async fn valid_policy_is_accepted_and_not_claimed_programmed() {
 
 #[tokio::test]
 async fn missing_target_then_appearing_target() {
-    let mut world = World::<RateLimitPolicy>::new().await;
+    let mut world = World::new(|r| &r.rate_limits).await;
     let ns = world.ns.clone();
     world.create(&ns, rate_limit("targetRefs: [{kind: Service, name: api}]")).await;
     let after = world.reconcile(&ns, "limits").await;
@@ -194,7 +190,7 @@ async fn missing_target_then_appearing_target() {
 
 #[tokio::test]
 async fn spec_change_moves_observed_generation() {
-    let mut world = World::<RateLimitPolicy>::new().await;
+    let mut world = World::new(|r| &r.rate_limits).await;
     world.create_service("api").await;
     let ns = world.ns.clone();
     world.create(&ns, rate_limit("targetRefs: [{kind: Service, name: api}]")).await;
@@ -217,7 +213,7 @@ async fn spec_change_moves_observed_generation() {
 
 #[tokio::test]
 async fn override_outside_root_namespace_is_refused() {
-    let mut world = World::<RateLimitPolicy>::new().await;
+    let mut world = World::new(|r| &r.rate_limits).await;
     world.create_service("api").await;
     let (ns, root) = (world.ns.clone(), world.root.clone());
     world.create(&ns, rate_limit("namespaceSelector: {}\n  mode: Override")).await;
@@ -235,7 +231,7 @@ async fn override_outside_root_namespace_is_refused() {
 
 #[tokio::test]
 async fn unchanged_status_is_not_rewritten() {
-    let mut world = World::<RateLimitPolicy>::new().await;
+    let mut world = World::new(|r| &r.rate_limits).await;
     world.create_service("api").await;
     let ns = world.ns.clone();
     world.create(&ns, rate_limit("targetRefs: [{kind: Service, name: api}]")).await;
@@ -252,7 +248,7 @@ async fn conflicting_circuit_breakers_older_wins() {
              spec:\n  targetRefs: [{{kind: Service, name: api}}]\n  timeout: 5s\n"
         ))
     };
-    let mut world = World::<CircuitBreakerPolicy>::new().await;
+    let mut world = World::new(|r| &r.circuit_breakers).await;
     world.create_service("api").await;
     let ns = world.ns.clone();
     // The server stamps creationTimestamp in whole seconds; "newer" must be a second younger
@@ -295,7 +291,7 @@ spec:
   sink: {redisStream: {stream: events}}
 "#,
     );
-    let mut world = World::<OutboxRelay>::new().await;
+    let mut world = World::new(|r| &r.outbox_relays).await;
     let ns = world.ns.clone();
     world.create(&ns, relay).await;
     let conds = |p: &OutboxRelay| p.status.as_ref().map(|s| s.conditions.clone()).unwrap_or_default();
@@ -317,7 +313,7 @@ spec:
 
 #[tokio::test]
 async fn programmed_follows_the_proxies_acknowledgements() {
-    let mut world = World::<RateLimitPolicy>::new().await;
+    let mut world = World::new(|r| &r.rate_limits).await;
     world.create_service("api").await;
     let ns = world.ns.clone();
     world.create(&ns, rate_limit("targetRefs: [{kind: Service, name: api}]")).await;
@@ -326,16 +322,15 @@ async fn programmed_follows_the_proxies_acknowledgements() {
         (c.status, c.reason, c.message)
     };
     let after = world.reconcile(&ns, "limits").await;
-    assert_eq!(programmed(&after).2, "no connected proxy carries this policy yet");
+    assert_eq!(programmed(&after).2, "no proxy carries this policy yet");
 
     // A proxy backing the Service connects; its snapshot carries the policy.
     let snapshot = Snapshot {
         resources: [(type_url::LISTENER, [("inbound".to_string(), Any::default())].into())].into(),
-        policies: [PolicyVersion {
-            kind: "RateLimitPolicy",
-            name: ObjectName::new(&ns, "limits"),
-            generation: 1,
-        }]
+        policies: [(
+            PolicyVersion { kind: "RateLimitPolicy", name: ObjectName::new(&ns, "limits"), generation: 1 },
+            [type_url::LISTENER].into(),
+        )]
         .into(),
     };
     let current = version(&snapshot, type_url::LISTENER, None);

@@ -1,12 +1,15 @@
 //! Two `breakwater-operator run` processes electing a leader on a real
-//! `coordination.k8s.io` Lease: only the leader writes status and Events; SIGKILL it, and
-//! the standby takes over once the Lease expires, then writes.
+//! `coordination.k8s.io` Lease: only the leader writes status and Events, and only the
+//! leader's pod carries the label the xDS Service selects, though both are ready; SIGKILL
+//! the leader, and the standby takes over once the Lease expires, labels its pod, then writes.
 
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::{DEADLINE, OPERATOR, OperatorProcess, eventually, kubectl_apply, namespace, plane};
+use super::{
+    DEADLINE, OPERATOR, OperatorProcess, eventually, kubectl_apply, namespace, plane, pod, serving_label,
+};
 
 /// The operator's lease timing (leader::Config::new): 15 s lease, 2 s retry.
 const LEASE: Duration = Duration::from_secs(15);
@@ -67,6 +70,9 @@ async fn the_standby_takes_over_when_the_leader_is_killed() {
     let system = namespace("leader-system", &[]);
     let ns = namespace("leader", &[]);
     let kubeconfig = &plane().kubeconfig;
+    // The pods the two processes stand for (no kubelet runs them).
+    pod(&system, "operator-a");
+    pod(&system, "operator-b");
 
     let mut first = OperatorProcess::start(kubeconfig, "operator-a", &system, Some(&system));
     eventually("operator-a holds the Lease", DEADLINE, || async {
@@ -82,6 +88,19 @@ async fn the_standby_takes_over_when_the_leader_is_killed() {
         }
     })
     .await;
+    // Both are ready (a rolling update waits for that), but only the leader's pod draws the
+    // ADS streams: the xDS Service selects the label the leader puts on its own pod.
+    eventually("the standby is ready", DEADLINE, || async {
+        let ready = second.readiness();
+        if ready.as_deref() == Some("ready") { Ok(()) } else { Err(format!("/readyz: {ready:?}")) }
+    })
+    .await;
+    eventually("the leader's pod is labelled", DEADLINE, || async {
+        let label = serving_label(&system, "operator-a");
+        if label.as_deref() == Some("true") { Ok(()) } else { Err(format!("label {label:?}")) }
+    })
+    .await;
+    assert_eq!(serving_label(&system, "operator-b"), None, "a standby's pod draws no ADS streams");
 
     kubectl_apply(&ns, POLICY);
     eventually("the leader writes status", DEADLINE, || async {
@@ -103,6 +122,11 @@ async fn the_standby_takes_over_when_the_leader_is_killed() {
     let took = killed.elapsed();
     eprintln!("takeover after SIGKILL: {took:?} (lease {LEASE:?}, retry {RETRY:?})");
     assert!(took <= LEASE + RETRY + Duration::from_secs(2), "took {took:?}: longer than the lease allows");
+    eventually("the new leader's pod is labelled", DEADLINE, || async {
+        let label = serving_label(&system, "operator-b");
+        if label.as_deref() == Some("true") { Ok(()) } else { Err(format!("label {label:?}")) }
+    })
+    .await;
 
     // The new leader writes: a missing target is reported, with an Event of its own.
     let services = plane().kubectl_ok(&["get", "services", "-n", &ns, "-o", "name"]);

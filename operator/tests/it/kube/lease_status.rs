@@ -12,10 +12,11 @@ use std::{sync::Arc, time::Duration};
 use breakwater_api::LockLease;
 use breakwater_harness::{RedisCluster, RedisServer, unique_prefix};
 use breakwater_operator::{
-    controller::{Context, FIELD_MANAGER, reconcile},
+    controller::{self, Context, FIELD_MANAGER, reconcile},
     http::State,
     lease::{self, Backoff, LeaseReader, RedisOptions},
     policy::lock_lease::time,
+    reflectors::Reflectors,
     standalone,
 };
 use breakwater_store::{
@@ -23,18 +24,11 @@ use breakwater_store::{
     lease::{Attempt, Grant, LeaseStore, RedisLeases},
 };
 use futures::StreamExt;
-use k8s_openapi::{
-    api::core::v1::{Namespace, Service},
-    apimachinery::pkg::apis::meta::v1::Condition,
-};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{
     Api, Client, ResourceExt,
     api::{ApiResource, DynamicObject, PostParams},
-    runtime::{
-        events::Reporter,
-        reflector::{self, store::Writer},
-        watcher,
-    },
+    runtime::{events::Reporter, watcher},
 };
 use tokio_util::sync::CancellationToken;
 
@@ -80,8 +74,8 @@ struct World {
     client: Client,
     ns: String,
     api: Api<LockLease>,
-    store: Writer<LockLease>,
-    ctx: Arc<Context<LockLease>>,
+    reflectors: Reflectors,
+    ctx: Arc<Context>,
 }
 
 impl World {
@@ -92,23 +86,17 @@ impl World {
         let created =
             api.create(&PostParams::default(), &lease).await.expect("the API server accepts the LockLease");
         assert_eq!(created.metadata.generation, Some(1), "the API server sets the generation");
-        let (reader, store) = reflector::store::<LockLease>();
-        let (services, _) = reflector::store::<Service>();
-        let (namespaces, _) = reflector::store::<Namespace>();
-        let reporter = Reporter { controller: "breakwater-operator".into(), instance: Some("test".into()) };
-        // No LockLease check looks at the root namespace; it need not exist.
-        let mut ctx = Context::new(
-            client.clone(),
-            "breakwater-system".into(),
-            (reader, services, namespaces),
-            reporter,
-            Arc::new(State::default()),
-            None,
-        );
-        if let Some(leases) = leases {
-            ctx = ctx.with_leases(leases);
-        }
-        Self { client, ns, api, store, ctx: Arc::new(ctx) }
+        let reflectors = Reflectors::default();
+        let options = controller::Options {
+            // No LockLease check looks at the root namespace; it need not exist.
+            root_namespace: "breakwater-system".into(),
+            reporter: Reporter { controller: "breakwater-operator".into(), instance: Some("test".into()) },
+            state: Arc::new(State::default()),
+            cache: None,
+            leases,
+        };
+        let ctx = Arc::new(Context::new(client.clone(), reflectors.clone(), options));
+        Self { client, ns, api, reflectors, ctx }
     }
 
     /// The lease's id in Redis, as agents name it: `<namespace>/<name>`.
@@ -119,7 +107,7 @@ impl World {
     /// Reconciles the LockLease as the API holds it now; returns it afterwards.
     async fn reconcile(&mut self) -> LockLease {
         let current = self.api.get(NAME).await.expect("lease exists");
-        self.store.apply_watcher_event(&watcher::Event::Apply(current.clone()));
+        self.reflectors.lock_leases.apply(watcher::Event::Apply(current.clone()));
         reconcile(Arc::new(current), self.ctx.clone()).await.expect("reconcile succeeds");
         self.api.get(NAME).await.expect("lease exists")
     }

@@ -142,6 +142,7 @@ impl Operator {
             xds_addr: ([127, 0, 0, 1], xds_port).into(),
             leader_election_namespace: None,
             identity: "kube-test".into(),
+            pod: None,
             redis: None,
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -179,7 +180,8 @@ pub struct OperatorProcess {
 
 impl OperatorProcess {
     /// Starts the binary with root namespace `root`, electing a leader with a Lease in
-    /// `leader_namespace` when given.
+    /// `leader_namespace` when given — as the chart runs it, in a pod named `identity` in that
+    /// namespace, which it labels while it leads (create the pod with [`pod`] to see it).
     pub fn start(kubeconfig: &Path, identity: &str, root: &str, leader_namespace: Option<&str>) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let (metrics_port, xds_port) = (free_port(), free_port());
@@ -191,7 +193,11 @@ impl OperatorProcess {
             format!("--identity={identity}"),
         ];
         match leader_namespace {
-            Some(ns) => args.push(format!("--leader-election-namespace={ns}")),
+            Some(ns) => args.extend([
+                format!("--leader-election-namespace={ns}"),
+                format!("--pod-name={identity}"),
+                format!("--pod-namespace={ns}"),
+            ]),
             None => args.push("--leader-election=false".into()),
         }
         let daemon = Daemon::spawn_with_env(
@@ -202,6 +208,11 @@ impl OperatorProcess {
             dir.path().join("operator.log"),
         );
         OperatorProcess { metrics_port, daemon, _dir: dir }
+    }
+
+    /// What the process answers on /readyz (None while it does not answer).
+    pub fn readiness(&self) -> Option<String> {
+        http_get(self.metrics_port, "/readyz")
     }
 
     /// The Prometheus text the process serves on /metrics (empty while it does not answer).
@@ -215,6 +226,24 @@ impl OperatorProcess {
             .lines()
             .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.trim().parse().ok())
     }
+}
+
+/// Creates a Pod `name` in `namespace` (no kubelet runs it: it stands for the pod an operator
+/// process runs in).
+pub fn pod(namespace: &str, name: &str) {
+    let yaml = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec: {{containers: [{{name: operator, image: breakwater}}]}}\n"
+    );
+    kubectl_apply(namespace, &yaml);
+}
+
+/// The value of the label the leader puts on its pod to draw the ADS streams
+/// (`breakwater_operator::serving::LABEL`), if the pod has it.
+pub fn serving_label(namespace: &str, pod: &str) -> Option<String> {
+    let path =
+        format!("jsonpath={{.metadata.labels.{}}}", breakwater_operator::serving::LABEL.replace('.', "\\."));
+    let value = plane().kubectl_ok(&["get", "pod", pod, "-n", namespace, "-o", &path]);
+    Some(value.trim().to_string()).filter(|v| !v.is_empty())
 }
 
 /// A plain HTTP/1.0 GET on loopback; the body, or None when nothing answers.

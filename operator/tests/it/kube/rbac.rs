@@ -5,12 +5,14 @@
 //! request the API server refuses fails the test. The API server's audit log then says
 //! which granted permissions the operator used, and the test lists the ones it never did.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use serde_json::Value;
 
-use super::{DEADLINE, OPERATOR, OperatorProcess, eventually, kubectl_apply, namespace, plane};
+use super::{
+    DEADLINE, OPERATOR, OperatorProcess, eventually, kubectl_apply, namespace, plane, pod, serving_label,
+};
 
 /// Where `make chart-render` writes the chart's default render.
 fn rendered() -> Vec<Value> {
@@ -69,6 +71,25 @@ fn requests(audit: &str, user: &str) -> BTreeSet<(String, String, String, String
             )
         })
         .collect()
+}
+
+/// How many watches `user` opened, by resource (one audit ID per request; a watch is logged
+/// when its response starts and again when it ends).
+fn watches(audit: &str, user: &str) -> BTreeMap<String, usize> {
+    let ids: BTreeSet<(String, String)> = audit
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|event| event["user"]["username"] == user && event["verb"] == "watch")
+        .map(|event| {
+            let resource = event["objectRef"]["resource"].as_str().unwrap_or_default().to_string();
+            (resource, event["auditID"].as_str().unwrap_or_default().to_string())
+        })
+        .collect();
+    let mut counts = BTreeMap::new();
+    for (resource, _) in ids {
+        *counts.entry(resource).or_default() += 1;
+    }
+    counts
 }
 
 /// One resource of each kind and what they refer to, in one namespace.
@@ -144,8 +165,10 @@ async fn the_operator_runs_with_exactly_the_charts_rbac() {
     let account = plane.service_account(sa_namespace, sa_name);
     let user = format!("system:serviceaccount:{sa_namespace}:{sa_name}");
 
-    // Run as the chart does: root and leader-election namespace are the release namespace.
+    // Run as the chart does: root and leader-election namespace are the release namespace,
+    // in a pod of its own there (which it labels once it leads).
     let ns = namespace("rbac", &[]);
+    pod(sa_namespace, "rbac-test");
     let operator = OperatorProcess::start(&account.kubeconfig, "rbac-test", sa_namespace, Some(sa_namespace));
     kubectl_apply(&ns, WORLD);
     for kind in ["rlp/limits", "cbp/breaker", "ll/lock", "outbox/orders"] {
@@ -170,12 +193,19 @@ async fn the_operator_runs_with_exactly_the_charts_rbac() {
         if events.lines().count() >= 4 { Ok(()) } else { Err(events) }
     })
     .await;
-    // SIGTERM: the operator releases its Lease and stops, as on a rolling update.
+    assert_eq!(
+        serving_label(sa_namespace, "rbac-test").as_deref(),
+        Some("true"),
+        "the leader labels its pod"
+    );
+    // SIGTERM: the operator releases its Lease, unlabels its pod and stops, as on a rolling
+    // update.
     operator.daemon.signal("TERM");
     eventually("the operator exits on SIGTERM", DEADLINE, || async {
         if operator.daemon.is_running() { Err("still running".to_string()) } else { Ok(()) }
     })
     .await;
+    assert_eq!(serving_label(sa_namespace, "rbac-test"), None, "a stopped leader draws no ADS streams");
 
     let log = operator.daemon.log();
     let refused: Vec<&str> = log
@@ -188,6 +218,23 @@ async fn the_operator_runs_with_exactly_the_charts_rbac() {
         eprintln!("external cluster: no audit log, so unused permissions are not listed");
         return;
     };
+    // One watch per kind, shared by the four controllers and the xDS feed (they used to open
+    // their own: Services and Namespaces were watched five times).
+    let watched = watches(&audit, &user);
+    let once: BTreeMap<String, usize> = [
+        "circuitbreakerpolicies",
+        "endpointslices",
+        "lockleases",
+        "namespaces",
+        "outboxrelays",
+        "pods",
+        "ratelimitpolicies",
+        "services",
+    ]
+    .into_iter()
+    .map(|resource| (resource.to_string(), 1))
+    .collect();
+    assert_eq!(watched, once, "each kind is watched once");
     let asked = requests(&audit, &user);
     let forbidden: Vec<_> = asked.iter().filter(|(.., decision)| decision != "allow").collect();
     assert!(forbidden.is_empty(), "requests the chart's RBAC does not allow: {forbidden:#?}");

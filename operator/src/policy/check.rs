@@ -1,7 +1,7 @@
 //! Policy fields that pass the schema but that Envoy cannot express as written. Each check
-//! names the field and says why, so validation can refuse the policy (`Accepted=False`)
-//! instead of the compiler dropping or bending what was asked. The compiler applies the
-//! same checks and leaves refused configuration out of every snapshot.
+//! names the field and says why, so validation refuses the policy (`Accepted=False`)
+//! instead of the compiler dropping or bending what was asked: a refused policy is in no
+//! effective policy, so the compiler never sees it.
 
 use breakwater_api::{
     CircuitBreakerPolicySpec, RateLimitPolicySpec,
