@@ -19,6 +19,9 @@
 //! namespace: 60% RateLimitPolicies (a cluster-wide per-user limit with a match and a
 //! per-pod limit), 40% CircuitBreakerPolicies (all sections but the breaker).
 
+#[path = "../tests/support/specs.rs"]
+mod specs;
+
 use std::{
     collections::BTreeMap,
     process::Command,
@@ -29,8 +32,7 @@ use std::{
 use breakwater_api::{
     CircuitBreakerPolicy, CircuitBreakerPolicySpec, Mode, RateLimitPolicy, RateLimitPolicySpec, TargetRef,
     circuit_breaker::{Backoff, ConnectionLimits, OutlierDetection, Retry, RetryBudget, RetryOn},
-    common::TargetKind,
-    rate_limit::{FailureMode, KeyPart, Limit, Rate, RequestMatch, Scope},
+    rate_limit::{FailureMode, Limit, Rate, RequestMatch, Scope},
 };
 use breakwater_operator::{
     compile::{Compiled, Proxy, Snapshot},
@@ -318,12 +320,8 @@ fn world(policies: usize, services: usize) -> Inventory {
             (ROOT.to_string(), None, Some(production.clone()), Some(mode))
         } else {
             let service = rng.below(services);
-            let target = TargetRef {
-                group: String::new(),
-                kind: TargetKind::Service,
-                name: format!("svc-{service:05}"),
-                section_name: (rng.below(2) == 0).then(|| "http".to_string()),
-            };
+            let section = (rng.below(2) == 0).then_some("http");
+            let target = specs::target(section, &format!("svc-{service:05}"));
             (format!("team-{:04}", service / SERVICES_PER_NAMESPACE), Some(vec![target]), None, None)
         };
         let rate_limit = if p < root_count { p < 2 } else { rng.below(10) < 6 };
@@ -361,7 +359,7 @@ fn rate_limit_spec(
                     path_prefix: Some(format!("/v{}/", p % 3)),
                     ..Default::default()
                 }),
-                key: Some(vec![key_part_of(Some("x-user-id".into()), None, None, None)]),
+                key: Some(vec![specs::key_part_of(Some("x-user-id".into()), None, None, None)]),
                 rate: rate(100, "1m"),
                 burst: Some(20),
                 algorithm: None,
@@ -417,13 +415,4 @@ fn circuit_breaker_spec(
         timeout: Some(d("10s")),
         breaker: None,
     }
-}
-
-fn key_part_of(
-    header: Option<String>,
-    remote_address: Option<bool>,
-    path: Option<bool>,
-    value: Option<String>,
-) -> KeyPart {
-    KeyPart { header, remote_address, path, value }
 }

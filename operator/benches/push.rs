@@ -1,8 +1,13 @@
 //! Push latency (`make bench-xds`): 1,000 ADS streams in-process on loopback, each a proxy
-//! that ACKs whatever it is sent. A policy change is published; the clock runs from
-//! publishing the new inventory to the moment the server has the last ACK of the new
-//! configuration (the policy reads "acknowledged by 1000/1000 proxies"). The baseline,
-//! measured in the same run, is compiling and encoding one proxy's snapshot once.
+//! that ACKs whatever it is sent (the tests' ADS client, `tests/support/ads.rs`). A policy
+//! change is published; the clock runs from publishing the new inventory to the moment the
+//! server has the last of the 1,000 ACKs of the new configuration. The baseline, measured
+//! in the same run, is compiling and encoding one proxy's snapshot once.
+
+// The benchmark uses the acknowledging part of the tests' client.
+#[allow(dead_code)]
+#[path = "../tests/support/ads.rs"]
+mod ads;
 
 use std::{
     path::Path,
@@ -12,56 +17,18 @@ use std::{
 
 use breakwater_api::{CircuitBreakerPolicy, Duration as PolicyDuration};
 use breakwater_operator::{
-    compile::{self, Compiled, Proxy, type_url},
-    http::State,
+    compile::{self, Compiled, Proxy},
     inventory::{Inventory, ObjectName},
     standalone::load,
-    xds::{AdsServer, SnapshotCache},
+    xds::SnapshotCache,
 };
-use envoy_types::pb::envoy::{
-    config::core::v3::Node,
-    service::discovery::v3::{
-        DiscoveryRequest, DiscoveryResponse,
-        aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
-    },
-};
+use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
 use prost::Message;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
 const CLIENTS: usize = 1_000;
 const STREAMS_PER_CONNECTION: usize = 100;
 const ROUNDS: usize = 7;
-const TYPES: [&str; 5] =
-    [type_url::CLUSTER, type_url::ENDPOINT, type_url::LISTENER, type_url::ROUTE, type_url::AGENT];
-
-async fn acknowledging_proxy(channel: Channel, node: String) {
-    let mut client = AggregatedDiscoveryServiceClient::new(channel);
-    let (requests, rx) = mpsc::channel(16);
-    let Ok(response) = client.stream_aggregated_resources(ReceiverStream::new(rx)).await else { return };
-    let mut responses = response.into_inner();
-    let node = Some(Node { id: node, ..Node::default() });
-    for type_ in TYPES {
-        let request =
-            DiscoveryRequest { node: node.clone(), type_url: type_.into(), ..DiscoveryRequest::default() };
-        if requests.send(request).await.is_err() {
-            return;
-        }
-    }
-    while let Ok(Some(response)) = responses.message().await {
-        let ack = DiscoveryRequest {
-            node: node.clone(),
-            type_url: response.type_url,
-            version_info: response.version_info,
-            response_nonce: response.nonce,
-            ..DiscoveryRequest::default()
-        };
-        if requests.send(ack).await.is_err() {
-            return;
-        }
-    }
-}
 
 /// The inventory with the payments policy's timeout set to `seconds` at `generation`.
 fn with_timeout(base: &Inventory, seconds: u32, generation: i64) -> Inventory {
@@ -134,16 +101,14 @@ async fn main() {
     let cache = Arc::new(SnapshotCache::default());
     cache.publish(Compiled::new(&with_timeout(&base, 10, 1)));
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
-    let ads = AdsServer::new(cache.clone(), Arc::new(State::default()));
-    tokio::spawn(breakwater_operator::xds::serve(listener, ads, std::future::pending()));
+    let endpoint = ads::serve(cache.clone()).await;
     for connection in 0..CLIENTS.div_ceil(STREAMS_PER_CONNECTION) {
         let channel =
             Channel::from_shared(endpoint.clone()).expect("endpoint").connect().await.expect("connect");
         for stream in 0..STREAMS_PER_CONNECTION {
             let node = format!("shop/bench-{}", connection * STREAMS_PER_CONNECTION + stream);
-            tokio::spawn(acknowledging_proxy(channel.clone(), node));
+            let channel = channel.clone();
+            tokio::spawn(async move { ads::Client::on(channel, &node).await.acknowledge_everything().await });
         }
     }
     wait_for_all_acks(&cache, 1).await;

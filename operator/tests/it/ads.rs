@@ -6,7 +6,6 @@
 use std::{
     collections::BTreeMap,
     sync::{Arc, Mutex},
-    time::Duration,
 };
 
 use breakwater_operator::{
@@ -18,20 +17,17 @@ use breakwater_operator::{
 };
 use envoy_types::pb::{
     envoy::{
-        config::{cluster::v3::Cluster, core::v3::Node},
+        config::cluster::v3::Cluster,
         service::discovery::v3::{
             DiscoveryRequest, DiscoveryResponse,
             aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
         },
     },
-    google::{protobuf::Any, rpc::Status as RpcStatus},
+    google::protobuf::Any,
 };
 use prost::Message;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::Streaming;
 
-const DEADLINE: Duration = Duration::from_secs(10);
+use crate::support::ads::{Client, DEADLINE, serve};
 
 /// Snapshots by node id, editable by the test; the cache's compiler reads them.
 #[derive(Clone, Default)]
@@ -75,76 +71,7 @@ fn snapshot(type_: &'static str, names: &[&str], policy_generation: Option<i64>)
 async fn server(world: &World) -> (String, Arc<SnapshotCache>) {
     let cache = Arc::new(SnapshotCache::default());
     world.publish(&cache);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let ads = AdsServer::new(cache.clone(), Arc::new(State::default()));
-    tokio::spawn(breakwater_operator::xds::serve(listener, ads, std::future::pending()));
-    (format!("http://{addr}"), cache)
-}
-
-/// One proxy's ADS stream (also used by the LockLease tests, as an agent's stream).
-pub(crate) struct Client {
-    requests: mpsc::Sender<DiscoveryRequest>,
-    responses: Streaming<DiscoveryResponse>,
-    node: String,
-}
-
-impl Client {
-    pub(crate) async fn connect(endpoint: &str, node: &str) -> Self {
-        let mut client =
-            AggregatedDiscoveryServiceClient::connect(endpoint.to_string()).await.expect("connect");
-        let (requests, rx) = mpsc::channel(16);
-        let responses = client
-            .stream_aggregated_resources(ReceiverStream::new(rx))
-            .await
-            .expect("open stream")
-            .into_inner();
-        Self { requests, responses, node: node.to_string() }
-    }
-
-    pub(crate) async fn send(
-        &self,
-        type_: &str,
-        names: &[&str],
-        version: &str,
-        nonce: &str,
-        error: Option<&str>,
-    ) {
-        let request = DiscoveryRequest {
-            version_info: version.to_string(),
-            node: Some(Node { id: self.node.clone(), ..Node::default() }),
-            resource_names: names.iter().map(|n| n.to_string()).collect(),
-            type_url: type_.to_string(),
-            response_nonce: nonce.to_string(),
-            error_detail: error.map(|message| RpcStatus {
-                code: 3,
-                message: message.to_string(),
-                details: vec![],
-            }),
-            ..DiscoveryRequest::default()
-        };
-        self.requests.send(request).await.expect("send request");
-    }
-
-    pub(crate) async fn subscribe(&self, type_: &str, names: &[&str]) {
-        self.send(type_, names, "", "", None).await;
-    }
-
-    pub(crate) async fn ack(&self, response: &DiscoveryResponse, names: &[&str]) {
-        self.send(&response.type_url, names, &response.version_info, &response.nonce, None).await;
-    }
-
-    pub(crate) async fn nack(&self, response: &DiscoveryResponse, previous_version: &str, message: &str) {
-        self.send(&response.type_url, &[], previous_version, &response.nonce, Some(message)).await;
-    }
-
-    pub(crate) async fn next(&mut self) -> DiscoveryResponse {
-        tokio::time::timeout(DEADLINE, self.responses.message())
-            .await
-            .expect("a response within the deadline")
-            .expect("stream healthy")
-            .expect("stream open")
-    }
+    (serve(cache.clone()).await, cache)
 }
 
 fn names(response: &DiscoveryResponse) -> Vec<String> {
@@ -321,10 +248,7 @@ async fn stale_nonces_are_ignored_and_bad_node_ids_refused() {
 
     let mut bad = Client::connect(&endpoint, "no-namespace").await;
     bad.subscribe(type_url::CLUSTER, &[]).await;
-    let status = tokio::time::timeout(DEADLINE, bad.responses.message())
-        .await
-        .expect("an answer within the deadline")
-        .expect_err("refused");
+    let status = bad.answer().await.expect_err("refused");
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     assert!(status.message().contains("NAMESPACE/POD"), "{}", status.message());
 }

@@ -4,17 +4,13 @@
 //! every fixture passes the CRD schema and CEL rules); resources are decoded from the
 //! snapshot exactly as Envoy receives them.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    path::Path,
-};
+use std::collections::BTreeSet;
 
 use breakwater_api::agent::{AgentConfig, LIMIT_KEY, LeaseRule, RateLimitRule};
 use breakwater_operator::{
     compile::{self, Compiled, PolicyVersion, Proxy, Snapshot, names, type_url},
     inventory::{Inventory, ObjectName},
     policy,
-    standalone::load::{Loaded, load_text},
 };
 use envoy_types::pb::envoy::{
     config::{
@@ -38,17 +34,11 @@ use envoy_types::pb::envoy::{
 };
 use prost::Message;
 
-/// Two namespaces; `shop/api` has a named targetPort and a gRPC port, `shop/web` a numeric
-/// one; `lab/api` shares a name with `shop/api`.
+use crate::support;
+
+/// In the two namespaces of `support::world::NAMESPACES`: `shop/api` has a named targetPort
+/// and a gRPC port, `shop/web` a numeric one; `lab/api` shares a name with `shop/api`.
 const WORLD: &str = r#"
-apiVersion: v1
-kind: Namespace
-metadata: {name: shop, labels: {tier: production}}
----
-apiVersion: v1
-kind: Namespace
-metadata: {name: lab, labels: {tier: sandbox}}
----
 apiVersion: v1
 kind: Service
 metadata: {name: api, namespace: shop, labels: {public: "true"}}
@@ -111,11 +101,7 @@ endpoints:
 "#;
 
 fn world(policies: &str) -> Inventory {
-    let mut loaded = Loaded { inventory: Inventory::new("breakwater-system"), ..Loaded::default() };
-    let text = format!("{WORLD}\n---\n{policies}");
-    load_text(Path::new("world.yaml"), &text, &mut loaded, &mut BTreeMap::new()).expect("world loads");
-    assert!(loaded.rejected.is_empty(), "fixture breaks the schema: {:?}", loaded.rejected);
-    loaded.inventory
+    support::world::load(&format!("{}\n---\n{WORLD}\n---\n{policies}", support::world::NAMESPACES))
 }
 
 fn proxy(id: &str) -> Proxy {

@@ -3,7 +3,7 @@
 //! its type and encodes back to the same bytes; the whole snapshot renders as
 //! protobuf-JSON (so every nested `Any` is a type Envoy knows).
 
-use std::{collections::BTreeMap, path::Path, sync::Arc};
+use std::sync::Arc;
 
 use breakwater_api::{
     CircuitBreakerPolicy, CircuitBreakerPolicySpec, Duration, Mode, RateLimitPolicy, RateLimitPolicySpec,
@@ -12,7 +12,6 @@ use breakwater_api::{
     circuit_breaker::{
         Backoff, ConnectionLimits, FailurePercentage, OutlierDetection, Retry, RetryBudget, RetryOn,
     },
-    common::TargetKind,
     rate_limit::{
         Algorithm, FailureMode, HeaderMatch, HttpMethod, KeyPart, Limit, Rate, RequestMatch, Scope,
     },
@@ -22,7 +21,6 @@ use breakwater_operator::{
     compile::{self, Proxy, XdsServer, type_url},
     inventory::Inventory,
     policy, render,
-    standalone::load::{Loaded, load_text},
 };
 use envoy_types::pb::envoy::config::{
     cluster::v3::Cluster, endpoint::v3::ClusterLoadAssignment, listener::v3::Listener,
@@ -31,6 +29,11 @@ use envoy_types::pb::envoy::config::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use proptest::prelude::*;
 use prost::Message;
+
+use crate::support::{
+    self,
+    specs::{key_part_of, target},
+};
 
 const WORLD: &str = r#"
 apiVersion: v1
@@ -66,9 +69,7 @@ endpoints: [{addresses: [10.0.0.1], zone: z1}, {addresses: [10.0.0.2]}]
 "#;
 
 fn world() -> Inventory {
-    let mut loaded = Loaded { inventory: Inventory::new("breakwater-system"), ..Loaded::default() };
-    load_text(Path::new("world.yaml"), WORLD, &mut loaded, &mut BTreeMap::new()).expect("world loads");
-    loaded.inventory
+    support::world::load(WORLD)
 }
 
 fn duration(max_secs: u32) -> impl Strategy<Value = Duration> {
@@ -167,15 +168,6 @@ fn limit(index: usize) -> impl Strategy<Value = Limit> {
                 }
             })
     })
-}
-
-fn target(section: Option<&str>, service: &str) -> TargetRef {
-    TargetRef {
-        group: String::new(),
-        kind: TargetKind::Service,
-        name: service.to_string(),
-        section_name: section.map(String::from),
-    }
 }
 
 /// Where a policy attaches: a target in shop, or the root namespace with a selector.
@@ -365,13 +357,4 @@ proptest! {
             prop_assert!(printed.is_ok(), "{:?}", printed.err());
         }
     }
-}
-
-fn key_part_of(
-    header: Option<String>,
-    remote_address: Option<bool>,
-    path: Option<bool>,
-    value: Option<String>,
-) -> KeyPart {
-    KeyPart { header, remote_address, path, value }
 }

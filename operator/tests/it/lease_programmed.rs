@@ -3,20 +3,24 @@
 //! acknowledged the agent type at its generation — whatever Envoy says about its listeners —
 //! and rejected when one of those agents NACKs it.
 
-use std::{collections::BTreeMap, path::Path, sync::Arc};
+use std::sync::Arc;
 
 use breakwater_api::agent::AgentConfig;
 use breakwater_operator::{
     compile::{self, Compiled, type_url},
-    http::State,
     inventory::{Inventory, ObjectName},
-    standalone::load::{Loaded, load_text},
     status,
-    xds::{AdsServer, SnapshotCache},
+    xds::SnapshotCache,
 };
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
 
-use crate::ads::{Client, verdict_reason};
+use crate::{
+    ads::verdict_reason,
+    support::{
+        ads::{Client, serve},
+        world,
+    },
+};
 
 const WORKER: &str = "billing/worker-1";
 const LEDGER: &str = "billing/ledger-1";
@@ -42,10 +46,7 @@ spec:
   podSelector: {{matchLabels: {{app: worker}}}}
 "#
     );
-    let mut loaded = Loaded { inventory: Inventory::new("breakwater-system"), ..Loaded::default() };
-    load_text(Path::new("world.yaml"), &text, &mut loaded, &mut BTreeMap::new()).expect("world loads");
-    assert!(loaded.rejected.is_empty(), "{:?}", loaded.rejected);
-    loaded.inventory
+    world::load(&text)
 }
 
 fn lease_ttl(response: &DiscoveryResponse) -> Vec<u64> {
@@ -64,10 +65,7 @@ async fn lease_verdict(cache: &SnapshotCache, generation: i64, reason: &str) -> 
 async fn a_lease_is_programmed_by_the_agents_of_the_pods_it_selects() {
     let cache = Arc::new(SnapshotCache::default());
     cache.publish(Compiled::new(&world("30s", 1)));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
-    let ads = AdsServer::new(cache.clone(), Arc::new(State::default()));
-    tokio::spawn(breakwater_operator::xds::serve(listener, ads, std::future::pending()));
+    let endpoint = serve(cache.clone()).await;
     // The worker carries the lease, but nothing of it is connected yet.
     assert_eq!(lease_verdict(&cache, 1, "Pending").await, "acknowledged by 0/1 proxies (1 not connected)");
 

@@ -13,3 +13,5 @@ mod lease_programmed;
 mod merge;
 mod programmed;
 mod standalone_cli;
+#[path = "../support/mod.rs"]
+mod support;

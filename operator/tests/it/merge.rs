@@ -2,8 +2,6 @@
 //! policy, and the status each policy gets for it. Worlds are written as YAML, loaded through
 //! the same loader standalone mode uses.
 
-use std::{collections::BTreeMap, path::Path};
-
 use breakwater_operator::{
     inventory::{Inventory, ObjectName, ServicePort},
     policy::{
@@ -11,18 +9,11 @@ use breakwater_operator::{
         rate_limit::{self, Origin},
     },
     resource::Policy,
-    standalone::load::{Loaded, load_text},
 };
 
+use crate::support;
+
 const SERVICES: &str = r#"
-apiVersion: v1
-kind: Namespace
-metadata: {name: shop, labels: {tier: production}}
----
-apiVersion: v1
-kind: Namespace
-metadata: {name: lab, labels: {tier: sandbox}}
----
 apiVersion: v1
 kind: Service
 metadata: {name: api, namespace: shop}
@@ -40,12 +31,7 @@ spec: {ports: [{name: http, port: 80}]}
 "#;
 
 fn world(policies: &str) -> Inventory {
-    let mut loaded = Loaded { inventory: Inventory::new("breakwater-system"), ..Loaded::default() };
-    let mut seen = BTreeMap::new();
-    let text = format!("{SERVICES}\n---\n{policies}");
-    load_text(Path::new("world.yaml"), &text, &mut loaded, &mut seen).expect("world loads");
-    assert!(loaded.rejected.is_empty(), "fixture breaks the schema: {:?}", loaded.rejected);
-    loaded.inventory
+    support::world::load(&format!("{}\n---\n{SERVICES}\n---\n{policies}", support::world::NAMESPACES))
 }
 
 fn port(namespace: &str, name: &str) -> ServicePort {

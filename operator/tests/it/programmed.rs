@@ -7,50 +7,14 @@ use std::{path::Path, sync::Arc, time::Duration};
 
 use breakwater_operator::{
     compile::{Compiled, type_url},
-    http::State,
     standalone::{self, load},
-    xds::{AdsServer, SnapshotCache},
-};
-use envoy_types::pb::envoy::{
-    config::core::v3::Node,
-    service::discovery::v3::{
-        DiscoveryRequest, aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
-    },
+    xds::SnapshotCache,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 
-const TYPES: [&str; 5] =
-    [type_url::CLUSTER, type_url::ENDPOINT, type_url::LISTENER, type_url::ROUTE, type_url::AGENT];
+use crate::support::ads::{Client, acknowledging_proxy, serve};
+
 const DEADLINE: Duration = Duration::from_secs(20);
-
-/// A proxy that subscribes to every type and acknowledges whatever it is sent, until the
-/// test ends.
-pub async fn acknowledging_proxy(endpoint: String, node: String) {
-    let mut client = AggregatedDiscoveryServiceClient::connect(endpoint).await.expect("connect");
-    let (requests, rx) = mpsc::channel(16);
-    let mut responses =
-        client.stream_aggregated_resources(ReceiverStream::new(rx)).await.expect("stream").into_inner();
-    let node = Some(Node { id: node, ..Node::default() });
-    for type_ in TYPES {
-        let request =
-            DiscoveryRequest { node: node.clone(), type_url: type_.into(), ..DiscoveryRequest::default() };
-        requests.send(request).await.expect("subscribe");
-    }
-    while let Ok(Some(response)) = responses.message().await {
-        let ack = DiscoveryRequest {
-            node: node.clone(),
-            type_url: response.type_url,
-            version_info: response.version_info,
-            response_nonce: response.nonce,
-            ..DiscoveryRequest::default()
-        };
-        if requests.send(ack).await.is_err() {
-            return;
-        }
-    }
-}
 
 /// The examples, compiled and served over ADS on loopback: what was loaded, the cache, and
 /// the endpoint proxies connect to.
@@ -59,10 +23,7 @@ async fn serve_examples() -> (load::Loaded, Arc<SnapshotCache>, String) {
     let loaded = load::load_dir(&examples, "breakwater-system").expect("examples load");
     let cache = Arc::new(SnapshotCache::default());
     cache.publish(Compiled::new(&loaded.inventory));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
-    let ads = AdsServer::new(cache.clone(), Arc::new(State::default()));
-    tokio::spawn(breakwater_operator::xds::serve(listener, ads, std::future::pending()));
+    let endpoint = serve(cache.clone()).await;
     (loaded, cache, endpoint)
 }
 
@@ -126,7 +87,7 @@ fn jiff_now() -> k8s_openapi::jiff::Timestamp {
 async fn an_agent_alone_programs_only_what_the_agent_carries() {
     let (loaded, cache, endpoint) = serve_examples().await;
 
-    let mut agent = crate::ads::Client::connect(&endpoint, "billing/billing-worker-84c6d5f7b9-tq9vd").await;
+    let mut agent = Client::connect(&endpoint, "billing/billing-worker-84c6d5f7b9-tq9vd").await;
     agent.subscribe(type_url::AGENT, &[]).await;
     let config = agent.next().await;
     agent.ack(&config, &[]).await;

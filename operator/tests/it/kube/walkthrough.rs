@@ -114,7 +114,7 @@ async fn the_readme_walk_through_on_a_real_api_server() {
     let loaded = load::load_dir(&examples(), ROOT).expect("examples load");
     let endpoint = format!("http://127.0.0.1:{}", operator.xds_port);
     for pod in loaded.inventory.pods.keys() {
-        tokio::spawn(crate::programmed::acknowledging_proxy(endpoint.clone(), pod.to_string()));
+        tokio::spawn(crate::support::ads::acknowledging_proxy(endpoint.clone(), pod.to_string()));
     }
     for (kind, namespace, name) in [
         ("rlp", "shop", "api-per-user"),

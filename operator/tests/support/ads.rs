@@ -1,0 +1,122 @@
+//! An ADS client that plays a proxy, for the tests and the push benchmark: it subscribes,
+//! ACKs and NACKs by hand ([`Client`]), or acknowledges everything it is sent
+//! ([`Client::acknowledge_everything`]); and the operator's ADS server on a loopback port
+//! ([`serve`]).
+
+use std::{sync::Arc, time::Duration};
+
+use breakwater_operator::{
+    compile::type_url,
+    http::State,
+    xds::{AdsServer, SnapshotCache},
+};
+use envoy_types::pb::{
+    envoy::{
+        config::core::v3::Node,
+        service::discovery::v3::{
+            DiscoveryRequest, DiscoveryResponse,
+            aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
+        },
+    },
+    google::rpc::Status as RpcStatus,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Streaming, transport::Channel};
+
+/// How long [`Client::next`] waits for a response.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// Every type a proxy (Envoy and agent of one pod) subscribes to.
+pub const TYPES: [&str; 5] =
+    [type_url::CLUSTER, type_url::ENDPOINT, type_url::LISTENER, type_url::ROUTE, type_url::AGENT];
+
+/// Serves ADS from `cache` on a free loopback port until the test ends; the endpoint.
+pub async fn serve(cache: Arc<SnapshotCache>) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
+    let ads = AdsServer::new(cache, Arc::new(State::default()));
+    tokio::spawn(breakwater_operator::xds::serve(listener, ads, std::future::pending()));
+    endpoint
+}
+
+/// One proxy's ADS stream: an Envoy's, or an agent's (they share the pod's node id).
+pub struct Client {
+    requests: mpsc::Sender<DiscoveryRequest>,
+    responses: Streaming<DiscoveryResponse>,
+    node: String,
+}
+
+impl Client {
+    /// A stream of `node` on a connection of its own to `endpoint`.
+    pub async fn connect(endpoint: &str, node: &str) -> Self {
+        let channel = Channel::from_shared(endpoint.to_string()).expect("endpoint");
+        Self::on(channel.connect().await.expect("connect"), node).await
+    }
+
+    /// A stream of `node` on `channel` (which many streams may share).
+    pub async fn on(channel: Channel, node: &str) -> Self {
+        let (requests, rx) = mpsc::channel(16);
+        let responses = AggregatedDiscoveryServiceClient::new(channel)
+            .stream_aggregated_resources(ReceiverStream::new(rx))
+            .await
+            .expect("open stream")
+            .into_inner();
+        Self { requests, responses, node: node.to_string() }
+    }
+
+    pub async fn send(&self, type_: &str, names: &[&str], version: &str, nonce: &str, error: Option<&str>) {
+        let request = DiscoveryRequest {
+            version_info: version.to_string(),
+            node: Some(Node { id: self.node.clone(), ..Node::default() }),
+            resource_names: names.iter().map(|n| n.to_string()).collect(),
+            type_url: type_.to_string(),
+            response_nonce: nonce.to_string(),
+            error_detail: error.map(|message| RpcStatus {
+                code: 3,
+                message: message.to_string(),
+                details: vec![],
+            }),
+            ..DiscoveryRequest::default()
+        };
+        self.requests.send(request).await.expect("send request");
+    }
+
+    pub async fn subscribe(&self, type_: &str, names: &[&str]) {
+        self.send(type_, names, "", "", None).await;
+    }
+
+    pub async fn ack(&self, response: &DiscoveryResponse, names: &[&str]) {
+        self.send(&response.type_url, names, &response.version_info, &response.nonce, None).await;
+    }
+
+    pub async fn nack(&self, response: &DiscoveryResponse, previous_version: &str, message: &str) {
+        self.send(&response.type_url, &[], previous_version, &response.nonce, Some(message)).await;
+    }
+
+    /// What the server answers next: a response, the end of the stream, or its refusal.
+    pub async fn answer(&mut self) -> Result<Option<DiscoveryResponse>, tonic::Status> {
+        tokio::time::timeout(DEADLINE, self.responses.message()).await.expect("an answer within the deadline")
+    }
+
+    /// The next response (the stream must stay healthy and open).
+    pub async fn next(&mut self) -> DiscoveryResponse {
+        self.answer().await.expect("stream healthy").expect("stream open")
+    }
+
+    /// Subscribes to every type and acknowledges whatever it is sent, until the stream ends.
+    pub async fn acknowledge_everything(mut self) {
+        for type_ in TYPES {
+            self.subscribe(type_, &[]).await;
+        }
+        while let Ok(Some(response)) = self.responses.message().await {
+            self.ack(&response, &[]).await;
+        }
+    }
+}
+
+/// A proxy `node` that connects to `endpoint` and acknowledges everything it is sent, until
+/// the test ends (spawn it).
+pub async fn acknowledging_proxy(endpoint: String, node: String) {
+    Client::connect(&endpoint, &node).await.acknowledge_everything().await;
+}

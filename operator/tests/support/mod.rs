@@ -1,0 +1,6 @@
+//! What the integration tests (and, through `#[path]`, the benchmarks) share: an ADS client
+//! that plays a proxy, YAML worlds, pieces of policy specs.
+
+pub mod ads;
+pub mod specs;
+pub mod world;
