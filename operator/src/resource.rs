@@ -103,10 +103,11 @@ impl Policy {
     }
 
     pub fn name(&self) -> ObjectName {
-        ObjectName::new(
-            self.meta().namespace.clone().unwrap_or_default(),
-            self.meta().name.clone().unwrap_or_default(),
-        )
+        ObjectName::new(self.namespace(), self.meta().name.clone().unwrap_or_default())
+    }
+
+    fn namespace(&self) -> &str {
+        self.meta().namespace.as_deref().unwrap_or_default()
     }
 
     /// How the resource attaches to Services; None for kinds that attach to none.
@@ -122,7 +123,7 @@ impl Policy {
     /// Service in its namespace, or it selects Services from the root namespace.
     pub fn may_target(&self, service: &ObjectName, root_namespace: &str) -> bool {
         let Some(attachment) = self.attachment() else { return false };
-        let namespace = self.name().namespace;
+        let namespace = self.namespace();
         (namespace == root_namespace && attachment.namespace_selector().is_some())
             || (namespace == service.namespace
                 && attachment.target_refs().iter().any(|t| t.name == service.name))
@@ -131,20 +132,20 @@ impl Policy {
     /// Whether a change of a Namespace's labels may change this resource's outcome: only the
     /// root namespace's Service policies select by namespace labels.
     pub fn follows_namespace_labels(&self, root_namespace: &str) -> bool {
-        self.attachment().is_some() && self.name().namespace == root_namespace
+        self.attachment().is_some() && self.namespace() == root_namespace
     }
 
     /// Whether a change of `other`, of the same kind, may change this resource's outcome.
     /// Service policies influence each other: root policies merge into every namespace, and
     /// namespace policies on one Service conflict or shadow a root Default.
     pub fn follows(&self, other: &Policy, root_namespace: &str) -> bool {
-        let (name, other_name) = (self.name(), other.name());
+        let (namespace, other_namespace) = (self.namespace(), other.namespace());
         self.kind() == other.kind()
             && self.attachment().is_some()
-            && name != other_name
-            && (name.namespace == root_namespace
-                || other_name.namespace == root_namespace
-                || other_name.namespace == name.namespace)
+            && (namespace != other_namespace || self.meta().name != other.meta().name)
+            && (namespace == root_namespace
+                || other_namespace == root_namespace
+                || other_namespace == namespace)
     }
 
     /// The Secret whose keys evaluation needs, if any.
@@ -152,7 +153,7 @@ impl Policy {
         match self {
             Self::OutboxRelay(relay) => {
                 let name = &relay.spec.source.postgres.connection_secret_ref.name;
-                Some(ObjectName::new(self.name().namespace, name))
+                Some(ObjectName::new(self.namespace(), name))
             }
             _ => None,
         }
@@ -201,5 +202,58 @@ impl Policy {
         };
         // Serializing plain derived types cannot fail; an empty object keeps output going.
         value.unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    const ROOT: &str = "breakwater-system";
+
+    fn rate_limit(namespace: &str, name: &str, attach: serde_json::Value) -> Policy {
+        let mut spec = json!({"limits": [{"name": "all", "rate": {"requests": 1, "per": "1s"}}]});
+        spec.as_object_mut().expect("object").extend(attach.as_object().expect("object").clone());
+        let policy: RateLimitPolicy = serde_json::from_value(json!({
+            "apiVersion": "breakwater.dev/v1alpha1",
+            "kind": "RateLimitPolicy",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": spec,
+        }))
+        .expect("a RateLimitPolicy");
+        Arc::new(policy).policy()
+    }
+
+    fn lease(namespace: &str, name: &str) -> Policy {
+        let lease: LockLease = serde_json::from_value(json!({
+            "apiVersion": "breakwater.dev/v1alpha1",
+            "kind": "LockLease",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"ttl": "30s", "podSelector": {}},
+        }))
+        .expect("a LockLease");
+        Arc::new(lease).policy()
+    }
+
+    #[test]
+    fn which_changes_concern_a_policy() {
+        let api = ObjectName::new("shop", "api");
+        let targeting = rate_limit("shop", "p", json!({"targetRefs": [{"kind": "Service", "name": "api"}]}));
+        let root = rate_limit(ROOT, "floor", json!({"namespaceSelector": {}, "mode": "Override"}));
+        let elsewhere = rate_limit("lab", "p", json!({"targetRefs": [{"kind": "Service", "name": "api"}]}));
+        assert!(targeting.may_target(&api, ROOT) && root.may_target(&api, ROOT));
+        assert!(!elsewhere.may_target(&api, ROOT), "targetRefs name Services of the policy's namespace");
+        assert!(root.follows_namespace_labels(ROOT) && !targeting.follows_namespace_labels(ROOT));
+        // A root policy concerns every namespace; namespace policies concern their own.
+        assert!(targeting.follows(&root, ROOT) && root.follows(&targeting, ROOT));
+        assert!(!targeting.follows(&elsewhere, ROOT), "lab/p is another policy, in another namespace");
+        assert!(!targeting.follows(&targeting, ROOT), "a change of itself triggers it anyway");
+        // Leases attach to no Service and follow nothing.
+        let lock = lease("shop", "lock");
+        assert!(!lock.may_target(&api, ROOT) && !lock.follows(&lease("shop", "other"), ROOT));
+        assert_eq!((lock.lease().is_some(), targeting.lease().is_some()), (true, false));
+        assert_eq!(lock.secret(), None);
     }
 }
