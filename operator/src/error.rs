@@ -62,7 +62,7 @@ pub enum Error {
     DecodeResource { type_url: String, source: prost::DecodeError },
 
     #[error("cannot decode the agent's configuration")]
-    DecodeAgent(#[source] serde_json::Error),
+    DecodeAgent(#[source] breakwater_api::agent::DecodeError),
 
     #[error("cannot print the configuration as JSON")]
     PrintJson(#[source] serde_json::Error),

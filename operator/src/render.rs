@@ -3,7 +3,8 @@
 //! with snake_case field names and every resource under its `@type`, laid out like the
 //! discovery responses the proxy receives, plus the sidecar's bootstrap. Envoy messages are
 //! rendered through prost-reflect with the descriptor set envoy-types ships (copied in by
-//! `build.rs`); the agent's resource is the JSON it already is.
+//! `build.rs`); the agent's resource (protobuf, crds/proto) is decoded into the contract type
+//! and printed as its JSON.
 
 use std::{
     path::PathBuf,
@@ -95,7 +96,7 @@ impl Serialize for Resource {
 fn resource(any: &Any) -> Result<Resource> {
     if any.type_url == type_url::AGENT {
         // Through the contract type, so fields print in its order (id first), not sorted.
-        let config = serde_json::from_slice(&any.value).map_err(Error::DecodeAgent)?;
+        let config = breakwater_api::agent::decode(&any.value).map_err(Error::DecodeAgent)?;
         return Ok(Resource::Agent(config));
     }
     let message = decode("google.protobuf.Any", &any.encode_to_vec())?;

@@ -65,7 +65,9 @@ pub fn decode(
     let config = match response.resources.as_slice() {
         // The operator always sends the resource; none means "nothing for this pod".
         [] => AgentConfig::default(),
-        [any] if any.type_url == TYPE_URL => serde_json::from_slice(&any.value).map_err(Error::XdsDecode)?,
+        [any] if any.type_url == TYPE_URL => {
+            breakwater_api::agent::decode(&any.value).map_err(Error::XdsDecode)?
+        }
         [any] => return Err(Error::XdsType { got: any.type_url.clone() }),
         more => return Err(Error::XdsResources(more.len())),
     };
@@ -163,8 +165,12 @@ mod tests {
         DiscoveryResponse { type_url: TYPE_URL.into(), resources, ..DiscoveryResponse::default() }
     }
 
-    fn any(value: &str) -> Any {
-        Any { type_url: TYPE_URL.into(), value: value.as_bytes().to_vec() }
+    fn any(config: &AgentConfig) -> Any {
+        Any { type_url: TYPE_URL.into(), value: breakwater_api::agent::encode(config) }
+    }
+
+    fn garbage() -> Any {
+        Any { type_url: TYPE_URL.into(), value: b"{not protobuf".to_vec() }
     }
 
     fn accept(_: &AgentConfig) -> Result<()> {
@@ -173,18 +179,19 @@ mod tests {
 
     #[test]
     fn decodes_one_resource_or_none() {
-        let config = decode(&response(vec![any(r#"{"rateLimits":[]}"#)]), &accept).unwrap();
+        let config = decode(&response(vec![any(&AgentConfig::default())]), &accept).unwrap();
         assert_eq!(config, AgentConfig::default());
         assert_eq!(decode(&response(vec![]), &accept).unwrap(), AgentConfig::default());
     }
 
     #[test]
     fn refuses_what_it_cannot_apply() {
-        let error = decode(&response(vec![any("{not json")]), &accept).unwrap_err().to_string();
-        assert!(error.starts_with("agent configuration is not valid JSON"), "{error}");
-        let two = decode(&response(vec![any("{}"), any("{}")]), &accept).unwrap_err().to_string();
+        let error = decode(&response(vec![garbage()]), &accept).unwrap_err().to_string();
+        assert!(error.starts_with("agent configuration: not an AgentConfig message"), "{error}");
+        let empty = AgentConfig::default();
+        let two = decode(&response(vec![any(&empty), any(&empty)]), &accept).unwrap_err().to_string();
         assert_eq!(two, "2 resources, expected one agent configuration");
-        let refused = decode(&response(vec![any("{}")]), &|_| Err(Error::EmptyRuleId)).unwrap_err();
+        let refused = decode(&response(vec![any(&empty)]), &|_| Err(Error::EmptyRuleId)).unwrap_err();
         assert!(matches!(refused, Error::EmptyRuleId));
         let wrong = DiscoveryResponse { type_url: "x".into(), ..DiscoveryResponse::default() };
         assert_eq!(

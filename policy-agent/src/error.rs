@@ -108,8 +108,8 @@ pub enum Error {
     #[error("{0} resources, expected one agent configuration")]
     XdsResources(usize),
     /// A resource that does not decode as an agent configuration (NACKed).
-    #[error("agent configuration is not valid JSON for this agent: {0}")]
-    XdsDecode(#[source] serde_json::Error),
+    #[error("agent configuration: {0}")]
+    XdsDecode(#[source] breakwater_api::agent::DecodeError),
 }
 
 impl Error {

@@ -38,7 +38,7 @@ fn config(requests: u32) -> AgentConfig {
 
 /// The snapshot of NODE: only the agent's resource, carrying `limits` at `generation`.
 fn snapshot(config: &AgentConfig, generation: i64) -> Snapshot {
-    let any = Any { type_url: TYPE_URL.into(), value: serde_json::to_vec(config).expect("json") };
+    let any = Any { type_url: TYPE_URL.into(), value: breakwater_api::agent::encode(config) };
     Snapshot {
         resources: [(type_url::AGENT, BTreeMap::from([("agent".to_string(), any)]))].into(),
         policies: [(

@@ -55,8 +55,7 @@ fn lease_rule(lease: &LockLease) -> Option<LeaseRule> {
     })
 }
 
-/// The ADS resource: the JSON encoding of the configuration, under the agent's type URL.
+/// The ADS resource: the configuration's protobuf message, under the agent's type URL.
 pub fn resource(config: &AgentConfig) -> Any {
-    // Serializing plain derived types cannot fail; an empty body would read as no limits.
-    Any { type_url: type_url::AGENT.to_string(), value: serde_json::to_vec(config).unwrap_or_default() }
+    Any { type_url: type_url::AGENT.to_string(), value: breakwater_api::agent::encode(config) }
 }

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use breakwater_api::{
     CircuitBreakerPolicy, CircuitBreakerPolicySpec, Duration, Mode, RateLimitPolicy, RateLimitPolicySpec,
     TargetRef,
-    agent::AgentConfig,
     circuit_breaker::{
         Backoff, ConnectionLimits, FailurePercentage, OutlierDetection, Retry, RetryBudget, RetryOn,
     },
@@ -343,8 +342,8 @@ proptest! {
                         type_url::ENDPOINT => round_trips::<ClusterLoadAssignment>(bytes),
                         type_url::LISTENER => round_trips::<Listener>(bytes),
                         type_url::ROUTE => round_trips::<RouteConfiguration>(bytes),
-                        type_url::AGENT => serde_json::from_slice::<AgentConfig>(bytes)
-                            .map(|c| serde_json::to_vec(&c).ok().as_deref() == Some(bytes))
+                        type_url::AGENT => breakwater_api::agent::decode(bytes)
+                            .map(|c| breakwater_api::agent::encode(&c) == bytes)
                             .unwrap_or(false),
                         other => panic!("unexpected type {other}"),
                     };

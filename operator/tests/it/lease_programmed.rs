@@ -51,7 +51,7 @@ spec:
 
 fn lease_ttl(response: &DiscoveryResponse) -> Vec<u64> {
     let config: AgentConfig =
-        serde_json::from_slice(&response.resources[0].value).expect("agent config is JSON");
+        breakwater_api::agent::decode(&response.resources[0].value).expect("agent config decodes");
     config.leases.iter().map(|l| l.ttl_ms).collect()
 }
 
