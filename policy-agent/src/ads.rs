@@ -5,7 +5,7 @@
 //! Each response is checked before it is ACKed: a configuration the agent would refuse is
 //! NACKed with the reason (the operator shows it in the policy's status) and the previous
 //! one stays in force. Accepted configurations are published on a watch channel, which the
-//! agent follows like any other [`crate::config::ConfigSource::Channel`]. The stream is
+//! agent follows like any other [`crate::source::ConfigSource::Channel`]. The stream is
 //! re-opened with backoff when it ends; the re-opening request names the version in force,
 //! so the operator sends nothing when that is still current.
 
@@ -47,7 +47,7 @@ impl AdsSettings {
     }
 }
 
-/// What the agent applies is what it ACKs: the check [`crate::config::follow`] runs.
+/// What the agent applies is what it ACKs: the check [`crate::source::follow`] runs.
 pub fn applicable(config: &AgentConfig) -> Result<()> {
     RuleSet::compile(config, &Metrics::default()).map(|_| ())
 }

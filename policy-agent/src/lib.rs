@@ -29,6 +29,7 @@ pub mod lease;
 pub mod limiter;
 pub mod metrics;
 pub mod run;
+pub mod source;
 pub mod store;
 
 pub use error::{Error, Result};

@@ -5,10 +5,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use breakwater_agent::config::ConfigSource;
 use breakwater_agent::error::report;
 use breakwater_agent::lease::leader::LeaderSettings;
 use breakwater_agent::limiter::LimiterSettings;
+use breakwater_agent::source::ConfigSource;
 use breakwater_agent::store::{RedisSettings, RedisTopology};
 use breakwater_agent::{LeaseSettings, Listeners, Result, Settings, StoreSettings, pod_id};
 use clap::Parser;

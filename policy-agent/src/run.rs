@@ -14,11 +14,12 @@ use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::R
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::config::{self, ConfigSource, RuleHolder};
+use crate::config::{self, RuleHolder};
 use crate::lease::leader::{LeaderElection, LeaderSettings};
 use crate::lease::{LeaseManager, LeaseStore, MemoryLeases, RedisLeases, api};
 use crate::limiter::{Limiter, LimiterSettings};
 use crate::metrics::Metrics;
+use crate::source::{self, ConfigSource};
 use crate::store::{CounterStore, MemoryStore, RedisConnection, RedisSettings};
 use crate::{Error, Result, grpc, http};
 
@@ -171,7 +172,7 @@ async fn serve<S: CounterStore, L: LeaseStore>(
         })
     };
     let config_task =
-        tokio::spawn(config::follow(source, pod, rules, metrics.clone(), on_swap, stop_rx.clone()));
+        tokio::spawn(source::follow(source, pod, rules, metrics.clone(), on_swap, stop_rx.clone()));
 
     let mut leaders = HashMap::new();
     let mut leader_tasks = Vec::new();

@@ -10,9 +10,9 @@ mod support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use breakwater_agent::config::ConfigSource;
 use breakwater_agent::grpc::RateLimitGrpc;
 use breakwater_agent::limiter::LimiterSettings;
+use breakwater_agent::source::ConfigSource;
 use breakwater_agent::store::{MemoryStore, RedisSettings, RedisTopology};
 use breakwater_agent::{Settings, StoreSettings};
 use breakwater_api::agent::AgentConfig;

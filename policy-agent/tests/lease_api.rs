@@ -13,9 +13,9 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use breakwater_agent::config::ConfigSource;
 use breakwater_agent::lease::leader::LeaderSettings;
 use breakwater_agent::limiter::LimiterSettings;
+use breakwater_agent::source::ConfigSource;
 use breakwater_agent::store::{RedisSettings, RedisTopology};
 use breakwater_agent::{LeaseSettings, Settings, StoreSettings};
 use breakwater_api::agent::{AgentConfig, LeaseRule};

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use breakwater_agent::config::ConfigSource;
+use breakwater_agent::source::ConfigSource;
 use breakwater_agent::{Listeners, Settings, StoreSettings};
 use breakwater_operator::compile::Compiled;
 use breakwater_operator::http::State;
