@@ -82,8 +82,10 @@ clean:
 	$(CARGO) clean
 	rm -rf $(VENV)
 
-## golden: rewrite the compiler's golden files (operator/tests/golden) from examples/; review the diff
+## golden: copy envoy-types' descriptor set that render needs (operator/descriptors), then the
+## compiler's golden files (operator/tests/golden) from examples/; review the diff
 golden:
+	UPDATE_GOLDEN=1 $(CARGO) test -q -p breakwater-operator --test it descriptors
 	UPDATE_GOLDEN=1 $(CARGO) test -q -p breakwater-operator --test it compile_golden
 
 ## bench-compile: compile time and peak memory for 1k-100k policies over 100-10k Services

@@ -2,9 +2,9 @@
 //! printed the way Envoy itself prints configuration — protobuf-JSON (or the same as YAML)
 //! with snake_case field names and every resource under its `@type`, laid out like the
 //! discovery responses the proxy receives, plus the sidecar's bootstrap. Envoy messages are
-//! rendered through prost-reflect with the descriptor set envoy-types ships (copied in by
-//! `build.rs`); the agent's resource (protobuf, crds/proto) is decoded into the contract type
-//! and printed as its JSON.
+//! rendered through prost-reflect with the descriptor set envoy-types ships, committed in
+//! `operator/descriptors/envoy.bin`; the agent's resource (protobuf,
+//! crds/proto) is decoded into the contract type and printed as its JSON.
 
 use std::{
     path::PathBuf,
@@ -23,7 +23,9 @@ use crate::{
     standalone::{exit, load},
 };
 
-static DESCRIPTORS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/envoy_types.bin"));
+/// envoy-types' descriptor set, committed (tests/it/descriptors.rs keeps it equal to the
+/// locked envoy-types' own; `make golden` rewrites it).
+static DESCRIPTORS: &[u8] = include_bytes!("../descriptors/envoy.bin");
 
 /// The order resource types are printed in: how a request travels through Envoy.
 pub const TYPE_ORDER: [&str; 5] =
