@@ -27,7 +27,10 @@ done
 echo "build.sh: building kube-apiserver, etcd and kubectl $KUBERNETES into $out (once; a few minutes)" >&2
 tmp=$(mktemp -d "$cache.tmp.XXXXXX" 2>/dev/null || { mkdir -p "$cache"; mktemp -d "$cache.tmp.XXXXXX"; })
 trap 'rm -rf "$tmp"' EXIT
-CGO_ENABLED=0 "$GO" build -trimpath -ldflags "$ldflags" -o "$tmp/" ./cmd/kube-apiserver ./cmd/etcd ./cmd/kubectl
+# -buildvcs=false: no VCS stamp (a clone owned by another user makes git refuse, and the
+# version is set above); GOTOOLCHAIN=local: the machine's Go, never a download.
+CGO_ENABLED=0 GOTOOLCHAIN=local "$GO" build -buildvcs=false -trimpath -ldflags "$ldflags" -o "$tmp/" \
+  ./cmd/kube-apiserver ./cmd/etcd ./cmd/kubectl
 mkdir -p "$cache"
 rm -rf "$out"
 chmod 755 "$tmp"
