@@ -85,21 +85,9 @@ fn the_build_context_is_a_complete_workspace() {
     }
     assert!(copied > 50, "only {copied} files in the context");
 
-    // Only this platform's packages: others were never downloaded, and the check is offline.
-    let rustc = Command::new("rustc").arg("-vV").output().expect("rustc -vV");
-    let rustc = String::from_utf8_lossy(&rustc.stdout).into_owned();
-    let host = rustc.lines().find_map(|l| l.strip_prefix("host: ")).expect("rustc names its host");
-    let metadata = Command::new(env!("CARGO"))
-        .args(["metadata", "--format-version", "1", "--locked", "--offline", "--filter-platform", host])
-        .current_dir(context.path())
-        .output()
-        .expect("cargo metadata runs");
-    assert!(
-        metadata.status.success(),
-        "cargo cannot resolve the workspace in the Docker build context: {}",
-        String::from_utf8_lossy(&metadata.stderr)
-    );
-    let metadata: serde_json::Value = serde_json::from_slice(&metadata.stdout).expect("metadata JSON");
+    // Fails, with cargo's message, when a member is missing from the context.
+    let metadata = breakwater_harness::cargo_metadata(context.path());
+    let metadata: serde_json::Value = serde_json::from_slice(&metadata).expect("metadata JSON");
     let members: Vec<String> = metadata["packages"]
         .as_array()
         .into_iter()

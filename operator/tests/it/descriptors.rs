@@ -5,23 +5,14 @@
 //! after an upgrade, run `make golden`. (The whole set, not the part the examples need: the
 //! compiler emits types no example shows, such as rate-limit descriptor extensions.)
 
-use std::{path::Path, process::Command};
+use std::path::Path;
 
 const COMMITTED: &str = "descriptors/envoy.bin";
 
 /// The locked envoy-types' descriptor set, found through cargo.
 fn envoy_types_descriptors() -> Vec<u8> {
-    // Only this platform's packages: on a fresh registry others were never downloaded.
-    let rustc = Command::new("rustc").arg("-vV").output().expect("rustc -vV");
-    let rustc = String::from_utf8_lossy(&rustc.stdout).into_owned();
-    let host = rustc.lines().find_map(|l| l.strip_prefix("host: ")).expect("rustc names its host");
-    let output = Command::new(env!("CARGO"))
-        .args(["metadata", "--format-version", "1", "--offline", "--locked", "--filter-platform", host])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("cargo metadata runs");
-    assert!(output.status.success(), "cargo metadata: {}", String::from_utf8_lossy(&output.stderr));
-    let metadata: serde_json::Value = serde_json::from_slice(&output.stdout).expect("metadata JSON");
+    let output = breakwater_harness::cargo_metadata(Path::new(env!("CARGO_MANIFEST_DIR")));
+    let metadata: serde_json::Value = serde_json::from_slice(&output).expect("metadata JSON");
     let manifest = metadata["packages"]
         .as_array()
         .into_iter()

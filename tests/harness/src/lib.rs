@@ -62,21 +62,61 @@ pub fn target_dir() -> PathBuf {
     }
 }
 
+/// `cargo metadata` (JSON) of the workspace at `dir`, resolved offline and locked, for this
+/// platform only: on a fresh registry, other platforms' packages were never downloaded.
+/// Fails the test with cargo's message when cargo cannot resolve it.
+pub fn cargo_metadata(dir: &std::path::Path) -> Vec<u8> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let rustc = std::process::Command::new("rustc").arg("-vV").output().expect("rustc -vV runs");
+    let rustc = String::from_utf8_lossy(&rustc.stdout).into_owned();
+    let host = rustc.lines().find_map(|l| l.strip_prefix("host: ")).expect("rustc names its host");
+    let output = std::process::Command::new(cargo)
+        .args(["metadata", "--format-version", "1", "--offline", "--locked", "--filter-platform", host])
+        .current_dir(dir)
+        .output()
+        .expect("cargo metadata runs");
+    assert!(
+        output.status.success(),
+        "cargo metadata cannot resolve the workspace at {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output.stdout
+}
+
 /// The workspace's root directory.
 pub fn workspace_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join("..")
 }
 
-/// Polls `condition` every 20 ms until it holds; fails the test, naming `what`, when it
-/// still does not after `within`.
+/// Polls `check` every 20 ms until it gives `Ok`; fails the test after `within` with the last
+/// `Err` it gave (the state it last observed), so a red test explains itself.
+pub async fn eventually<T, F, Fut>(what: &str, within: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        match check().await {
+            Ok(value) => return value,
+            Err(last) if Instant::now() >= deadline => {
+                panic!("{what}: not within {within:?}; last observed: {last}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+/// [`eventually`] for a condition that has no state worth showing.
 pub async fn wait_until<F, Fut>(what: &str, within: Duration, mut condition: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = Instant::now() + within;
-    while !condition().await {
-        assert!(Instant::now() < deadline, "{what} within {within:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let check = || {
+        let holds = condition();
+        async move { if holds.await { Ok(()) } else { Err("the condition does not hold".to_string()) } }
+    };
+    eventually(what, within, check).await
 }

@@ -21,6 +21,7 @@ mod walkthrough;
 
 use std::{path::Path, sync::OnceLock, time::Duration};
 
+pub use breakwater_harness::eventually;
 use breakwater_harness::{ControlPlane, Daemon, free_port};
 use kube::{
     Client, Config,
@@ -103,25 +104,6 @@ pub fn kubectl_apply(namespace: &str, yaml: &str) -> String {
     );
     assert!(out.status.success(), "kubectl apply failed: {}\n{yaml}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Polls `check` every 100 ms until it gives `Ok`; fails after `within` with the last `Err`
-/// it gave (the state it last observed), so a red test explains itself.
-pub async fn eventually<T, F, Fut>(what: &str, within: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, String>>,
-{
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        match check().await {
-            Ok(value) => return value,
-            Err(last) if tokio::time::Instant::now() >= deadline => {
-                panic!("{what}: not within {within:?}; last observed: {last}")
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
 }
 
 /// An operator (the library's `run`, as the binary runs it) in this process, stopped when
