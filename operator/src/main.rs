@@ -97,12 +97,6 @@ enum Command {
         /// The root namespace, as in `run`.
         #[arg(long, default_value = "breakwater-system")]
         root_namespace: String,
-        /// Host of the operator's ADS server, as the sidecar bootstrap names it.
-        #[arg(long, default_value = "breakwater.breakwater-system.svc")]
-        xds_host: String,
-        /// Port of the operator's ADS server, as the sidecar bootstrap names it.
-        #[arg(long, default_value_t = 18000)]
-        xds_port: u16,
     },
     /// Print the RBAC rules the operator needs, as JSON (the chart test checks against it).
     Rbac,
@@ -178,14 +172,9 @@ fn main() -> ExitCode {
                     }
                 }
             }
-            Command::Render { dir, proxy, output, root_namespace, xds_host, xds_port } => {
-                let options = breakwater_operator::render::Options {
-                    dir,
-                    root_namespace,
-                    proxy,
-                    format: output,
-                    xds: breakwater_operator::compile::XdsServer { host: xds_host, port: xds_port },
-                };
+            Command::Render { dir, proxy, output, root_namespace } => {
+                let options =
+                    breakwater_operator::render::Options { dir, root_namespace, proxy, format: output };
                 ExitCode::from(breakwater_operator::render::run(&options))
             }
             Command::Rbac => {

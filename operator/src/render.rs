@@ -18,7 +18,7 @@ use prost_reflect::{DescriptorError, DescriptorPool, DynamicMessage, SerializeOp
 use serde::{Serialize, Serializer};
 
 use crate::{
-    compile::{self, Compiled, Proxy, Snapshot, XdsServer, type_url},
+    compile::{self, Compiled, Proxy, Snapshot, type_url},
     error::{Error, Report, Result},
     standalone::{exit, load},
 };
@@ -45,7 +45,6 @@ pub struct Options {
     /// `namespace/pod`; every Pod of the directory when None.
     pub proxy: Option<String>,
     pub format: Format,
-    pub xds: XdsServer,
 }
 
 fn pool() -> Result<&'static DescriptorPool> {
@@ -137,10 +136,20 @@ pub struct Rendered {
     discovery: Vec<Response>,
 }
 
+/// The sidecar bootstrap of node `node` in `namespace` as protobuf-JSON, the form Envoy's
+/// `--config-yaml` takes (the injector passes it so).
+pub fn bootstrap_json(node: &str, namespace: &str) -> Result<String> {
+    serde_json::to_string(&bootstrap(node, namespace)?).map_err(Error::PrintJson)
+}
+
+fn bootstrap(node: &str, namespace: &str) -> Result<Proto> {
+    decode("envoy.config.bootstrap.v3.Bootstrap", &compile::bootstrap(node, namespace).encode_to_vec())
+        .map(Proto)
+}
+
 /// Renders one proxy's snapshot and bootstrap.
-pub fn render(proxy: &Proxy, snapshot: &Snapshot, xds: &XdsServer) -> Result<Rendered> {
-    let bootstrap =
-        decode("envoy.config.bootstrap.v3.Bootstrap", &compile::bootstrap(proxy, xds).encode_to_vec())?;
+pub fn render(proxy: &Proxy, snapshot: &Snapshot) -> Result<Rendered> {
+    let bootstrap = bootstrap(&proxy.node_id(), &proxy.pod.namespace)?;
     let mut discovery = Vec::new();
     for type_url in TYPE_ORDER {
         let Some(resources) = snapshot.resources.get(type_url) else { continue };
@@ -161,7 +170,7 @@ pub fn render(proxy: &Proxy, snapshot: &Snapshot, xds: &XdsServer) -> Result<Ren
                 generation: p.generation,
             })
             .collect(),
-        bootstrap: Proto(bootstrap),
+        bootstrap,
         discovery,
     })
 }
@@ -194,13 +203,9 @@ pub fn print(rendered: &[Rendered], format: Format, single: bool) -> Result<Stri
 }
 
 /// Renders every proxy of a loaded directory (or the one asked for).
-pub fn render_dir(
-    inventory: &crate::inventory::Inventory,
-    proxies: &[Proxy],
-    xds: &XdsServer,
-) -> Result<Vec<Rendered>> {
+pub fn render_dir(inventory: &crate::inventory::Inventory, proxies: &[Proxy]) -> Result<Vec<Rendered>> {
     let compiled = Compiled::new(inventory);
-    proxies.iter().map(|proxy| render(proxy, &compiled.snapshot(proxy), xds)).collect()
+    proxies.iter().map(|proxy| render(proxy, &compiled.snapshot(proxy))).collect()
 }
 
 /// Runs `render`; returns the exit code (0 printed, 1 bad arguments, 2 unreadable files).
@@ -246,7 +251,7 @@ pub fn run(options: &Options) -> u8 {
         );
         return 0;
     }
-    let printed = render_dir(inventory, &proxies, &options.xds)
+    let printed = render_dir(inventory, &proxies)
         .and_then(|rendered| print(&rendered, options.format, options.proxy.is_some()));
     match printed {
         Ok(text) => {

@@ -1,7 +1,8 @@
 //! The sidecar's bootstrap: who it is (node id `namespace/pod`), where its configuration
-//! comes from (ADS over gRPC to the operator), and the one cluster that must exist before
-//! any configuration arrives, the agent on loopback (the rate-limit service the inbound
-//! listener calls). Everything else comes over ADS.
+//! comes from, and the clusters that must exist before any configuration arrives. Both are
+//! the pod's agent on loopback: its ADS proxy (which forwards the stream to the operator
+//! with the pod's ServiceAccount token, docs/injection.md) and its rate-limit service (which
+//! the inbound listener calls). Everything else comes over ADS.
 
 use envoy_types::pb::envoy::config::{
     bootstrap::v3::{
@@ -15,23 +16,12 @@ use envoy_types::pb::envoy::config::{
     core::v3::{ApiConfigSource, ApiVersion, GrpcService, Node, api_config_source::ApiType, grpc_service},
 };
 
-use super::{Proxy, names, outbound, proto};
+use super::{names, outbound, proto};
 
-/// Where the sidecars reach the operator's ADS server.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct XdsServer {
-    pub host: String,
-    pub port: u16,
-}
-
-impl Default for XdsServer {
-    /// The operator Service the Helm chart installs.
-    fn default() -> Self {
-        Self { host: "breakwater.breakwater-system.svc".to_string(), port: 18000 }
-    }
-}
-
-pub fn bootstrap(proxy: &Proxy, xds: &XdsServer) -> Bootstrap {
+/// The bootstrap of the Envoy whose node id is `node` (`NAMESPACE/POD`) in `namespace`. The
+/// injector passes Kubernetes' `$(POD_NAMESPACE)/$(POD_NAME)` references, which the kubelet
+/// expands in the container's arguments.
+pub fn bootstrap(node: &str, namespace: &str) -> Bootstrap {
     let ads = ApiConfigSource {
         api_type: ApiType::Grpc as i32,
         transport_api_version: ApiVersion::V3 as i32,
@@ -46,11 +36,11 @@ pub fn bootstrap(proxy: &Proxy, xds: &XdsServer) -> Bootstrap {
         ..Default::default()
     };
     Bootstrap {
-        node: Some(Node { id: proxy.node_id(), cluster: proxy.pod.namespace.clone(), ..Default::default() }),
+        node: Some(Node { id: node.to_string(), cluster: namespace.to_string(), ..Default::default() }),
         static_resources: Some(StaticResources {
             clusters: vec![
-                grpc_cluster(names::XDS_CLUSTER, DiscoveryType::StrictDns, &xds.host, u32::from(xds.port)),
-                grpc_cluster(names::AGENT_CLUSTER, DiscoveryType::Static, "127.0.0.1", names::AGENT_PORT),
+                loopback_grpc_cluster(names::XDS_CLUSTER, names::XDS_PROXY_PORT),
+                loopback_grpc_cluster(names::AGENT_CLUSTER, names::AGENT_PORT),
             ],
             ..Default::default()
         }),
@@ -68,13 +58,13 @@ pub fn bootstrap(proxy: &Proxy, xds: &XdsServer) -> Bootstrap {
     }
 }
 
-/// A gRPC (HTTP/2) cluster with one address.
-fn grpc_cluster(name: &str, kind: DiscoveryType, host: &str, port: u32) -> Cluster {
+/// A gRPC (HTTP/2) cluster of one port of the agent, on loopback.
+fn loopback_grpc_cluster(name: &str, port: u16) -> Cluster {
     let mut endpoints = std::collections::BTreeMap::new();
-    endpoints.insert(String::new(), [(host.to_string(), u16::try_from(port).unwrap_or(0))].into());
+    endpoints.insert(String::new(), [("127.0.0.1".to_string(), port)].into());
     Cluster {
         name: name.to_string(),
-        cluster_discovery_type: Some(ClusterDiscoveryType::Type(kind as i32)),
+        cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Static as i32)),
         connect_timeout: Some(proto::millis(1_000)),
         load_assignment: Some(outbound::load_assignment(name, &endpoints)),
         typed_extension_protocol_options: proto::http2_upstream(),

@@ -30,7 +30,7 @@ use kube::ResourceExt;
 use prost::Message;
 
 pub use self::{
-    bootstrap::{XdsServer, bootstrap},
+    bootstrap::bootstrap,
     inbound::{MATCH_KEY, RLS_TIMEOUT_MS, TARGET_KEY},
     outbound::DEFAULT_RETRY_ON,
 };
@@ -59,9 +59,10 @@ pub mod names {
     pub const INBOUND_PASSTHROUGH: &str = "inbound|passthrough";
     /// The agent's rate-limit service on loopback (a bootstrap cluster).
     pub const AGENT_CLUSTER: &str = "breakwater_agent";
-    pub const AGENT_PORT: u32 = 15081;
-    /// The operator's ADS server (a bootstrap cluster).
+    pub const AGENT_PORT: u16 = 15081;
+    /// The agent's ADS proxy on loopback, Envoy's way to the operator (a bootstrap cluster).
     pub const XDS_CLUSTER: &str = "breakwater_xds";
+    pub const XDS_PROXY_PORT: u16 = 15083;
     /// Envoy's admin interface, on loopback only.
     pub const ADMIN_PORT: u32 = 15000;
     /// The name of the agent's resource.

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use breakwater_operator::{
-    compile::{Compiled, Proxy, XdsServer},
+    compile::{Compiled, Proxy},
     render::{self, Format},
     standalone::load,
 };
@@ -55,8 +55,7 @@ fn every_example_proxy_matches_its_golden_file() {
     let mut failures = Vec::new();
     for pod in loaded.inventory.pods.keys() {
         let proxy = Proxy { pod: pod.clone() };
-        let rendered =
-            render::render(&proxy, &compiled.snapshot(&proxy), &XdsServer::default()).expect("renders");
+        let rendered = render::render(&proxy, &compiled.snapshot(&proxy)).expect("renders");
         let text = render::print(&[rendered], Format::Yaml, true).expect("prints") + "\n";
         let file = format!("{}.{}.yaml", pod.namespace, pod.name);
         let path = dir.join(&file);
@@ -93,8 +92,8 @@ fn every_example_proxy_matches_its_golden_file() {
 fn render_prints_the_same_bytes_twice() {
     let loaded = load::load_dir(&examples(), "breakwater-system").expect("examples load");
     let proxies: Vec<Proxy> = loaded.inventory.pods.keys().map(|p| Proxy { pod: p.clone() }).collect();
-    let once = render::render_dir(&loaded.inventory, &proxies, &XdsServer::default()).expect("renders");
-    let twice = render::render_dir(&loaded.inventory, &proxies, &XdsServer::default()).expect("renders");
+    let once = render::render_dir(&loaded.inventory, &proxies).expect("renders");
+    let twice = render::render_dir(&loaded.inventory, &proxies).expect("renders");
     for format in [Format::Yaml, Format::Json] {
         assert_eq!(
             render::print(&once, format, false).expect("prints"),

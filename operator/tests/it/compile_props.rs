@@ -17,7 +17,7 @@ use breakwater_api::{
     validation,
 };
 use breakwater_operator::{
-    compile::{self, Proxy, XdsServer, type_url},
+    compile::{self, Proxy, type_url},
     inventory::Inventory,
     policy, render,
 };
@@ -350,7 +350,7 @@ proptest! {
                     prop_assert!(ok, "{} {} does not round-trip", type_url, name);
                 }
             }
-            let rendered = render::render(&proxy, &snapshot, &XdsServer::default());
+            let rendered = render::render(&proxy, &snapshot);
             prop_assert!(rendered.is_ok(), "{:?}", rendered.err());
             let printed = render::print(&[rendered.expect("rendered")], render::Format::Json, true);
             prop_assert!(printed.is_ok(), "{:?}", printed.err());

@@ -22,8 +22,7 @@ fn render(args: &[&str]) -> (Option<i32>, String, String) {
 
 #[test]
 fn one_proxy_as_json_is_a_discovery_like_document() {
-    let (code, stdout, stderr) =
-        render(&["--proxy", API_POD, "-o", "json", "--xds-host", "xds.example", "--xds-port", "9901"]);
+    let (code, stdout, stderr) = render(&["--proxy", API_POD, "-o", "json"]);
     assert_eq!(code, Some(0), "{stderr}");
     let doc: serde_json::Value = serde_json::from_str(&stdout).expect("one JSON object");
     assert_eq!(doc["node"], API_POD);
@@ -51,8 +50,9 @@ fn one_proxy_as_json_is_a_discovery_like_document() {
     let xds = &doc["bootstrap"]["static_resources"]["clusters"][0];
     assert_eq!(xds["name"], "breakwater_xds");
     let address = &xds["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"];
-    assert_eq!(address["socket_address"]["address"], "xds.example");
-    assert_eq!(address["socket_address"]["port_value"], 9901);
+    // Envoy reaches the operator through its agent's ADS proxy, on loopback.
+    assert_eq!(address["socket_address"]["address"], "127.0.0.1");
+    assert_eq!(address["socket_address"]["port_value"], 15083);
     assert_eq!(doc["bootstrap"]["node"]["id"], API_POD);
 }
 
