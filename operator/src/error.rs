@@ -52,6 +52,12 @@ pub enum Error {
     #[error("the HTTP server task ended abnormally")]
     Task(#[source] tokio::task::JoinError),
 
+    #[error("invalid sidecar injection configuration: {0}")]
+    InjectConfig(String),
+
+    #[error("webhook certificate: {0}")]
+    Certificate(String),
+
     #[error("the Envoy descriptor set is unreadable")]
     Descriptors(#[source] std::sync::Arc<prost_reflect::DescriptorError>),
 
@@ -86,6 +92,7 @@ impl Error {
             Self::LeaseTaken | Self::LeaseNotRenewed | Self::LeaseNotReleased(_) => "leader_election",
             Self::Redis(_) => "redis",
             Self::Bind { .. } | Self::Serve(_) | Self::Task(_) => "server",
+            Self::InjectConfig(_) | Self::Certificate(_) => "injection",
             Self::Descriptors(_)
             | Self::UnknownType(_)
             | Self::DecodeResource { .. }

@@ -7,6 +7,7 @@ pub mod compile;
 pub mod controller;
 pub mod error;
 pub mod http;
+pub mod inject;
 pub mod inventory;
 pub mod leader;
 pub mod lease;
