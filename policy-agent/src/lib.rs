@@ -21,6 +21,7 @@
 pub mod ads;
 pub mod algorithm;
 pub mod cache;
+pub mod capture;
 pub mod config;
 pub mod error;
 pub mod grpc;
