@@ -122,6 +122,7 @@ fn facts(der: &CertificateDer<'_>) -> Option<Facts> {
                 .iter()
                 .filter_map(|name| match name {
                     x509_parser::extensions::GeneralName::DNSName(dns) => Some((*dns).to_string()),
+                    x509_parser::extensions::GeneralName::IPAddress(ip) => ip_text(ip),
                     _ => None,
                 })
                 .collect()
@@ -133,6 +134,22 @@ fn facts(der: &CertificateDer<'_>) -> Option<Facts> {
         not_after: validity.not_after.timestamp(),
         dns_names,
     })
+}
+
+/// An IP address SAN as text (rcgen issues a name that parses as an address as one).
+fn ip_text(bytes: &[u8]) -> Option<String> {
+    let ip = match bytes.len() {
+        4 => std::net::IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?),
+        16 => std::net::IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?),
+        _ => return None,
+    };
+    Some(ip.to_string())
+}
+
+/// Issued certificates start a little in the past, for API servers whose clock is behind
+/// ours: a tenth of the lifetime, at most a minute.
+fn backdate(lifetime: Duration) -> i64 {
+    (secs(lifetime) / 10).min(60)
 }
 
 /// Whether a certificate valid from `facts.not_before` to `facts.not_after` must be replaced
@@ -162,7 +179,7 @@ fn new_ca(now: i64, lifetime: Duration) -> Result<(String, KeyPair)> {
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages =
         vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-    params.not_before = time_at(now - 60)?;
+    params.not_before = time_at(now - backdate(lifetime))?;
     params.not_after = time_at(now + secs(lifetime))?;
     let cert = params.self_signed(&key).map_err(rcgen_error)?;
     Ok((cert.pem(), key))
@@ -183,7 +200,7 @@ fn new_cert(
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
     params.use_authority_key_identifier_extension = true;
-    params.not_before = time_at(now - 60)?;
+    params.not_before = time_at(now - backdate(lifetime))?;
     params.not_after = time_at(now + secs(lifetime))?;
     let cert = params.signed_by(&key, &issuer).map_err(rcgen_error)?;
     Ok((cert.pem(), key.serialize_pem()))
@@ -486,6 +503,14 @@ mod tests {
         assert_ne!(renewed.cert, material.cert);
         let serving = facts(&certificates(&renewed.cert)[0]).expect("readable");
         assert_eq!(serving.not_after, later + 90 * DAY);
+    }
+
+    #[test]
+    fn ip_addresses_are_names_too() {
+        let names = vec!["127.0.0.1".to_string(), "breakwater.breakwater-system.svc".to_string()];
+        let material = renew(None, 1_800_000_000, Lifetimes::default(), &names).expect("ok").expect("issued");
+        assert_eq!(facts(&certificates(&material.cert)[0]).expect("readable").dns_names, names);
+        assert_eq!(renew(Some(&material), 1_800_000_000, Lifetimes::default(), &names).expect("ok"), None);
     }
 
     #[test]

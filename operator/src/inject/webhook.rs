@@ -43,6 +43,11 @@ impl Injector {
         Ok(Injector { config, bootstrap })
     }
 
+    /// What happens to `pod` (its JSON) in `namespace`.
+    pub fn decide(&self, pod: &serde_json::Value, namespace: &str) -> Decision {
+        pod::inject(pod, namespace, &self.bootstrap, &self.config)
+    }
+
     /// The answer to one review. A request that cannot be read is refused as invalid; a pod
     /// the injector leaves alone is allowed unchanged.
     pub fn review(
@@ -75,7 +80,7 @@ impl Injector {
             Ok(value) => value,
             Err(err) => return AdmissionResponse::invalid(format!("the pod cannot be read: {err}")),
         };
-        match pod::inject(&original, &namespace, &self.bootstrap, &self.config) {
+        match self.decide(&original, &namespace) {
             Decision::Skip(why) => {
                 count(state, "skipped", why.as_str());
                 allowed
