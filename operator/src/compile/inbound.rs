@@ -19,12 +19,10 @@ use envoy_types::pb::{
         config::{
             cluster::v3::{
                 Cluster,
-                cluster::{ClusterDiscoveryType, DiscoveryType, LbPolicy},
+                cluster::{ClusterDiscoveryType, DiscoveryType},
             },
             core::v3::{ApiVersion, GrpcService, TrafficDirection, grpc_service},
-            listener::v3::{
-                Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter, filter, listener_filter,
-            },
+            listener::v3::{FilterChain, FilterChainMatch, Listener},
             ratelimit::v3::RateLimitServiceConfig,
             route::v3::{
                 HeaderMatcher, RateLimit, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost,
@@ -42,14 +40,10 @@ use envoy_types::pb::{
             },
             filters::{
                 http::{local_ratelimit::v3::LocalRateLimit, ratelimit::v3::RateLimit as RateLimitFilter},
-                listener::original_dst::v3::OriginalDst,
-                network::{
-                    http_connection_manager::v3::{
-                        HttpConnectionManager, HttpFilter, Rds,
-                        http_connection_manager::{CodecType, RouteSpecifier},
-                        http_filter,
-                    },
-                    tcp_proxy::v3::{TcpProxy, tcp_proxy},
+                network::http_connection_manager::v3::{
+                    HttpConnectionManager, HttpFilter, Rds,
+                    http_connection_manager::{CodecType, RouteSpecifier},
+                    http_filter,
                 },
             },
             rate_limit_descriptors::expr::v3::{Descriptor as ExprDescriptor, descriptor::ExprSpecifier},
@@ -115,41 +109,15 @@ pub fn cluster(port: &InboundPort) -> Cluster {
     }
 }
 
-/// Connections to ports without limits go on to the address they were meant for.
-pub fn passthrough_cluster() -> Cluster {
-    Cluster {
-        name: names::INBOUND_PASSTHROUGH.to_string(),
-        cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::OriginalDst as i32)),
-        lb_policy: LbPolicy::ClusterProvided as i32,
-        connect_timeout: Some(proto::millis(5_000)),
-        ..Default::default()
-    }
-}
-
-/// The inbound listener: one HTTP filter chain per limited port, TCP passthrough otherwise.
+/// The inbound listener: one HTTP filter chain per limited port; connections to other ports
+/// go on to the address they were meant for.
 pub fn listener(ports: &[InboundPort]) -> Listener {
-    let passthrough = TcpProxy {
-        stat_prefix: names::INBOUND_PASSTHROUGH.to_string(),
-        cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(names::INBOUND_PASSTHROUGH.to_string())),
-        ..Default::default()
-    };
     Listener {
         name: names::INBOUND.to_string(),
         address: Some(proto::socket_address("0.0.0.0", names::INBOUND_PORT)),
-        listener_filters: vec![ListenerFilter {
-            name: "envoy.filters.listener.original_dst".to_string(),
-            config_type: Some(listener_filter::ConfigType::TypedConfig(proto::any(&OriginalDst::default()))),
-            ..Default::default()
-        }],
+        listener_filters: vec![proto::original_dst()],
         filter_chains: ports.iter().map(filter_chain).collect(),
-        default_filter_chain: Some(FilterChain {
-            name: names::INBOUND_PASSTHROUGH.to_string(),
-            filters: vec![Filter {
-                name: "envoy.filters.network.tcp_proxy".to_string(),
-                config_type: Some(filter::ConfigType::TypedConfig(proto::any(&passthrough))),
-            }],
-            ..Default::default()
-        }),
+        default_filter_chain: Some(proto::tcp_passthrough(names::INBOUND_PASSTHROUGH)),
         traffic_direction: TrafficDirection::Inbound as i32,
         ..Default::default()
     }

@@ -49,9 +49,12 @@ use crate::{
 pub mod names {
     /// The cluster DNS domain Service names are qualified with.
     pub const CLUSTER_DOMAIN: &str = "cluster.local";
-    /// The outbound listener and its route configuration (the application's HTTP proxy).
+    /// The outbound listener and its route configuration: where iptables redirects the
+    /// application's connections (and its HTTP proxy, `HTTP_PROXY=http://127.0.0.1:15001`).
     pub const OUTBOUND_HTTP: &str = "outbound_http";
     pub const OUTBOUND_PORT: u32 = 15001;
+    /// The outbound filter chain and cluster for connections that are not HTTP.
+    pub const OUTBOUND_PASSTHROUGH: &str = "outbound|passthrough";
     /// The inbound listener, where iptables redirects connections to the pod.
     pub const INBOUND: &str = "inbound";
     pub const INBOUND_PORT: u32 = 15006;
@@ -256,6 +259,11 @@ impl Compiled {
             });
         }
         shared.insert(type_url::LISTENER, names::OUTBOUND_HTTP, proto::any(&outbound::listener()));
+        shared.insert(
+            type_url::CLUSTER,
+            names::OUTBOUND_PASSTHROUGH,
+            proto::any(&proto::passthrough_cluster(names::OUTBOUND_PASSTHROUGH)),
+        );
         let mut leases: BTreeMap<String, Vec<Arc<LockLease>>> = BTreeMap::new();
         for lease in inventory.lock_leases.iter().filter(|l| lock_lease::assess(l).accepted.ok) {
             leases.entry(lease.namespace().unwrap_or_default()).or_default().push(lease.clone());
@@ -309,7 +317,7 @@ impl Compiled {
             snapshot.insert(
                 type_url::CLUSTER,
                 names::INBOUND_PASSTHROUGH,
-                proto::any(&inbound::passthrough_cluster()),
+                proto::any(&proto::passthrough_cluster(names::INBOUND_PASSTHROUGH)),
             );
             snapshot.insert(type_url::LISTENER, names::INBOUND, proto::any(&inbound::listener(&ports)));
             for lease in &leases {

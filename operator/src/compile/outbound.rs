@@ -1,6 +1,7 @@
 //! The caller side, the same for every proxy: one EDS cluster per Service port with the
 //! port's connection limits, retry budget and outlier detection, its endpoints, and an HTTP
-//! proxy listener on loopback whose virtual hosts carry timeouts and retries.
+//! listener on loopback — where the capture redirects the application's connections — whose
+//! HTTP virtual hosts carry timeouts and retries and which passes other protocols through.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -18,7 +19,7 @@ use envoy_types::pb::{
             },
             core::v3::{Locality, RoutingPriority, TrafficDirection},
             endpoint::v3::{ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint},
-            listener::v3::{Filter, FilterChain, Listener, filter},
+            listener::v3::{Filter, FilterChain, FilterChainMatch, Listener, filter},
             route::v3::{
                 RetryPolicy, Route, RouteAction, RouteMatch, VirtualHost,
                 retry_policy::{RetryBackOff, RetryHostPredicate, retry_host_predicate},
@@ -228,10 +229,22 @@ pub fn listener() -> Listener {
         http_filters: vec![router()],
         ..Default::default()
     };
+    // HTTP goes through the route table; any other protocol (a database, TLS to the outside)
+    // goes on untouched to where the application sent it.
+    let http = FilterChain {
+        filter_chain_match: Some(FilterChainMatch {
+            application_protocols: ["http/1.0", "http/1.1", "h2c"].map(String::from).to_vec(),
+            ..Default::default()
+        }),
+        filters: vec![hcm_filter(&hcm)],
+        ..Default::default()
+    };
     Listener {
         name: names::OUTBOUND_HTTP.to_string(),
         address: Some(proto::socket_address("127.0.0.1", names::OUTBOUND_PORT)),
-        filter_chains: vec![FilterChain { filters: vec![hcm_filter(&hcm)], ..Default::default() }],
+        listener_filters: vec![proto::original_dst(), proto::http_inspector()],
+        filter_chains: vec![http],
+        default_filter_chain: Some(proto::tcp_passthrough(names::OUTBOUND_PASSTHROUGH)),
         traffic_direction: TrafficDirection::Outbound as i32,
         ..Default::default()
     }

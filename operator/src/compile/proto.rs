@@ -5,10 +5,19 @@ use std::collections::HashMap;
 
 use envoy_types::pb::{
     envoy::{
+        config::cluster::v3::{
+            Cluster,
+            cluster::{ClusterDiscoveryType, DiscoveryType, LbPolicy},
+        },
         config::core::v3::{
             Address, AggregatedConfigSource, ApiVersion, ConfigSource, Http2ProtocolOptions,
             RuntimeFractionalPercent, SocketAddress, TypedExtensionConfig, address,
             config_source::ConfigSourceSpecifier, socket_address,
+        },
+        config::listener::v3::{Filter, FilterChain, ListenerFilter, filter, listener_filter},
+        extensions::filters::{
+            listener::{http_inspector::v3::HttpInspector, original_dst::v3::OriginalDst},
+            network::tcp_proxy::v3::{TcpProxy, tcp_proxy},
         },
         extensions::upstreams::http::v3::{
             HttpProtocolOptions,
@@ -24,6 +33,52 @@ use envoy_types::pb::{
     google::protobuf::{Any, BoolValue, Duration, UInt32Value},
 };
 use prost::{Message, Name};
+
+/// A cluster that connects to the address a redirected connection was meant for.
+pub fn passthrough_cluster(name: &str) -> Cluster {
+    Cluster {
+        name: name.to_string(),
+        cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::OriginalDst as i32)),
+        lb_policy: LbPolicy::ClusterProvided as i32,
+        connect_timeout: Some(millis(5_000)),
+        ..Default::default()
+    }
+}
+
+/// A filter chain that relays the connection's bytes to `cluster` (a passthrough cluster).
+pub fn tcp_passthrough(cluster: &str) -> FilterChain {
+    let proxy = TcpProxy {
+        stat_prefix: cluster.to_string(),
+        cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(cluster.to_string())),
+        ..Default::default()
+    };
+    FilterChain {
+        name: cluster.to_string(),
+        filters: vec![Filter {
+            name: "envoy.filters.network.tcp_proxy".to_string(),
+            config_type: Some(filter::ConfigType::TypedConfig(any(&proxy))),
+        }],
+        ..Default::default()
+    }
+}
+
+/// Restores the destination iptables redirected a connection from.
+pub fn original_dst() -> ListenerFilter {
+    ListenerFilter {
+        name: "envoy.filters.listener.original_dst".to_string(),
+        config_type: Some(listener_filter::ConfigType::TypedConfig(any(&OriginalDst::default()))),
+        ..Default::default()
+    }
+}
+
+/// Tells HTTP from other protocols by the first bytes, for filter chains that match on it.
+pub fn http_inspector() -> ListenerFilter {
+    ListenerFilter {
+        name: "envoy.filters.listener.http_inspector".to_string(),
+        config_type: Some(listener_filter::ConfigType::TypedConfig(any(&HttpInspector::default()))),
+        ..Default::default()
+    }
+}
 
 /// Packs a message into an `Any` with its canonical type URL.
 pub fn any<M: Message + Name>(message: &M) -> Any {
