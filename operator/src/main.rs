@@ -63,6 +63,10 @@ enum Command {
         /// The agents' Redis key prefix (their --key-prefix).
         #[arg(long, env = "BREAKWATER_REDIS_KEY_PREFIX", default_value = breakwater_operator::lease::DEFAULT_KEY_PREFIX)]
         redis_key_prefix: String,
+        /// The audience of the projected ServiceAccount token every ADS stream must present
+        /// (`authorization: Bearer <token>`), checked with a TokenReview.
+        #[arg(long, default_value = breakwater_operator::xds::DEFAULT_AUDIENCE)]
+        xds_token_audience: String,
     },
     /// Evaluate policies from YAML files, without a cluster.
     Standalone {
@@ -126,6 +130,7 @@ fn main() -> ExitCode {
                 redis_url,
                 redis_cluster,
                 redis_key_prefix,
+                xds_token_audience,
             } => {
                 run::install_tls_provider();
                 let client = match kube::Client::try_default().await {
@@ -147,6 +152,7 @@ fn main() -> ExitCode {
                     redis: redis_topology(redis_url, redis_cluster).map(|topology| {
                         breakwater_operator::lease::RedisOptions { topology, key_prefix: redis_key_prefix }
                     }),
+                    xds_token_audience,
                 };
                 match run::run(client, options, shutdown_signal()).await {
                     Ok(()) => ExitCode::SUCCESS,

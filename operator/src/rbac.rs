@@ -38,6 +38,8 @@ pub fn cluster_rules() -> Vec<PolicyRule> {
         // Events on condition transitions (kube's Recorder creates, and patches the count of
         // an Event that repeats within its series window, which a test run rarely sees).
         rule("events.k8s.io", &["events"], &["create", "patch"]),
+        // Every ADS stream's token is checked with a TokenReview (xds::identity).
+        rule("authentication.k8s.io", &["tokenreviews"], &["create"]),
     ]
 }
 

@@ -46,6 +46,9 @@ pub struct Options {
     pub pod: Option<ObjectName>,
     /// Where the agents keep leases; None runs without (LockLease `Held` is then Unknown).
     pub redis: Option<RedisOptions>,
+    /// The audience of the projected ServiceAccount tokens ADS streams must present
+    /// (`xds::identity`; default `xds::DEFAULT_AUDIENCE`).
+    pub xds_token_audience: String,
 }
 
 /// Makes ring the process's TLS provider for kube's client (a no-op when one is set). rustls
@@ -93,9 +96,14 @@ pub async fn run(
     let server = tokio::spawn(http::serve(listener, state.clone(), stop.clone().cancelled_owned()));
     let xds_listener = bind(options.xds_addr).await?;
     let addr = xds_listener.local_addr().unwrap_or(options.xds_addr);
-    tracing::info!(%addr, "serving ADS (a standby refuses streams until it leads)");
+    tracing::info!(
+        %addr,
+        audience = options.xds_token_audience,
+        "serving ADS to streams with a pod's token (a standby refuses streams until it leads)"
+    );
     let xds_open = Arc::new(AtomicBool::new(!electing));
-    let ads = xds::AdsServer::gated(cache.clone(), state.clone(), xds_open.clone());
+    let authenticator = xds::Authenticator::token_reviews(client.clone(), options.xds_token_audience.clone());
+    let ads = xds::AdsServer::authenticated(cache.clone(), state.clone(), xds_open.clone(), authenticator);
     tokio::spawn(xds::serve(xds_listener, ads, stop.clone().cancelled_owned()));
     {
         let stop = stop.clone();

@@ -4,6 +4,9 @@
 //! protocol, a request whose nonce is not the last one sent on its type is stale and
 //! ignored; a NACK keeps the proxy on its last good configuration and is not answered with
 //! the same version again.
+//!
+//! Before anything is served, the stream's identity is checked (`identity`): in a cluster its
+//! token names a pod, and the node id of its first request must be that pod's.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -24,7 +27,10 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::cache::{SnapshotCache, version};
+use super::{
+    cache::{SnapshotCache, version},
+    identity::Authenticator,
+};
 use crate::{
     compile::{Proxy, Snapshot},
     http::State,
@@ -38,17 +44,37 @@ pub struct AdsServer {
     /// Open while this replica may take streams: only the leader writes `Programmed`, so
     /// only the leader must hold the streams whose ACKs decide it.
     open: Arc<AtomicBool>,
+    /// Who may ask for which node id.
+    authenticator: Authenticator,
 }
 
 impl AdsServer {
-    /// A server that always accepts streams (standalone mode, tests).
-    pub fn new(cache: Arc<SnapshotCache>, state: Arc<State>) -> Self {
+    /// Cluster mode: streams are accepted only while `open` is set (others are told to
+    /// retry), and each must prove its pod to `authenticator`.
+    pub fn authenticated(
+        cache: Arc<SnapshotCache>,
+        state: Arc<State>,
+        open: Arc<AtomicBool>,
+        authenticator: Authenticator,
+    ) -> Self {
+        Self { cache, state, open, authenticator }
+    }
+
+    /// A server that always accepts streams and believes every node id: for standalone mode
+    /// on loopback and tests, where no other pod can connect.
+    pub fn unauthenticated(cache: Arc<SnapshotCache>, state: Arc<State>) -> Self {
         Self::gated(cache, state, Arc::new(AtomicBool::new(true)))
     }
 
-    /// A server that accepts streams only while `open` is set; others are told to retry.
+    /// [`AdsServer::unauthenticated`], under the name the tests outside the operator crate use.
+    pub fn new(cache: Arc<SnapshotCache>, state: Arc<State>) -> Self {
+        Self::unauthenticated(cache, state)
+    }
+
+    /// Unauthenticated, accepting streams only while `open` is set (tests of the standby's
+    /// refusal).
     pub fn gated(cache: Arc<SnapshotCache>, state: Arc<State>, open: Arc<AtomicBool>) -> Self {
-        Self { cache, state, open }
+        Self::authenticated(cache, state, open, Authenticator::unauthenticated())
     }
 
     pub fn into_service(self) -> AggregatedDiscoveryServiceServer<Self> {
@@ -84,6 +110,11 @@ impl AggregatedDiscoveryService for AdsServer {
             // Envoy reconnects with backoff and the Service sends it to another replica.
             return Err(Status::unavailable("this replica is a standby; the leader serves xDS"));
         }
+        let (metrics, peer) = (&self.state.metrics, request.remote_addr());
+        let identity = match self.authenticator.authenticate(request.metadata(), metrics).await {
+            Ok(identity) => identity,
+            Err(refusal) => return Err(refusal.record(metrics, peer)),
+        };
         let (tx, rx) = mpsc::channel(32);
         let (cache, state) = (self.cache.clone(), self.state.clone());
         // The stream's response headers must go out before the first request arrives
@@ -95,6 +126,10 @@ impl AggregatedDiscoveryService for AdsServer {
                 Ok(None) | Err(_) => return,
             };
             let node_id = first.node.as_ref().map(|n| n.id.clone()).unwrap_or_default();
+            if let Err(refusal) = identity.admit(&node_id) {
+                let _ = tx.send(Err(refusal.record(&state.metrics, peer))).await;
+                return;
+            }
             let Some(proxy) = Proxy::from_node_id(&node_id) else {
                 let refusal = Status::invalid_argument(format!("node id {node_id:?} is not NAMESPACE/POD"));
                 let _ = tx.send(Err(refusal)).await;

@@ -1,7 +1,8 @@
 //! An ADS client that plays a proxy, for the tests and the push benchmark: it subscribes,
 //! ACKs and NACKs by hand ([`Client`]), or acknowledges everything it is sent
 //! ([`Client::acknowledge_everything`]); and the operator's ADS server on a loopback port
-//! ([`serve`]).
+//! ([`serve`], unauthenticated). Against a cluster-mode operator a stream presents its pod's
+//! token ([`Client::connect_with_token`]), as `authorization: Bearer` metadata.
 
 use std::{sync::Arc, time::Duration};
 
@@ -31,11 +32,12 @@ pub const DEADLINE: Duration = Duration::from_secs(10);
 pub const TYPES: [&str; 5] =
     [type_url::CLUSTER, type_url::ENDPOINT, type_url::LISTENER, type_url::ROUTE, type_url::AGENT];
 
-/// Serves ADS from `cache` on a free loopback port until the test ends; the endpoint.
+/// Serves ADS from `cache` on a free loopback port until the test ends, believing every node
+/// id (as standalone mode does); the endpoint.
 pub async fn serve(cache: Arc<SnapshotCache>) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
-    let ads = AdsServer::new(cache, Arc::new(State::default()));
+    let ads = AdsServer::unauthenticated(cache, Arc::new(State::default()));
     tokio::spawn(breakwater_operator::xds::serve(listener, ads, std::future::pending()));
     endpoint
 }
@@ -56,13 +58,35 @@ impl Client {
 
     /// A stream of `node` on `channel` (which many streams may share).
     pub async fn on(channel: Channel, node: &str) -> Self {
+        Self::open(channel, node, None).await.expect("open stream")
+    }
+
+    /// A stream of `node` presenting `token` (`authorization: Bearer <token>`; none without),
+    /// on a connection of its own; the server's refusal when it refuses the stream at once
+    /// (a refusal for the node id comes as the stream's first answer instead).
+    pub async fn connect_with_token(
+        endpoint: &str,
+        node: &str,
+        token: Option<&str>,
+    ) -> Result<Self, tonic::Status> {
+        let channel = Channel::from_shared(endpoint.to_string()).expect("endpoint");
+        Self::open(channel.connect().await.expect("connect"), node, token).await
+    }
+
+    async fn open(channel: Channel, node: &str, token: Option<&str>) -> Result<Self, tonic::Status> {
         let (requests, rx) = mpsc::channel(16);
+        let mut request = tonic::Request::new(ReceiverStream::new(rx));
+        if let Some(token) = token {
+            let value = format!("Bearer {token}")
+                .parse()
+                .map_err(|_| tonic::Status::invalid_argument("the token cannot travel as gRPC metadata"))?;
+            request.metadata_mut().insert("authorization", value);
+        }
         let responses = AggregatedDiscoveryServiceClient::new(channel)
-            .stream_aggregated_resources(ReceiverStream::new(rx))
-            .await
-            .expect("open stream")
+            .stream_aggregated_resources(request)
+            .await?
             .into_inner();
-        Self { requests, responses, node: node.to_string() }
+        Ok(Self { requests, responses, node: node.to_string() })
     }
 
     pub async fn send(&self, type_: &str, names: &[&str], version: &str, nonce: &str, error: Option<&str>) {
@@ -119,4 +143,26 @@ impl Client {
 /// the test ends (spawn it).
 pub async fn acknowledging_proxy(endpoint: String, node: String) {
     Client::connect(&endpoint, &node).await.acknowledge_everything().await;
+}
+
+/// [`acknowledging_proxy`] presenting its pod's `token`, for a cluster-mode operator.
+pub async fn acknowledging_proxy_with_token(endpoint: String, node: String, token: String) {
+    let client = Client::connect_with_token(&endpoint, &node, Some(&token)).await;
+    client.expect("the operator accepts the pod's token").acknowledge_everything().await;
+}
+
+/// How the server answers a stream of `node` presenting `token` that subscribes to one type:
+/// its first response, or its refusal (at once, or as the stream's first answer).
+pub async fn first_answer(
+    endpoint: &str,
+    node: &str,
+    token: Option<&str>,
+) -> Result<DiscoveryResponse, tonic::Status> {
+    let mut client = Client::connect_with_token(endpoint, node, token).await?;
+    client.subscribe(type_url::AGENT, &[]).await;
+    match client.answer().await {
+        Ok(Some(response)) => Ok(response),
+        Ok(None) => Err(tonic::Status::aborted("the stream ended without an answer")),
+        Err(status) => Err(status),
+    }
 }

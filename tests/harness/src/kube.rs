@@ -255,6 +255,60 @@ impl ControlPlane {
         ServiceAccount { namespace: namespace.into(), name: name.into(), token, kubeconfig }
     }
 
+    /// A token for ServiceAccount `namespace/service_account` bound to Pod `namespace/pod`,
+    /// for `audience`, valid for `expiration` — what the kubelet requests for a projected
+    /// token volume (TokenRequest with a Pod `boundObjectRef`, name and uid). The pod must
+    /// exist and run as that ServiceAccount (`spec.serviceAccountName`); the API server
+    /// refuses an expiration under 10 minutes. Such a token dies with its pod.
+    pub fn pod_token(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        pod: &str,
+        audience: &str,
+        expiration: Duration,
+    ) -> String {
+        let uid = self.kubectl_ok(&["get", "pod", pod, "-n", namespace, "-o", "jsonpath={.metadata.uid}"]);
+        let duration = format!("--duration={}s", expiration.as_secs());
+        self.kubectl_ok(&[
+            "create",
+            "token",
+            service_account,
+            "-n",
+            namespace,
+            "--bound-object-kind=Pod",
+            &format!("--bound-object-name={pod}"),
+            &format!("--bound-object-uid={}", uid.trim()),
+            &format!("--audience={audience}"),
+            &duration,
+        ])
+        .trim()
+        .to_string()
+    }
+
+    /// The key the API server signs ServiceAccount tokens with (`sa.key`, P-256), as PKCS#8
+    /// DER, so a test can sign a token the API server's own checks then judge (one already
+    /// expired, say). None on an external cluster, whose key is not ours.
+    pub fn service_account_signing_key(&self) -> Option<Vec<u8>> {
+        self.apiserver.as_ref()?;
+        let der = self.dir.join("sa.pk8");
+        if !der.exists() {
+            let (key, out) = (self.dir.join("sa.key"), der.display().to_string());
+            openssl(&[
+                "pkcs8",
+                "-topk8",
+                "-nocrypt",
+                "-in",
+                &key.display().to_string(),
+                "-outform",
+                "DER",
+                "-out",
+                &out,
+            ]);
+        }
+        Some(std::fs::read(&der).unwrap_or_else(|e| panic!("cannot read {}: {e}", der.display())))
+    }
+
     /// Freezes kube-apiserver (SIGSTOP): connections stay open, nothing is answered — an API
     /// server that hangs. Only for a private plane ([`ControlPlane::start`]): the shared one
     /// serves other tests.

@@ -13,6 +13,7 @@ mod apply;
 mod controller;
 mod crds;
 mod election;
+mod identity;
 mod leader;
 mod lease_status;
 mod rbac;
@@ -110,6 +111,7 @@ pub fn kubectl_apply(namespace: &str, yaml: &str) -> String {
 /// dropped or by [`Operator::stop`].
 pub struct Operator {
     pub xds_port: u16,
+    pub metrics_port: u16,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<breakwater_operator::error::Result<()>>>,
 }
@@ -126,12 +128,37 @@ impl Operator {
             identity: "kube-test".into(),
             pod: None,
             redis: None,
+            xds_token_audience: breakwater_operator::xds::DEFAULT_AUDIENCE.into(),
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(breakwater_operator::run::run(client, options, async move {
             let _ = stopped.await;
         }));
-        Operator { xds_port, stop: Some(stop), task: Some(task) }
+        Operator { xds_port, metrics_port, stop: Some(stop), task: Some(task) }
+    }
+
+    /// The endpoint of its ADS server.
+    pub fn xds_endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.xds_port)
+    }
+
+    /// What it answers on `path` of its metrics port (None while it does not answer). Async:
+    /// the operator runs on the test's own runtime, so a blocking read would starve it.
+    pub async fn get(&self, path: &str) -> Option<String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).await.ok()?;
+        let request = format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut response = String::new();
+        let read = stream.read_to_string(&mut response);
+        tokio::time::timeout(Duration::from_secs(5), read).await.ok()?.ok()?;
+        let (_, body) = response.split_once("\r\n\r\n")?;
+        Some(body.to_string())
+    }
+
+    /// The value of one sample line of its /metrics (0 when absent: counters start absent).
+    pub async fn metric(&self, sample: &str) -> f64 {
+        metric(&self.get("/metrics").await.unwrap_or_default(), sample).unwrap_or(0.0)
     }
 
     /// Stops the operator and fails the test if it stopped with an error.
@@ -156,6 +183,7 @@ impl Drop for Operator {
 /// The `breakwater-operator run` binary as a process, with `kubeconfig`'s credentials.
 pub struct OperatorProcess {
     pub metrics_port: u16,
+    pub xds_port: u16,
     pub daemon: Daemon,
     _dir: tempfile::TempDir,
 }
@@ -189,7 +217,7 @@ impl OperatorProcess {
             &[("KUBECONFIG", &kubeconfig.display().to_string()), ("RUST_LOG", "info")],
             dir.path().join("operator.log"),
         );
-        OperatorProcess { metrics_port, daemon, _dir: dir }
+        OperatorProcess { metrics_port, xds_port, daemon, _dir: dir }
     }
 
     /// What the process answers on /readyz (None while it does not answer).
@@ -204,10 +232,14 @@ impl OperatorProcess {
 
     /// The value of one sample line of /metrics, e.g. `breakwater_leader`.
     pub fn metric(&self, sample: &str) -> Option<f64> {
-        self.metrics()
-            .lines()
-            .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.trim().parse().ok())
+        metric(&self.metrics(), sample)
     }
+}
+
+/// The value of the sample line `sample` (name and labels, e.g. `breakwater_leader`) in
+/// Prometheus text.
+pub fn metric(text: &str, sample: &str) -> Option<f64> {
+    text.lines().find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 /// Creates a Pod `name` in `namespace` (no kubelet runs it: it stands for the pod an operator
@@ -215,6 +247,19 @@ impl OperatorProcess {
 pub fn pod(namespace: &str, name: &str) {
     let yaml = format!(
         "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec: {{containers: [{{name: operator, image: breakwater}}]}}\n"
+    );
+    kubectl_apply(namespace, &yaml);
+}
+
+/// Creates ServiceAccount `service_account` (if missing) and a Pod `name` running as it in
+/// `namespace`, labelled `labels` (`k: v, ...`): what a controller-manager and the
+/// ServiceAccount admission plugin would ensure, so a token can be bound to the pod
+/// ([`breakwater_harness::ControlPlane::pod_token`]). No kubelet runs it.
+pub fn pod_with_account(namespace: &str, name: &str, service_account: &str, labels: &str) {
+    let yaml = format!(
+        "apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: {service_account}}}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, labels: {{{labels}}}}}\n\
+         spec: {{serviceAccountName: {service_account}, containers: [{{name: app, image: example/app:1}}]}}\n"
     );
     kubectl_apply(namespace, &yaml);
 }

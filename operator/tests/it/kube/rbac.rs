@@ -1,18 +1,22 @@
 //! The operator binary with exactly the RBAC the Helm chart grants: the chart's
 //! ServiceAccount, roles and bindings (from its default render, `make chart-render`) are
 //! applied, and `breakwater-operator run` authenticates with a token of that ServiceAccount
-//! (TokenRequest API), as it would in a pod. It reconciles one resource of each kind; any
-//! request the API server refuses fails the test. The API server's audit log then says
+//! (TokenRequest API), as it would in a pod. It reconciles one resource of each kind and
+//! serves an ADS stream that presents its pod's token (a TokenReview); any request the API
+//! server refuses fails the test. The API server's audit log then says
 //! which granted permissions the operator used, and the test lists the ones it never did.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
+use std::time::Duration;
 
+use breakwater_operator::xds::DEFAULT_AUDIENCE;
 use serde_json::Value;
 
 use super::{
     DEADLINE, OPERATOR, OperatorProcess, eventually, kubectl_apply, namespace, plane, pod, serving_label,
 };
+use crate::support::ads::first_answer;
 
 /// Where `make chart-render` writes the chart's default render.
 fn rendered() -> Vec<Value> {
@@ -100,9 +104,15 @@ metadata: {name: api, labels: {app: api}}
 spec: {selector: {app: api}, ports: [{name: http, port: 80, targetPort: 8080}]}
 ---
 apiVersion: v1
+kind: ServiceAccount
+metadata: {name: api}
+---
+apiVersion: v1
 kind: Pod
 metadata: {name: api-0, labels: {app: api}}
-spec: {containers: [{name: api, image: example/api:1, ports: [{name: http, containerPort: 8080}]}]}
+spec:
+  serviceAccountName: api
+  containers: [{name: api, image: example/api:1, ports: [{name: http, containerPort: 8080}]}]
 ---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
@@ -198,6 +208,14 @@ async fn the_operator_runs_with_exactly_the_charts_rbac() {
         Some("true"),
         "the leader labels its pod"
     );
+    // A proxy of api-0 connects with its pod's token: the operator reviews it (TokenReview).
+    let token = plane.pod_token(&ns, "api", "api-0", DEFAULT_AUDIENCE, Duration::from_secs(3600));
+    let endpoint = format!("http://127.0.0.1:{}", operator.xds_port);
+    if let Err(status) = first_answer(&endpoint, &format!("{ns}/api-0"), Some(&token)).await {
+        panic!("the pod's stream was refused: {status:?}\noperator log:\n{}", operator.daemon.log());
+    }
+    let reviewed = operator.metric("breakwater_xds_token_reviews_total{outcome=\"authenticated\"}");
+    assert_eq!(reviewed, Some(1.0), "one TokenReview, which vouched for the pod");
     // SIGTERM: the operator releases its Lease, unlabels its pod and stops, as on a rolling
     // update.
     operator.daemon.signal("TERM");

@@ -2,11 +2,12 @@
 //! and an operator: apply the examples, read `kubectl get` and `kubectl describe` (the
 //! README's own text blocks are compared with what the server prints), then watch the
 //! conditions follow edits, a deleted and recreated target, a relabelled Namespace, and the
-//! example pods' proxies acknowledging over ADS (`Programmed`).
+//! example pods' proxies acknowledging over ADS, each presenting its pod's token
+//! (`Programmed`).
 
 use std::path::{Path, PathBuf};
 
-use breakwater_operator::standalone::load;
+use breakwater_operator::{standalone::load, xds::DEFAULT_AUDIENCE};
 use serde_json::Value;
 
 use super::{DEADLINE, OPERATOR, Operator, admin, eventually, plane};
@@ -96,6 +97,27 @@ async fn the_readme_walk_through_on_a_real_api_server() {
     };
     in_root(&["apply", "-f", "examples/00-namespaces-and-services.yaml"]);
     in_root(&["apply", "-f", "examples/rate-limit-per-user.yaml"]);
+    // The example pods run as their namespace's `default` ServiceAccount, as the
+    // controller-manager and the ServiceAccount admission plugin would have them (neither
+    // runs here), so that their proxies' tokens can be bound to them: create them so before
+    // `kubectl apply` meets them.
+    let loaded = load::load_dir(&examples(), ROOT).expect("examples load");
+    for (name, pod) in &loaded.inventory.pods {
+        let mut pod = serde_json::to_value(pod.as_ref()).expect("a Pod as JSON");
+        pod["spec"]["serviceAccountName"] = "default".into();
+        let account = serde_json::json!({
+            "apiVersion": "v1", "kind": "ServiceAccount",
+            "metadata": {"name": "default", "namespace": name.namespace},
+        });
+        // `create`, not `apply`: no last-applied record, or the examples' apply would try to
+        // remove the (immutable) serviceAccountName their files do not set.
+        for object in [account, pod] {
+            let out =
+                plane().kubectl_as(&plane().kubeconfig, &["create", "-f", "-"], Some(&object.to_string()));
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success() || stderr.contains("AlreadyExists"), "{object}: {stderr}");
+        }
+    }
     in_root(&["apply", "-f", "examples/"]);
 
     // kubectl get: the README's columns and values (AGE aside).
@@ -110,11 +132,15 @@ async fn the_readme_walk_through_on_a_real_api_server() {
     .await;
     assert!(got.starts_with("NAME"), "{got}");
 
-    // Programmed: the example pods' proxies connect to the operator's ADS server and ACK.
-    let loaded = load::load_dir(&examples(), ROOT).expect("examples load");
+    // Programmed: the example pods' proxies connect to the operator's ADS server, each with
+    // its pod's token, and ACK.
     let endpoint = format!("http://127.0.0.1:{}", operator.xds_port);
     for pod in loaded.inventory.pods.keys() {
-        tokio::spawn(crate::support::ads::acknowledging_proxy(endpoint.clone(), pod.to_string()));
+        let lifetime = std::time::Duration::from_secs(3600);
+        let token = plane().pod_token(&pod.namespace, "default", &pod.name, DEFAULT_AUDIENCE, lifetime);
+        let proxy =
+            crate::support::ads::acknowledging_proxy_with_token(endpoint.clone(), pod.to_string(), token);
+        tokio::spawn(proxy);
     }
     for (kind, namespace, name) in [
         ("rlp", "shop", "api-per-user"),
