@@ -57,11 +57,16 @@ $(VENV)/.installed: charts/tests/requirements.txt
 	touch $@
 
 ## chart-test: lint and render the Helm chart with real Helm (helm-python-sdk) and check it
+## against the operator binary (its RBAC list, its flags, its injection of a sample pod)
+chart-test: OPERATOR_BIN = $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)/debug/breakwater-operator
 chart-test: $(VENV)/.installed
-	$(CARGO) run -q -p breakwater-operator -- rbac > target/expected-rbac.json
-	$(CARGO) run -q -p breakwater-operator -- run --help > target/operator-run-help.txt
+	$(CARGO) build -q -p breakwater-operator
+	@mkdir -p target
+	$(OPERATOR_BIN) rbac > target/expected-rbac.json
+	$(OPERATOR_BIN) run --help > target/operator-run-help.txt
 	BREAKWATER_EXPECTED_RBAC=$(CURDIR)/target/expected-rbac.json \
-	BREAKWATER_OPERATOR_RUN_HELP=$(CURDIR)/target/operator-run-help.txt $(VENV)/bin/pytest charts/tests -q
+	BREAKWATER_OPERATOR_RUN_HELP=$(CURDIR)/target/operator-run-help.txt \
+	BREAKWATER_OPERATOR_BIN=$(OPERATOR_BIN) $(VENV)/bin/pytest charts/tests -q
 
 fmt:
 	$(CARGO) fmt --all

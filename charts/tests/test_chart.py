@@ -6,13 +6,16 @@ included). The RBAC the chart grants is compared with the rules the operator its
 it needs: the JSON printed by `breakwater-operator rbac`, whose path is given in the
 environment variable BREAKWATER_EXPECTED_RBAC. The environment the Deployment sets is
 compared with what `breakwater-operator run --help` says it reads, from the file named by
-BREAKWATER_OPERATOR_RUN_HELP.
+BREAKWATER_OPERATOR_RUN_HELP. Tests that run the operator binary itself find it in
+BREAKWATER_OPERATOR_BIN.
 
 Run (from the repository root; `make chart-test` does all of it):
-    cargo run -q -p breakwater-operator -- rbac > target/expected-rbac.json
-    cargo run -q -p breakwater-operator -- run --help > target/operator-run-help.txt
+    cargo build -q -p breakwater-operator
+    target/debug/breakwater-operator rbac > target/expected-rbac.json
+    target/debug/breakwater-operator run --help > target/operator-run-help.txt
     BREAKWATER_EXPECTED_RBAC=target/expected-rbac.json \
-    BREAKWATER_OPERATOR_RUN_HELP=target/operator-run-help.txt .venv/bin/pytest charts/tests -q
+    BREAKWATER_OPERATOR_RUN_HELP=target/operator-run-help.txt \
+    BREAKWATER_OPERATOR_BIN=target/debug/breakwater-operator .venv/bin/pytest charts/tests -q
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ EXPECTED_CRDS = {
 CLUSTER_SCOPED_KINDS = {"ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"}
 RBAC_ENV = "BREAKWATER_EXPECTED_RBAC"
 RUN_HELP_ENV = "BREAKWATER_OPERATOR_RUN_HELP"
+OPERATOR_BIN_ENV = "BREAKWATER_OPERATOR_BIN"
 RULE_KEYS = {"apiGroups", "resources", "verbs"}
 
 Doc = dict[str, Any]
@@ -156,6 +160,17 @@ def strings(value: Any) -> Iterator[str]:
             yield from strings(item)
 
 
+def file_from_env(name: str, hint: str) -> Path:
+    """The file the environment variable `name` names; the run fails with `hint` without it."""
+    path = os.environ.get(name)
+    if not path:
+        pytest.fail(f"{name} is not set: {hint}", pytrace=False)
+    file = Path(path)
+    if not file.is_file():
+        pytest.fail(f"{name}={path}: no such file ({file.resolve()}); {hint}", pytrace=False)
+    return file
+
+
 @pytest.fixture(scope="session")
 def expected_rbac() -> dict[str, set[tuple[str, str, str]]]:
     hint = (
@@ -164,12 +179,8 @@ def expected_rbac() -> dict[str, set[tuple[str, str, str]]]:
         "`cargo run -q -p breakwater-operator -- rbac > target/expected-rbac.json && "
         f"{RBAC_ENV}=target/expected-rbac.json pytest charts/tests`"
     )
-    path = os.environ.get(RBAC_ENV)
-    if not path:
-        pytest.fail(f"{RBAC_ENV} is not set: {hint}", pytrace=False)
-    file = Path(path)
-    if not file.is_file():
-        pytest.fail(f"{RBAC_ENV}={path}: no such file ({file.resolve()}); {hint}", pytrace=False)
+    file = file_from_env(RBAC_ENV, hint)
+    path = os.environ[RBAC_ENV]
     try:
         data = json.loads(file.read_text())
     except json.JSONDecodeError as exc:
@@ -189,16 +200,25 @@ def run_help() -> str:
         "`cargo run -q -p breakwater-operator -- run --help > target/operator-run-help.txt && "
         f"{RUN_HELP_ENV}=target/operator-run-help.txt pytest charts/tests`"
     )
-    path = os.environ.get(RUN_HELP_ENV)
-    if not path:
-        pytest.fail(f"{RUN_HELP_ENV} is not set: {hint}", pytrace=False)
-    file = Path(path)
-    if not file.is_file():
-        pytest.fail(f"{RUN_HELP_ENV}={path}: no such file ({file.resolve()}); {hint}", pytrace=False)
-    text = file.read_text()
+    text = file_from_env(RUN_HELP_ENV, hint).read_text()
     if "--root-namespace" not in text:
-        pytest.fail(f"{RUN_HELP_ENV}={path} is not the help of `run`; {hint}", pytrace=False)
+        pytest.fail(
+            f"{RUN_HELP_ENV}={os.environ[RUN_HELP_ENV]} is not the help of `run`; {hint}", pytrace=False
+        )
     return text
+
+
+@pytest.fixture(scope="session")
+def operator_bin() -> Path:
+    hint = (
+        "it must name the breakwater-operator binary, e.g. "
+        "`cargo build -q -p breakwater-operator && "
+        f"{OPERATOR_BIN_ENV}=target/debug/breakwater-operator pytest charts/tests`"
+    )
+    binary = file_from_env(OPERATOR_BIN_ENV, hint).resolve()
+    if not os.access(binary, os.X_OK):
+        pytest.fail(f"{OPERATOR_BIN_ENV}={binary} is not executable; {hint}", pytrace=False)
+    return binary
 
 
 def fmt(items: set[tuple[str, str, str]]) -> str:
