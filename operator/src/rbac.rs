@@ -4,6 +4,12 @@
 //! chart's RBAC and reads the audit log: nothing is refused, and every verb here but the
 //! Event `patch` is used. Reflectors list and watch; nothing reads a policy, Service, Pod or
 //! EndpointSlice by name, so no `get` is granted on them.
+//!
+//! The chart narrows the webhook-certificate rules to the objects it names (`resourceNames`),
+//! which this list cannot know (they carry the release's name): the chart test compares
+//! apiGroups, resources and verbs with this list, and each `resourceNames` with the name the
+//! chart's Deployment passes the operator. The chart grants those rules only when the
+//! operator manages the webhook's certificate (not with cert-manager).
 
 use k8s_openapi::api::rbac::v1::PolicyRule;
 use serde_json::json;
@@ -40,15 +46,23 @@ pub fn cluster_rules() -> Vec<PolicyRule> {
         rule("events.k8s.io", &["events"], &["create", "patch"]),
         // Every ADS stream's token is checked with a TokenReview (xds::identity).
         rule("authentication.k8s.io", &["tokenreviews"], &["create"]),
+        // Managed webhook certificates (inject::certs): the webhook's MutatingWebhookConfiguration
+        // is read by name and its caBundle patched (strategic merge).
+        rule("admissionregistration.k8s.io", &["mutatingwebhookconfigurations"], &["get", "patch"]),
     ]
 }
 
-/// Rules in the operator's own namespace: the leader-election Lease, and the label the
-/// leader puts on its own pod so that the xDS Service sends the proxies to it (`serving`).
+/// Rules in the operator's own namespace: the leader-election Lease, the label the leader
+/// puts on its own pod so that the xDS Service sends the proxies to it (`serving`), and the
+/// Secret of the webhook's managed certificate.
 pub fn namespaced_rules() -> Vec<PolicyRule> {
     vec![
         rule("coordination.k8s.io", &["leases"], &["create", "get", "update"]),
         rule("", &["pods"], &["patch"]),
+        // Managed webhook certificates (inject::certs): the Secret with the CA and the serving
+        // certificate is created once and replaced when they are renewed; it is read with the
+        // cluster-wide secrets `get` above.
+        rule("", &["secrets"], &["create", "update"]),
     ]
 }
 

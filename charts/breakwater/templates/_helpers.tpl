@@ -82,6 +82,66 @@ Name of the Secret the chart creates for redis.url.
 {{- end }}
 
 {{/*
+Sidecar injection: the ConfigMap with the injector's configuration and the
+MutatingWebhookConfiguration (two kinds, one name).
+*/}}
+{{- define "breakwater.injectName" -}}
+{{- printf "%s-inject" (include "breakwater.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The Service in front of every replica's webhook port.
+*/}}
+{{- define "breakwater.webhookServiceName" -}}
+{{- printf "%s-webhook" (include "breakwater.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The names the webhook's serving certificate is issued for, comma-separated: the Service's
+DNS names (the API server calls <service>.<namespace>.svc).
+*/}}
+{{- define "breakwater.webhookDNSNames" -}}
+{{- $service := printf "%s.%s.svc" (include "breakwater.webhookServiceName" .) .Release.Namespace }}
+{{- printf "%s,%s.cluster.local" $service $service }}
+{{- end }}
+
+{{/*
+"true" when the operator manages the webhook's certificate itself (injection on, cert-manager
+off); empty otherwise. Its RBAC is granted only then.
+*/}}
+{{- define "breakwater.webhookManagedCerts" -}}
+{{- if and .Values.injection.enabled (not .Values.injection.certManager.enabled) }}true{{ end }}
+{{- end }}
+
+{{/*
+The Secret the operator keeps the webhook's CA and certificate in (managed certificates).
+*/}}
+{{- define "breakwater.webhookSecretName" -}}
+{{- printf "%s-webhook-tls" (include "breakwater.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+cert-manager mode: the Certificate, its Secret, and the self-signed Issuer (without issuerRef).
+*/}}
+{{- define "breakwater.webhookCertificateName" -}}
+{{- printf "%s-webhook" (include "breakwater.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- define "breakwater.webhookCertificateSecretName" -}}
+{{- printf "%s-webhook-cert" (include "breakwater.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- define "breakwater.selfSignedIssuerName" -}}
+{{- printf "%s-selfsigned" (include "breakwater.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Namespaces never injected: the release namespace (the operator's own pods must not wait for
+the webhook they serve), kube-system and kube-public. A YAML list.
+*/}}
+{{- define "breakwater.injectExcludedNamespaces" -}}
+{{- toYaml (uniq (list .Release.Namespace "kube-system" "kube-public")) }}
+{{- end }}
+
+{{/*
 Cross-value checks that a schema cannot express; included by the Deployment.
 */}}
 {{- define "breakwater.validate" -}}
@@ -96,5 +156,14 @@ Cross-value checks that a schema cannot express; included by the Deployment.
 {{- end }}
 {{- if and .Values.redis.existingSecret (not .Values.redis.existingSecretKey) }}
 {{- fail "redis.existingSecretKey is required when redis.existingSecret is set" }}
+{{- end }}
+{{- if .Values.injection.enabled }}
+{{- $port := int .Values.injection.port }}
+{{- if or (eq $port (int .Values.metrics.port)) (eq $port (int .Values.xds.port)) }}
+{{- fail (printf "injection.port must differ from metrics.port and xds.port (it is %d): the webhook has a server of its own" $port) }}
+{{- end }}
+{{- if and .Values.injection.certManager.issuerRef (not .Values.injection.certManager.issuerRef.name) }}
+{{- fail "injection.certManager.issuerRef.name is required when issuerRef is set (leave issuerRef empty for a self-signed Issuer)" }}
+{{- end }}
 {{- end }}
 {{- end }}
