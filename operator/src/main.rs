@@ -23,6 +23,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start: the size of the `run` variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Reconcile Breakwater resources in the cluster (uses the in-cluster config or KUBECONFIG).
@@ -36,6 +38,8 @@ enum Command {
         /// Address of the ADS (xDS) server that Envoy sidecars and agents connect to.
         #[arg(long, default_value = "0.0.0.0:18000")]
         xds_addr: SocketAddr,
+        #[command(flatten)]
+        webhook: WebhookFlags,
         /// Elect a leader among replicas with a Lease (disable only with a single replica).
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
         leader_election: bool,
@@ -104,6 +108,19 @@ enum Command {
     },
     /// Print the RBAC rules the operator needs, as JSON (the chart test checks against it).
     Rbac,
+    /// Print the pods of a YAML file as the injection webhook would admit them (manual
+    /// injection; also checks an injection configuration file).
+    Inject {
+        /// The injection configuration (the chart's ConfigMap); the defaults when omitted.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// YAML file of Pods (multi-document).
+        #[arg(long, short)]
+        file: PathBuf,
+        /// The namespace of pods that do not name theirs.
+        #[arg(long, default_value = "default")]
+        namespace: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -122,6 +139,7 @@ fn main() -> ExitCode {
                 root_namespace,
                 metrics_addr,
                 xds_addr,
+                webhook,
                 leader_election,
                 leader_election_namespace,
                 identity,
@@ -132,6 +150,13 @@ fn main() -> ExitCode {
                 redis_key_prefix,
                 xds_token_audience,
             } => {
+                let webhook = match webhook.options(pod_namespace.as_deref()) {
+                    Ok(webhook) => webhook,
+                    Err(problem) => {
+                        tracing::error!("{problem}");
+                        return ExitCode::FAILURE;
+                    }
+                };
                 run::install_tls_provider();
                 let client = match kube::Client::try_default().await {
                     Ok(client) => client,
@@ -144,6 +169,7 @@ fn main() -> ExitCode {
                     root_namespace,
                     metrics_addr,
                     xds_addr,
+                    webhook,
                     leader_election_namespace: leader_election.then_some(leader_election_namespace),
                     identity,
                     pod: pod_name
@@ -183,12 +209,74 @@ fn main() -> ExitCode {
                     breakwater_operator::render::Options { dir, root_namespace, proxy, format: output };
                 ExitCode::from(breakwater_operator::render::run(&options))
             }
+            Command::Inject { config, file, namespace } => {
+                ExitCode::from(breakwater_operator::inject::run_manual(config.as_deref(), &file, &namespace))
+            }
             Command::Rbac => {
                 println!("{:#}", breakwater_operator::rbac::to_json());
                 ExitCode::SUCCESS
             }
         }
     })
+}
+
+/// The sidecar injection webhook's flags (docs/injection.md).
+#[derive(clap::Args, Debug)]
+struct WebhookFlags {
+    /// Serve the sidecar injection webhook (HTTPS, path /inject) here. Unset: no webhook.
+    #[arg(long, requires = "inject_config")]
+    webhook_addr: Option<SocketAddr>,
+    /// What the webhook injects (YAML; the chart's ConfigMap): images, the operator's xDS
+    /// address, the token audience, resources. Read once at start.
+    #[arg(long, env = "BREAKWATER_INJECT_CONFIG")]
+    inject_config: Option<PathBuf>,
+    /// The operator issues the webhook's CA and certificate into this Secret of its own
+    /// namespace (POD_NAMESPACE) and renews them. Or use --webhook-cert-dir.
+    #[arg(long, conflicts_with = "webhook_cert_dir", requires_all = ["webhook_configuration", "webhook_dns_names"])]
+    webhook_cert_secret: Option<String>,
+    /// The MutatingWebhookConfiguration whose caBundle the operator keeps current (with
+    /// --webhook-cert-secret).
+    #[arg(long)]
+    webhook_configuration: Option<String>,
+    /// The names the webhook's certificate is issued for: its Service's DNS names,
+    /// comma-separated (with --webhook-cert-secret).
+    #[arg(long, value_delimiter = ',')]
+    webhook_dns_names: Vec<String>,
+    /// A directory with tls.crt and tls.key kept by someone else (a cert-manager
+    /// Certificate's Secret, mounted), reloaded when they change.
+    #[arg(long)]
+    webhook_cert_dir: Option<PathBuf>,
+}
+
+impl WebhookFlags {
+    fn options(
+        self,
+        namespace: Option<&str>,
+    ) -> Result<Option<breakwater_operator::inject::WebhookOptions>, String> {
+        use breakwater_operator::inject::{self, certs};
+        let Some(addr) = self.webhook_addr else { return Ok(None) };
+        let path = self.inject_config.ok_or("--webhook-addr needs --inject-config")?;
+        let config = inject::Config::load(&path).map_err(|err| Report(&err).to_string())?;
+        let certs = match (self.webhook_cert_dir, self.webhook_cert_secret) {
+            (Some(dir), None) => certs::Source::Files(dir),
+            (None, Some(secret)) => certs::Source::Managed {
+                namespace: namespace
+                    .ok_or("--webhook-cert-secret needs POD_NAMESPACE (--pod-namespace)")?
+                    .to_string(),
+                secret,
+                configuration: self.webhook_configuration.unwrap_or_default(),
+                dns_names: self.webhook_dns_names,
+                lifetimes: certs::Lifetimes::default(),
+            },
+            _ => return Err("--webhook-addr needs --webhook-cert-secret or --webhook-cert-dir".to_string()),
+        };
+        Ok(Some(inject::WebhookOptions {
+            addr,
+            config,
+            certs,
+            cert_check: std::time::Duration::from_secs(60),
+        }))
+    }
 }
 
 /// The agents' Redis, from `--redis-url` or `--redis-cluster` (empty values count as unset,

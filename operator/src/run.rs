@@ -24,6 +24,7 @@ use crate::{
     controller::{self, Context, Triggers},
     error::{Error, Report, Result},
     http::{self, State},
+    inject,
     inventory::ObjectName,
     leader::{self, LeaderElector},
     lease::{self, RedisOptions},
@@ -37,6 +38,8 @@ pub struct Options {
     pub root_namespace: String,
     pub metrics_addr: SocketAddr,
     pub xds_addr: SocketAddr,
+    /// The sidecar injection webhook; None serves none.
+    pub webhook: Option<inject::WebhookOptions>,
     /// The namespace of the leader Lease; None disables leader election (one replica only).
     pub leader_election_namespace: Option<String>,
     /// This replica's name (the pod name), for the Lease and for Events.
@@ -111,6 +114,10 @@ pub async fn run(
             shutdown.await;
             stop.cancel();
         });
+    }
+
+    if let Some(webhook) = options.webhook.clone() {
+        inject::start(client.clone(), webhook, state.clone(), stop.clone()).await?;
     }
 
     let reflectors = Reflectors::watch(&client, &stop);

@@ -372,9 +372,11 @@ async fn manage(
     let stored = secrets.get_opt(name).await?;
     let current = stored.as_ref().and_then(Material::from_secret);
     let now = jiff::Timestamp::now().as_second();
-    let material = match renew(current.as_ref(), now, lifetimes, dns_names)? {
-        None => current.unwrap_or_else(|| unreachable_material()),
-        Some(fresh) => {
+    let material = match (renew(current.as_ref(), now, lifetimes, dns_names)?, current) {
+        (None, Some(current)) => current,
+        // `renew` issues whenever nothing usable is stored.
+        (None, None) => return Err(Error::Certificate("nothing stored and nothing issued".to_string())),
+        (Some(fresh), _) => {
             let mut secret = Secret {
                 metadata: kube::api::ObjectMeta {
                     name: Some(name.to_string()),
@@ -420,12 +422,6 @@ async fn manage(
         tracing::info!(secret = name, "webhook certificate loaded");
     }
     Ok(())
-}
-
-/// `renew` returns Some whenever there is no current material, so this is never called; it
-/// exists to keep `manage` free of an `unwrap`.
-fn unreachable_material() -> Material {
-    Material { bundle: String::new(), ca_key: String::new(), cert: String::new(), key: String::new() }
 }
 
 /// Sets the `caBundle` of every webhook of `configuration` to `bundle`, when it differs.

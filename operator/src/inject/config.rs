@@ -8,10 +8,10 @@ use k8s_openapi::{api::core::v1::ResourceRequirements, apimachinery::pkg::api::r
 use serde::Deserialize;
 
 use super::quantity;
-use crate::error::{Error, Result};
-
-/// The audience of the sidecars' projected tokens (the operator's `--xds-token-audience`).
-const DEFAULT_AUDIENCE: &str = "breakwater.dev/xds";
+use crate::{
+    error::{Error, Result},
+    xds::DEFAULT_AUDIENCE,
+};
 
 /// What is injected into a pod.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]

@@ -14,6 +14,7 @@ mod controller;
 mod crds;
 mod election;
 mod identity;
+mod inject;
 mod leader;
 mod lease_status;
 mod rbac;
@@ -119,17 +120,28 @@ pub struct Operator {
 impl Operator {
     /// Runs an operator with `root` as its root namespace and no leader election.
     pub fn start(client: Client, root: &str) -> Self {
+        Self::start_with(client, root, |_| {})
+    }
+
+    /// [`Operator::start`] with options changed by `configure` (ports are already chosen).
+    pub fn start_with(
+        client: Client,
+        root: &str,
+        configure: impl FnOnce(&mut breakwater_operator::run::Options),
+    ) -> Self {
         let (xds_port, metrics_port) = (free_port(), free_port());
-        let options = breakwater_operator::run::Options {
+        let mut options = breakwater_operator::run::Options {
             root_namespace: root.into(),
             metrics_addr: ([127, 0, 0, 1], metrics_port).into(),
             xds_addr: ([127, 0, 0, 1], xds_port).into(),
+            webhook: None,
             leader_election_namespace: None,
             identity: "kube-test".into(),
             pod: None,
             redis: None,
             xds_token_audience: breakwater_operator::xds::DEFAULT_AUDIENCE.into(),
         };
+        configure(&mut options);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(breakwater_operator::run::run(client, options, async move {
             let _ = stopped.await;
