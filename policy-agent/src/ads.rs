@@ -8,7 +8,14 @@
 //! agent follows like any other [`crate::source::ConfigSource::Channel`]. The stream is
 //! re-opened with backoff when it ends; the re-opening request names the version in force,
 //! so the operator sends nothing when that is still current.
+//!
+//! In a cluster the operator serves a node id only to a stream that proves it is that pod:
+//! with a token file (`--xds-token-file`, the pod's projected ServiceAccount token), every
+//! (re)opened stream sends `authorization: Bearer <token>`, read from the file again each time
+//! because the kubelet rotates the token in place. A file that cannot be read fails that
+//! attempt, which is logged and retried with the same backoff.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use breakwater_api::agent::{AgentConfig, TYPE_URL};
@@ -34,6 +41,9 @@ pub struct AdsSettings {
     pub node_id: String,
     /// First and longest wait between attempts to (re)open the stream.
     pub backoff: (Duration, Duration),
+    /// The pod's projected ServiceAccount token, presented on every stream; None presents
+    /// none (an operator in standalone mode asks for none).
+    pub token_file: Option<PathBuf>,
 }
 
 impl AdsSettings {
@@ -43,6 +53,7 @@ impl AdsSettings {
             endpoint: endpoint.into(),
             node_id: node_id.into(),
             backoff: (Duration::from_millis(100), Duration::from_secs(10)),
+            token_file: None,
         }
     }
 }
@@ -107,12 +118,34 @@ pub async fn follow(
     }
 }
 
+/// The metadata that proves the pod to the operator: `authorization: Bearer <token>` from
+/// `token_file`, read now (the kubelet replaces the file's content when it rotates the token).
+/// Failing to read the file is [`Error::ReadConfig`], the agent's error for a file it cannot
+/// read, naming the file.
+pub fn authorization(token_file: &Path) -> Result<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> {
+    let unusable = |problem: &str| Error::ReadConfig {
+        path: token_file.to_path_buf(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, problem.to_string()),
+    };
+    let text = std::fs::read_to_string(token_file)
+        .map_err(|source| Error::ReadConfig { path: token_file.to_path_buf(), source })?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(unusable("the token file is empty"));
+    }
+    format!("Bearer {token}")
+        .parse()
+        .map_err(|_| unusable("the token holds characters gRPC metadata cannot carry"))
+}
+
 /// One stream: subscribe, then ACK or NACK every response until the stream ends.
 async fn subscribe(
     settings: &AdsSettings,
     configs: &watch::Sender<Option<AgentConfig>>,
     accepted_version: &mut String,
 ) -> Result<()> {
+    // Read before connecting: a missing token is this attempt's error, not the operator's.
+    let authorization = settings.token_file.as_deref().map(authorization).transpose()?;
     let mut client = AggregatedDiscoveryServiceClient::connect(settings.endpoint.clone())
         .await
         .map_err(|source| Error::XdsConnect { endpoint: settings.endpoint.clone(), source })?;
@@ -127,11 +160,12 @@ async fn subscribe(
     };
     // The channel has room: the first send cannot wait.
     let _ = requests.send(request(accepted_version, "", None)).await;
-    let mut responses = client
-        .stream_aggregated_resources(ReceiverStream::new(outbound))
-        .await
-        .map_err(Error::XdsStream)?
-        .into_inner();
+    let mut stream = tonic::Request::new(ReceiverStream::new(outbound));
+    if let Some(value) = authorization {
+        stream.metadata_mut().insert("authorization", value);
+    }
+    let mut responses =
+        client.stream_aggregated_resources(stream).await.map_err(Error::XdsStream)?.into_inner();
     tracing::info!(
         endpoint = settings.endpoint,
         node = settings.node_id,
@@ -175,6 +209,116 @@ mod tests {
 
     fn accept(_: &AgentConfig) -> Result<()> {
         Ok(())
+    }
+
+    #[test]
+    fn the_token_is_read_from_its_file_each_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "first.jwt.token\n").unwrap();
+        assert_eq!(authorization(&path).unwrap(), "Bearer first.jwt.token");
+        // The kubelet rotates the token: the next stream presents the new one.
+        std::fs::write(&path, "second.jwt.token").unwrap();
+        assert_eq!(authorization(&path).unwrap(), "Bearer second.jwt.token");
+    }
+
+    #[test]
+    fn an_unusable_token_file_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing");
+        let error = authorization(&missing).unwrap_err().to_string();
+        assert!(error.starts_with(&format!("cannot read {}: ", missing.display())), "{error}");
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, " \n").unwrap();
+        let error = authorization(&empty).unwrap_err().to_string();
+        assert_eq!(error, format!("cannot read {}: the token file is empty", empty.display()));
+        std::fs::write(&empty, "a\u{7}b").unwrap();
+        assert!(authorization(&empty).unwrap_err().to_string().contains("cannot carry"));
+    }
+
+    /// An ADS server that records the `authorization` of every stream and ends it at once,
+    /// so the agent keeps reopening.
+    #[derive(Clone, Default)]
+    struct Recorder {
+        seen: std::sync::Arc<std::sync::Mutex<Vec<Option<String>>>>,
+    }
+
+    type Responses<T> = std::pin::Pin<Box<dyn futures::Stream<Item = Result<T, tonic::Status>> + Send>>;
+
+    #[tonic::async_trait]
+    impl envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryService
+        for Recorder
+    {
+        type StreamAggregatedResourcesStream = Responses<DiscoveryResponse>;
+        type DeltaAggregatedResourcesStream =
+            Responses<envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryResponse>;
+
+        async fn stream_aggregated_resources(
+            &self,
+            request: tonic::Request<tonic::Streaming<DiscoveryRequest>>,
+        ) -> Result<tonic::Response<Self::StreamAggregatedResourcesStream>, tonic::Status> {
+            let token = request.metadata().get("authorization").and_then(|v| v.to_str().ok()).map(String::from);
+            self.seen.lock().unwrap().push(token);
+            Ok(tonic::Response::new(Box::pin(futures::stream::empty())))
+        }
+
+        async fn delta_aggregated_resources(
+            &self,
+            _: tonic::Request<tonic::Streaming<envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest>>,
+        ) -> Result<tonic::Response<Self::DeltaAggregatedResourcesStream>, tonic::Status> {
+            Err(tonic::Status::unimplemented("delta"))
+        }
+    }
+
+    /// Waits (with a deadline) until `seen` holds what `done` looks for.
+    async fn until(recorder: &Recorder, what: &str, done: impl Fn(&[Option<String>]) -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !done(&recorder.seen.lock().unwrap()) {
+            assert!(tokio::time::Instant::now() < deadline, "{what}: {:?}", recorder.seen.lock().unwrap());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn every_stream_presents_the_token_the_file_holds_then() {
+        use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let recorder = Recorder::default();
+        let server = tonic::transport::Server::builder()
+            .add_service(AggregatedDiscoveryServiceServer::new(recorder.clone()))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+        tokio::spawn(server);
+
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        let settings = AdsSettings {
+            backoff: (Duration::from_millis(10), Duration::from_millis(50)),
+            token_file: Some(token.clone()),
+            ..AdsSettings::new(endpoint, "shop/api-0")
+        };
+        let (configs, _received) = watch::channel(None);
+        let (stop, stopped) = watch::channel(false);
+        let agent = tokio::spawn(follow(settings, configs, stopped));
+        // The agent starts before its token file exists: an attempt without the file fails and
+        // is retried, and no stream is ever opened without a token.
+        std::fs::write(&token, "token-1\n").unwrap();
+        until(&recorder, "a stream with the first token", |seen| !seen.is_empty()).await;
+        // The kubelet rotates the token: the streams opened after that present the new one.
+        std::fs::write(&token, "token-2").unwrap();
+        until(&recorder, "a stream with the rotated token", |seen| {
+            seen.last() == Some(&Some("Bearer token-2".to_string()))
+        })
+        .await;
+        let seen = recorder.seen.lock().unwrap().clone();
+        assert_eq!(seen[0].as_deref(), Some("Bearer token-1"), "{seen:?}");
+        assert!(
+            seen.iter()
+                .all(|t| t.as_deref() == Some("Bearer token-1") || t.as_deref() == Some("Bearer token-2")),
+            "{seen:?}"
+        );
+        let _ = stop.send(true);
+        agent.await.unwrap();
     }
 
     #[test]

@@ -33,6 +33,11 @@ struct Cli {
     /// configuration there with node id POD_NAMESPACE/POD_NAME, as the pod's Envoy does.
     #[arg(long, env = "BREAKWATER_XDS_ENDPOINT")]
     xds_endpoint: Option<String>,
+    /// The pod's projected ServiceAccount token (audience breakwater.dev/xds), read again on
+    /// every (re)connect and sent as `authorization: Bearer <token>`: an operator in a cluster
+    /// serves a pod's configuration only to a stream that proves it is that pod.
+    #[arg(long, env = "BREAKWATER_XDS_TOKEN_FILE", conflicts_with = "config")]
+    xds_token_file: Option<PathBuf>,
     /// How often to check the configuration file for changes.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     config_poll: Duration,
@@ -174,7 +179,13 @@ async fn start(cli: Cli) -> Result<()> {
     let settings = settings(&cli)?;
     breakwater_agent::run::check(&settings)?;
     let listeners = Listeners::bind(cli.grpc_addr, cli.http_addr, cli.lease_addr).await?;
-    breakwater_agent::run(listeners, settings, shutdown_signal()).await
+    breakwater_agent::run::run_with_xds_token(
+        listeners,
+        settings,
+        cli.xds_token_file.clone(),
+        shutdown_signal(),
+    )
+    .await
 }
 
 async fn shutdown_signal() {
@@ -212,6 +223,12 @@ mod tests {
         assert!(parse(&["--config", "a.yaml"]).unwrap().config.is_some());
         assert!(parse(&[]).is_err());
         assert!(parse(&["--config", "a.yaml", "--xds-endpoint", "http://x:1"]).is_err());
+        let token = parse(&["--xds-endpoint", "http://x:1", "--xds-token-file", "/var/run/token"]).unwrap();
+        assert_eq!(token.xds_token_file, Some(PathBuf::from("/var/run/token")));
+        assert!(
+            parse(&["--config", "a.yaml", "--xds-token-file", "/t"]).is_err(),
+            "a token only for the operator"
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,6 +15,7 @@ use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::R
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::ads::{self, AdsSettings};
 use crate::config::{self, RuleHolder};
 use crate::lease::leader::{LeaderElection, LeaderSettings};
 use crate::lease::{LeaseManager, LeaseStore, MemoryLeases, RedisLeases, api};
@@ -128,6 +130,18 @@ pub async fn run(
     settings: Settings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    run_with_xds_token(listeners, settings, None, shutdown).await
+}
+
+/// [`run`], with the operator's ADS stream (a [`ConfigSource::Xds`] configuration) presenting
+/// the pod's projected ServiceAccount token from `xds_token_file` (`--xds-token-file`), as an
+/// operator in a cluster requires; None presents none.
+pub async fn run_with_xds_token(
+    listeners: Listeners,
+    settings: Settings,
+    xds_token_file: Option<PathBuf>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
     check(&settings)?;
     let Settings { pod, config, store, limiter, leases } = settings;
     match store {
@@ -136,13 +150,14 @@ pub async fn run(
                 "no Redis: counters and leases are kept in memory and are not shared between agents"
             );
             let stores = (MemoryStore::new(), MemoryLeases::new());
-            serve(listeners, stores, pod, config, limiter, leases, shutdown).await
+            serve(listeners, stores, pod, (config, xds_token_file), limiter, leases, shutdown).await
         }
         StoreSettings::Redis(redis) => {
             let connection = RedisConnection::start(redis).await?;
             let lease_store =
                 RedisLeases::new(connection.clone(), limiter.key_prefix.clone(), leases.deadline);
-            serve(listeners, (connection, lease_store), pod, config, limiter, leases, shutdown).await
+            let stores = (connection, lease_store);
+            serve(listeners, stores, pod, (config, xds_token_file), limiter, leases, shutdown).await
         }
     }
 }
@@ -152,7 +167,7 @@ async fn serve<S: CounterStore, L: LeaseStore>(
     listeners: Listeners,
     (store, leases): (S, L),
     pod: String,
-    source: ConfigSource,
+    (source, xds_token_file): (ConfigSource, Option<PathBuf>),
     limiter_settings: LimiterSettings,
     lease_settings: LeaseSettings,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -170,6 +185,18 @@ async fn serve<S: CounterStore, L: LeaseStore>(
             limiter.clear_cache();
             manager.set_leases(&rules.leases);
         })
+    };
+    // The operator's ADS stream is opened here rather than by `source::follow`, which has no
+    // token to present; what it accepts reaches `follow` on a channel, as in `follow` itself.
+    let (source, ads_task) = match source {
+        ConfigSource::Xds { endpoint } => {
+            let (configs, received) = watch::channel(None);
+            let settings =
+                AdsSettings { token_file: xds_token_file, ..AdsSettings::new(endpoint, pod.clone()) };
+            let task = tokio::spawn(ads::follow(settings, configs, stop_rx.clone()));
+            (ConfigSource::Channel(received), Some(task))
+        }
+        other => (other, None),
     };
     let config_task =
         tokio::spawn(source::follow(source, pod, rules, metrics.clone(), on_swap, stop_rx.clone()));
@@ -228,6 +255,9 @@ async fn serve<S: CounterStore, L: LeaseStore>(
     let http_result = http.await;
     let lease_result = lease_api.await;
     let _ = config_task.await;
+    if let Some(task) = ads_task {
+        let _ = task.await;
+    }
     match grpc_result {
         Ok(result) => result.map_err(Error::Grpc)?,
         Err(join) => tracing::error!(error = %join, "gRPC server task failed"),
