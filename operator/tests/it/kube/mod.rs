@@ -205,6 +205,17 @@ impl OperatorProcess {
     /// `leader_namespace` when given — as the chart runs it, in a pod named `identity` in that
     /// namespace, which it labels while it leads (create the pod with [`pod`] to see it).
     pub fn start(kubeconfig: &Path, identity: &str, root: &str, leader_namespace: Option<&str>) -> Self {
+        Self::start_with_args(kubeconfig, identity, root, leader_namespace, &[])
+    }
+
+    /// [`OperatorProcess::start`] with more `run` flags.
+    pub fn start_with_args(
+        kubeconfig: &Path,
+        identity: &str,
+        root: &str,
+        leader_namespace: Option<&str>,
+        extra: &[String],
+    ) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let (metrics_port, xds_port) = (free_port(), free_port());
         let mut args = vec![
@@ -222,6 +233,7 @@ impl OperatorProcess {
             ]),
             None => args.push("--leader-election=false".into()),
         }
+        args.extend_from_slice(extra);
         let daemon = Daemon::spawn_with_env(
             identity,
             env!("CARGO_BIN_EXE_breakwater-operator"),

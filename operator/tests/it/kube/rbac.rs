@@ -2,8 +2,10 @@
 //! ServiceAccount, roles and bindings (from its default render, `make chart-render`) are
 //! applied, and `breakwater-operator run` authenticates with a token of that ServiceAccount
 //! (TokenRequest API), as it would in a pod. It reconciles one resource of each kind and
-//! serves an ADS stream that presents its pod's token (a TokenReview); any request the API
-//! server refuses fails the test. The API server's audit log then says
+//! serves an ADS stream that presents its pod's token (a TokenReview); with the chart's
+//! webhook flags it issues the webhook's certificate into the chart's Secret, gives the CA to
+//! the chart's MutatingWebhookConfiguration (registered here by URL on loopback) and injects
+//! a pod. Any request the API server refuses fails the test. The API server's audit log then says
 //! which granted permissions the operator used, and the test lists the ones it never did.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -178,8 +180,33 @@ async fn the_operator_runs_with_exactly_the_charts_rbac() {
     // Run as the chart does: root and leader-election namespace are the release namespace,
     // in a pod of its own there (which it labels once it leads).
     let ns = namespace("rbac", &[]);
+    let injected = namespace("rbac-inject", &["breakwater.dev/inject=enabled"]);
     pod(sa_namespace, "rbac-test");
-    let operator = OperatorProcess::start(&account.kubeconfig, "rbac-test", sa_namespace, Some(sa_namespace));
+    let webhook = ChartWebhook::register(&docs, &injected);
+    let operator = OperatorProcess::start_with_args(
+        &account.kubeconfig,
+        "rbac-test",
+        sa_namespace,
+        Some(sa_namespace),
+        &webhook.flags,
+    );
+    eventually("the operator issues the webhook's CA and certificate", DEADLINE, || async {
+        webhook
+            .ca_bundle_set()
+            .then_some(())
+            .ok_or_else(|| format!("no caBundle yet\n{}", operator.daemon.log()))
+    })
+    .await;
+    let pod_yaml = "apiVersion: v1\nkind: Pod\nmetadata: {name: app}\n\
+                    spec: {serviceAccountName: default, containers: [{name: app, image: example/app:1}]}\n";
+    let stored = plane.kubectl_as(
+        &plane.kubeconfig,
+        &["create", "-n", &injected, "-o", "json", "-f", "-"],
+        Some(pod_yaml),
+    );
+    assert!(stored.status.success(), "{}", String::from_utf8_lossy(&stored.stderr));
+    let stored: Value = serde_json::from_slice(&stored.stdout).expect("a pod");
+    assert_eq!(stored["spec"]["initContainers"].as_array().map(Vec::len), Some(3), "injected: {stored}");
     kubectl_apply(&ns, WORLD);
     for kind in ["rlp/limits", "cbp/breaker", "ll/lock", "outbox/orders"] {
         eventually(&format!("{kind} has status written by the operator"), DEADLINE, || async {
@@ -224,6 +251,7 @@ async fn the_operator_runs_with_exactly_the_charts_rbac() {
     })
     .await;
     assert_eq!(serving_label(sa_namespace, "rbac-test"), None, "a stopped leader draws no ADS streams");
+    webhook.unregister();
 
     let log = operator.daemon.log();
     let refused: Vec<&str> = log
@@ -271,5 +299,74 @@ async fn the_operator_runs_with_exactly_the_charts_rbac() {
 
 /// Granted permissions this run does not exercise, each for a reason (docs/operations.md):
 /// kube's event Recorder patches an Event only when the same one repeats within its series
-/// window.
-const UNUSED: [&str; 1] = ["patch events.events.k8s.io"];
+/// window; the webhook's Secret is updated only when its certificate is renewed (a third of
+/// 90 days left) or the Service's names change — kube/inject.rs renews with short lifetimes.
+const UNUSED: [&str; 2] = ["update secrets.", "patch events.events.k8s.io"];
+
+/// The chart's webhook, run as the chart runs it: its `run` flags (but the address, and the
+/// certificate's name, which must be the loopback address the API server calls here), its
+/// ConfigMap's injection configuration, its MutatingWebhookConfiguration under its own name
+/// (the RBAC names it) but called by URL and only for this test's namespace.
+struct ChartWebhook {
+    flags: Vec<String>,
+    configuration: String,
+    _dir: tempfile::TempDir,
+}
+
+impl ChartWebhook {
+    fn register(docs: &[Value], namespace: &str) -> Self {
+        let plane = plane();
+        let kind = |kind: &str| {
+            docs.iter().find(|d| d["kind"] == kind).unwrap_or_else(|| panic!("no {kind} in the render"))
+        };
+        let args: Vec<&str> = kind("Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+            .as_array()
+            .expect("args")
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        let after = |flag: &str| {
+            let at =
+                args.iter().position(|a| *a == flag).unwrap_or_else(|| panic!("the chart passes no {flag}"));
+            args[at + 1].to_string()
+        };
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = dir.path().join("inject.yaml");
+        let data = kind("ConfigMap")["data"]["inject.yaml"].as_str().expect("inject.yaml in the ConfigMap");
+        std::fs::write(&config, data).expect("write inject.yaml");
+        let secret = after("--webhook-cert-secret");
+        let configuration = after("--webhook-configuration");
+        let port = breakwater_harness::free_port();
+        let flags = vec![
+            format!("--webhook-addr=127.0.0.1:{port}"),
+            format!("--inject-config={}", config.display()),
+            format!("--webhook-cert-secret={secret}"),
+            format!("--webhook-configuration={configuration}"),
+            "--webhook-dns-names=127.0.0.1".to_string(),
+        ];
+        // A Secret left by an earlier run on this plane would make the operator update, not create.
+        let _ =
+            plane.kubectl(&["delete", "secret", &secret, "-n", "breakwater-system", "--ignore-not-found"]);
+        let mut webhook = kind("MutatingWebhookConfiguration").clone();
+        let hook = &mut webhook["webhooks"][0];
+        hook["clientConfig"] = serde_json::json!({"url": format!("https://127.0.0.1:{port}/inject")});
+        hook["namespaceSelector"]["matchExpressions"] = serde_json::json!([{"key": "kubernetes.io/metadata.name", "operator": "In", "values": [namespace]}]);
+        let out = plane.kubectl_as(&plane.kubeconfig, &["apply", "-f", "-"], Some(&webhook.to_string()));
+        assert!(
+            out.status.success(),
+            "registering the chart's webhook: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ChartWebhook { flags, configuration, _dir: dir }
+    }
+
+    fn ca_bundle_set(&self) -> bool {
+        let path = "jsonpath={.webhooks[0].clientConfig.caBundle}";
+        let out = plane().kubectl(&["get", "mutatingwebhookconfiguration", &self.configuration, "-o", path]);
+        out.status.success() && !out.stdout.is_empty()
+    }
+
+    fn unregister(&self) {
+        plane().kubectl_ok(&["delete", "mutatingwebhookconfiguration", &self.configuration]);
+    }
+}
