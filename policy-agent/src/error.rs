@@ -107,6 +107,9 @@ pub enum Error {
     /// A response with more than the one agent configuration (NACKed).
     #[error("{0} resources, expected one agent configuration")]
     XdsResources(usize),
+    /// An ADS proxy for Envoy was asked for without an operator to forward to.
+    #[error("--xds-proxy-addr needs --xds-endpoint (the operator to forward Envoy's stream to)")]
+    XdsProxyWithoutEndpoint,
     /// A resource that does not decode as an agent configuration (NACKed).
     #[error("agent configuration: {0}")]
     XdsDecode(#[source] breakwater_api::agent::DecodeError),
@@ -125,7 +128,10 @@ impl Error {
             Error::LeaseBusy { .. } => "lease_busy",
             Error::Store(breakwater_store::Error::NotHolder { .. }) => "not_holder",
             Error::Store(_) => "store",
-            Error::InvalidLeader { .. } | Error::InvalidPod { .. } | Error::NoPodName { .. } => "flags",
+            Error::InvalidLeader { .. }
+            | Error::InvalidPod { .. }
+            | Error::NoPodName { .. }
+            | Error::XdsProxyWithoutEndpoint => "flags",
             Error::LeaderDir { .. } => "leader_dir",
             Error::Bind { .. } => "bind",
             Error::Grpc(_) => "grpc",

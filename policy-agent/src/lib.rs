@@ -11,7 +11,9 @@
 //! - [`lease`]: leases (locks and semaphores) with fencing tokens, in Redis or in memory
 //!   (the store is `breakwater-store`'s, shared with the operator), granted to the pod over
 //!   a loopback HTTP API, and leader election on top of them;
-//! - [`ads`]: the agent's own subscription to its configuration on the operator's xDS server;
+//! - [`ads`]: the agent's own subscription to its configuration on the operator's xDS server,
+//!   and [`ads_proxy`], the way the pod's Envoy reaches that server with the pod's token;
+//! - [`capture`]: the traffic capture the injected init container installs (iptables);
 //! - [`grpc`], [`http`], [`metrics`]: the servers around it;
 //! - [`run`]: everything together — [`run()`] takes bound listeners, the [`Settings`] and
 //!   a shutdown future, so tests bind `127.0.0.1:0` and stop the agent when they like, and
@@ -19,9 +21,11 @@
 //! - [`Error`]: every way the agent fails, in one enum.
 
 pub mod ads;
+pub mod ads_proxy;
 pub mod algorithm;
 pub mod cache;
 pub mod capture;
+pub mod cli;
 pub mod config;
 pub mod error;
 pub mod grpc;

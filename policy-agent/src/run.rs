@@ -7,7 +7,6 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +14,7 @@ use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::R
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::ads::{self, AdsSettings};
+use crate::ads_proxy::{self, AdsProxy};
 use crate::config::{self, RuleHolder};
 use crate::lease::leader::{LeaderElection, LeaderSettings};
 use crate::lease::{LeaseManager, LeaseStore, MemoryLeases, RedisLeases, api};
@@ -34,6 +33,9 @@ pub struct Listeners {
     pub http: TcpListener,
     /// The lease API (the pod's containers connect here; loopback in a pod).
     pub lease: TcpListener,
+    /// The ADS proxy Envoy connects to (loopback in a pod; with a [`ConfigSource::Xds`]
+    /// configuration only), or None.
+    pub xds_proxy: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -42,7 +44,18 @@ impl Listeners {
         let bind = |addr: SocketAddr| async move {
             TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })
         };
-        Ok(Listeners { grpc: bind(grpc).await?, http: bind(http).await?, lease: bind(lease).await? })
+        Ok(Listeners {
+            grpc: bind(grpc).await?,
+            http: bind(http).await?,
+            lease: bind(lease).await?,
+            xds_proxy: None,
+        })
+    }
+
+    /// Also serves Envoy's ADS proxy on `addr`.
+    pub async fn with_xds_proxy(mut self, addr: SocketAddr) -> Result<Self> {
+        self.xds_proxy = Some(TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?);
+        Ok(self)
     }
 }
 
@@ -130,18 +143,6 @@ pub async fn run(
     settings: Settings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    run_with_xds_token(listeners, settings, None, shutdown).await
-}
-
-/// [`run`], with the operator's ADS stream (a [`ConfigSource::Xds`] configuration) presenting
-/// the pod's projected ServiceAccount token from `xds_token_file` (`--xds-token-file`), as an
-/// operator in a cluster requires; None presents none.
-pub async fn run_with_xds_token(
-    listeners: Listeners,
-    settings: Settings,
-    xds_token_file: Option<PathBuf>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<()> {
     check(&settings)?;
     let Settings { pod, config, store, limiter, leases } = settings;
     match store {
@@ -150,14 +151,14 @@ pub async fn run_with_xds_token(
                 "no Redis: counters and leases are kept in memory and are not shared between agents"
             );
             let stores = (MemoryStore::new(), MemoryLeases::new());
-            serve(listeners, stores, pod, (config, xds_token_file), limiter, leases, shutdown).await
+            serve(listeners, stores, pod, config, limiter, leases, shutdown).await
         }
         StoreSettings::Redis(redis) => {
             let connection = RedisConnection::start(redis).await?;
             let lease_store =
                 RedisLeases::new(connection.clone(), limiter.key_prefix.clone(), leases.deadline);
             let stores = (connection, lease_store);
-            serve(listeners, stores, pod, (config, xds_token_file), limiter, leases, shutdown).await
+            serve(listeners, stores, pod, config, limiter, leases, shutdown).await
         }
     }
 }
@@ -167,7 +168,7 @@ async fn serve<S: CounterStore, L: LeaseStore>(
     listeners: Listeners,
     (store, leases): (S, L),
     pod: String,
-    (source, xds_token_file): (ConfigSource, Option<PathBuf>),
+    source: ConfigSource,
     limiter_settings: LimiterSettings,
     lease_settings: LeaseSettings,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -186,17 +187,18 @@ async fn serve<S: CounterStore, L: LeaseStore>(
             manager.set_leases(&rules.leases);
         })
     };
-    // The operator's ADS stream is opened here rather than by `source::follow`, which has no
-    // token to present; what it accepts reaches `follow` on a channel, as in `follow` itself.
-    let (source, ads_task) = match source {
-        ConfigSource::Xds { endpoint } => {
-            let (configs, received) = watch::channel(None);
-            let settings =
-                AdsSettings { token_file: xds_token_file, ..AdsSettings::new(endpoint, pod.clone()) };
-            let task = tokio::spawn(ads::follow(settings, configs, stop_rx.clone()));
-            (ConfigSource::Channel(received), Some(task))
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    // Envoy's ADS stream goes to the operator through the agent, with the pod's token.
+    let ads_proxy = match (listeners.xds_proxy, &source) {
+        (Some(listener), ConfigSource::Xds { endpoint, token_file }) => {
+            tracing::info!(addr = ?listener.local_addr().ok(), upstream = endpoint, "proxying Envoy's ADS stream");
+            let proxy = AdsProxy { endpoint: endpoint.clone(), token_file: token_file.clone() };
+            Some(tokio::spawn(ads_proxy::serve(listener, proxy, stopped(stop_rx.clone()))))
         }
-        other => (other, None),
+        (Some(_), _) => return Err(Error::XdsProxyWithoutEndpoint),
+        (None, _) => None,
     };
     let config_task =
         tokio::spawn(source::follow(source, pod, rules, metrics.clone(), on_swap, stop_rx.clone()));
@@ -222,9 +224,6 @@ async fn serve<S: CounterStore, L: LeaseStore>(
     let lease_addr = listeners.lease.local_addr().ok();
     tracing::info!(grpc = ?grpc_addr, http = ?http_addr, lease = ?lease_addr, "breakwater-agent serving");
 
-    let stopped = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|stop| *stop).await;
-    };
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listeners.grpc);
     let incoming = tokio_stream::StreamExt::map(incoming, |conn| {
         conn.inspect(|stream| {
@@ -255,7 +254,7 @@ async fn serve<S: CounterStore, L: LeaseStore>(
     let http_result = http.await;
     let lease_result = lease_api.await;
     let _ = config_task.await;
-    if let Some(task) = ads_task {
+    if let Some(task) = ads_proxy {
         let _ = task.await;
     }
     match grpc_result {

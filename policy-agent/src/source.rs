@@ -19,8 +19,9 @@ use crate::metrics::Metrics;
 #[derive(Debug)]
 pub enum ConfigSource {
     /// The operator's xDS server (`http://HOST:PORT`): the agent subscribes to its own
-    /// configuration there with the pod's id as node id, as the pod's Envoy does.
-    Xds { endpoint: String },
+    /// configuration there with the pod's id as node id, as the pod's Envoy does, presenting
+    /// the pod's projected ServiceAccount token from `token_file` when set.
+    Xds { endpoint: String, token_file: Option<PathBuf> },
     /// A YAML or JSON file holding an [`AgentConfig`], checked for changes every `poll`
     /// (by modification time, size and content, so ConfigMap symlink swaps are seen).
     File { path: PathBuf, poll: Duration },
@@ -39,9 +40,10 @@ pub async fn follow(
     mut stop: watch::Receiver<bool>,
 ) {
     match source {
-        ConfigSource::Xds { endpoint } => {
+        ConfigSource::Xds { endpoint, token_file } => {
             let (configs, received) = watch::channel(None);
-            let ads = tokio::spawn(ads::follow(AdsSettings::new(endpoint, pod), configs, stop.clone()));
+            let settings = AdsSettings { token_file, ..AdsSettings::new(endpoint, pod) };
+            let ads = tokio::spawn(ads::follow(settings, configs, stop.clone()));
             let channel = ConfigSource::Channel(received);
             Box::pin(follow(channel, String::new(), holder, metrics, on_swap, stop)).await;
             let _ = ads.await;

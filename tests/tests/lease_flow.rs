@@ -50,7 +50,7 @@ async fn agent(endpoint: &str, pod: &str) -> Agent {
     let lease = listeners.lease.local_addr().expect("addr").to_string();
     let settings = Settings {
         pod: pod.to_string(),
-        config: ConfigSource::Xds { endpoint: endpoint.to_string() },
+        config: ConfigSource::Xds { endpoint: endpoint.to_string(), token_file: None },
         store: StoreSettings::Memory,
         limiter: Default::default(),
         leases: Default::default(),

@@ -220,6 +220,43 @@ impl ControlPlane {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Registers MutatingWebhookConfiguration `name`: its webhook `webhook` is called at `url`
+    /// (HTTPS; the `caBundle` is left to the webhook's owner to fill) for pods created in the
+    /// `namespaces` listed that carry `label` (`key=value`). Listing the namespaces keeps the
+    /// webhook away from other tests' namespaces on a shared API server.
+    pub fn register_pod_webhook(
+        &self,
+        name: &str,
+        webhook: &str,
+        url: &str,
+        label: &str,
+        namespaces: &[&str],
+        failure_policy: &str,
+    ) {
+        let (key, value) = label.split_once('=').unwrap_or((label, ""));
+        let configuration = serde_json::json!({
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "MutatingWebhookConfiguration",
+            "metadata": {"name": name},
+            "webhooks": [{
+                "name": webhook,
+                "clientConfig": {"url": url},
+                "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}],
+                "namespaceSelector": {
+                    "matchLabels": {key: value},
+                    "matchExpressions": [{"key": "kubernetes.io/metadata.name", "operator": "In", "values": namespaces}],
+                },
+                "failurePolicy": failure_policy,
+                "sideEffects": "None",
+                "admissionReviewVersions": ["v1"],
+                "timeoutSeconds": 5,
+                "reinvocationPolicy": "IfNeeded",
+            }],
+        });
+        let out = self.kubectl_as(&self.kubeconfig, &["create", "-f", "-"], Some(&configuration.to_string()));
+        assert!(out.status.success(), "registering webhook {name}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
     /// The API server's audit log (Metadata of every ServiceAccount request, one JSON event
     /// per line); None on an external cluster.
     pub fn audit_log(&self) -> Option<String> {

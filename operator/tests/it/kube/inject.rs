@@ -20,41 +20,19 @@ use k8s_openapi::{
     ByteString,
     api::{admissionregistration::v1::MutatingWebhookConfiguration, core::v1::Secret},
 };
-use kube::{Api, Client, api::PostParams};
-use serde_json::{Value, json};
+use kube::{Api, Client};
+use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use super::{DEADLINE, admin, eventually, namespace, plane};
 
-/// A MutatingWebhookConfiguration calling `https://127.0.0.1:PORT/inject` for pods created in
-/// the `namespaces` listed (the suite shares one API server: other tests' namespaces must not
-/// be sent here) that carry the injection label, as the chart's does.
-async fn register(client: &Client, port: u16, namespaces: &[&str], failure_policy: &str) -> String {
+/// Registers a configuration calling the webhook on loopback, as the chart's would by
+/// Service, for the labelled ones of `namespaces`; its name.
+fn register(port: u16, namespaces: &[&str], failure_policy: &str) -> String {
     let name = breakwater_harness::unique_prefix("bw-inject");
-    let configuration: MutatingWebhookConfiguration = serde_json::from_value(json!({
-        "apiVersion": "admissionregistration.k8s.io/v1",
-        "kind": "MutatingWebhookConfiguration",
-        "metadata": {"name": name},
-        "webhooks": [{
-            "name": "inject.breakwater.dev",
-            "clientConfig": {"url": format!("https://127.0.0.1:{port}{}", inject::webhook::PATH)},
-            "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}],
-            "namespaceSelector": {
-                "matchLabels": {injected::NAMESPACE_LABEL: "enabled"},
-                "matchExpressions": [{"key": "kubernetes.io/metadata.name", "operator": "In", "values": namespaces}],
-            },
-            "failurePolicy": failure_policy,
-            "sideEffects": "None",
-            "admissionReviewVersions": ["v1"],
-            "timeoutSeconds": 5,
-            "reinvocationPolicy": "IfNeeded",
-        }],
-    }))
-    .expect("a MutatingWebhookConfiguration");
-    Api::<MutatingWebhookConfiguration>::all(client.clone())
-        .create(&PostParams::default(), &configuration)
-        .await
-        .expect("webhook configuration created");
+    let url = format!("https://127.0.0.1:{port}{}", inject::webhook::PATH);
+    let label = format!("{}=enabled", injected::NAMESPACE_LABEL);
+    plane().register_pod_webhook(&name, "inject.breakwater.dev", &url, &label, namespaces, failure_policy);
     name
 }
 
@@ -138,7 +116,7 @@ async fn pods_of_labelled_namespaces_are_stored_with_their_sidecars() {
     let labelled = namespace("inject-on", &["breakwater.dev/inject=enabled"]);
     let plain = namespace("inject-off", &[]);
     let port = free_port();
-    let configuration = register(&client, port, &[&labelled, &plain], "Fail").await;
+    let configuration = register(port, &[&labelled, &plain], "Fail");
     let (state, stop) = start(&client, port, &home, &configuration, Lifetimes::default());
     eventually("the operator gives the API server its CA", DEADLINE, || async {
         ca_bundle(&client, &configuration).await.ok_or_else(|| "no caBundle yet".to_string())
@@ -198,8 +176,8 @@ async fn with_no_webhook_answering_fail_refuses_pods_and_ignore_admits_them_bare
     let failing = namespace("inject-fail", &["breakwater.dev/inject=enabled"]);
     let ignoring = namespace("inject-ignore", &["breakwater.dev/inject=enabled"]);
     // Nothing listens on these ports.
-    let fail = register(&client, free_port(), &[&failing], "Fail").await;
-    let ignore = register(&client, free_port(), &[&ignoring], "Ignore").await;
+    let fail = register(free_port(), &[&failing], "Fail");
+    let ignore = register(free_port(), &[&ignoring], "Ignore");
 
     let refused = create(&failing, &pod_yaml("api", "")).expect_err("Fail refuses the pod");
     assert!(
@@ -219,7 +197,7 @@ async fn the_certificate_and_the_ca_are_renewed_while_admission_keeps_working() 
     let home = namespace("inject-certs", &[]);
     let labelled = namespace("inject-rotate", &["breakwater.dev/inject=enabled"]);
     let port = free_port();
-    let configuration = register(&client, port, &[&labelled], "Fail").await;
+    let configuration = register(port, &[&labelled], "Fail");
     // Renewed with a third of the lifetime left: the certificate after 4 s, the CA after 16 s.
     let lifetimes = Lifetimes { ca: Duration::from_secs(24), cert: Duration::from_secs(6) };
     let (_state, stop) = start(&client, port, &home, &configuration, lifetimes);
