@@ -101,7 +101,7 @@ impl Operator {
                 Err(error) => panic!("bind {addr}: {error}"),
             }
         };
-        let server = AdsServer::new(self.cache.clone(), Arc::new(State::default()));
+        let server = AdsServer::unauthenticated(self.cache.clone(), Arc::new(State::default()));
         runtime.spawn(breakwater_operator::xds::serve(listener, server, std::future::pending()));
         self.runtime = Some(runtime);
         self

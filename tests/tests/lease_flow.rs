@@ -31,7 +31,7 @@ async fn operator() -> (String, Arc<SnapshotCache>) {
     cache.publish(Compiled::new(&loaded.inventory));
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
-    let ads = AdsServer::new(cache.clone(), Arc::new(State::default()));
+    let ads = AdsServer::unauthenticated(cache.clone(), Arc::new(State::default()));
     tokio::spawn(breakwater_operator::xds::serve(listener, ads, std::future::pending()));
     (endpoint, cache)
 }

@@ -63,17 +63,7 @@ impl AdsServer {
     /// A server that always accepts streams and believes every node id: for standalone mode
     /// on loopback and tests, where no other pod can connect.
     pub fn unauthenticated(cache: Arc<SnapshotCache>, state: Arc<State>) -> Self {
-        Self::gated(cache, state, Arc::new(AtomicBool::new(true)))
-    }
-
-    /// [`AdsServer::unauthenticated`], under the name the tests outside the operator crate use.
-    pub fn new(cache: Arc<SnapshotCache>, state: Arc<State>) -> Self {
-        Self::unauthenticated(cache, state)
-    }
-
-    /// Unauthenticated, accepting streams only while `open` is set (tests of the standby's
-    /// refusal).
-    pub fn gated(cache: Arc<SnapshotCache>, state: Arc<State>, open: Arc<AtomicBool>) -> Self {
+        let open = Arc::new(AtomicBool::new(true));
         Self::authenticated(cache, state, open, Authenticator::unauthenticated())
     }
 

@@ -13,7 +13,7 @@ use breakwater_operator::{
     http::State,
     inventory::ObjectName,
     status,
-    xds::{AdsServer, SnapshotCache},
+    xds::{AdsServer, Authenticator, SnapshotCache},
 };
 use envoy_types::pb::{
     envoy::{
@@ -262,7 +262,12 @@ async fn a_standby_refuses_streams_until_it_leads() {
     let open = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
-    let ads = AdsServer::gated(cache.clone(), Arc::new(State::default()), open.clone());
+    let ads = AdsServer::authenticated(
+        cache.clone(),
+        Arc::new(State::default()),
+        open.clone(),
+        Authenticator::unauthenticated(),
+    );
     tokio::spawn(breakwater_operator::xds::serve(listener, ads, std::future::pending()));
 
     let mut client = AggregatedDiscoveryServiceClient::connect(endpoint.clone()).await.expect("connect");
