@@ -1,0 +1,21 @@
+//! `breakwater-relay`: relays a transactional outbox from PostgreSQL to a broker, at least
+//! once and in order per aggregate, with one active relay per `OutboxRelay` fenced by a lease
+//! (docs/outbox.md).
+//!
+//! - [`table`]: the SQL, from the table names (pure);
+//! - [`plan`]: the order rows go out in, and what a batch's results mean (pure);
+//! - [`sink`]: Redis Streams (and the other brokers), one dispatch;
+//! - [`fence`]: the relay lease and its fencing token;
+//! - [`relay`]: the batch loop, one PostgreSQL transaction per batch;
+//! - [`http`], [`metrics`], [`error`].
+
+pub mod error;
+pub mod fence;
+pub mod http;
+pub mod metrics;
+pub mod plan;
+pub mod relay;
+pub mod sink;
+pub mod table;
+
+pub use error::{Error, Result};
