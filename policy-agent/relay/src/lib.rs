@@ -7,6 +7,7 @@
 //! - [`sink`]: Redis Streams (and the other brokers), one dispatch;
 //! - [`fence`]: the relay lease and its fencing token;
 //! - [`relay`]: the batch loop, one PostgreSQL transaction per batch;
+//! - [`report`]: the live facts the operator shows in the status, through Redis;
 //! - [`http`], [`metrics`], [`error`].
 
 pub mod error;
@@ -15,6 +16,7 @@ pub mod http;
 pub mod metrics;
 pub mod plan;
 pub mod relay;
+pub mod report;
 pub mod sink;
 pub mod table;
 

@@ -7,6 +7,7 @@ use breakwater_relay::{
     Error, Result, fence,
     metrics::Metrics,
     relay::{self, Relay},
+    report::Reporter,
     sink::{Sink, redis::RedisStreams},
 };
 use breakwater_store::{RedisConnection, RedisSettings, RedisTopology, lease::RedisLeases};
@@ -99,11 +100,8 @@ async fn run(args: RunArgs) -> Result<()> {
     let (url, relay, spec) = args.relay.load()?;
     let sink = Arc::new(sink(&spec, &args.redis_url).await?);
     let topology = RedisTopology::Standalone(args.redis_url.clone());
-    let leases = RedisLeases::new(
-        RedisConnection::start(RedisSettings::new(topology)).await?,
-        args.key_prefix,
-        Duration::from_secs(1),
-    );
+    let redis = RedisConnection::start(RedisSettings::new(topology)).await?;
+    let leases = RedisLeases::new(redis.clone(), args.key_prefix.clone(), Duration::from_secs(1));
     let metrics = Arc::new(Metrics::default());
     let listener = tokio::net::TcpListener::bind(args.http_addr)
         .await
@@ -122,7 +120,8 @@ async fn run(args: RunArgs) -> Result<()> {
     ));
     let http =
         tokio::spawn(breakwater_relay::http::serve(listener, metrics.clone(), token.clone(), stop.clone()));
-    let relaying = tokio::spawn(relay::run(url, relay, sink, token, metrics, stop));
+    let reporter = Reporter::new(redis, args.key_prefix, relay.name.clone(), args.holder.clone());
+    let relaying = tokio::spawn(relay::run(url, relay, sink, token, metrics, reporter, stop));
     shutdown_signal().await;
     tracing::info!("stopping: the batch in flight finishes, then the lease is released");
     let _ = stop_tx.send(true);

@@ -30,6 +30,7 @@ use crate::{
     error::{Error, Result},
     metrics::Metrics,
     plan::{self, Row},
+    report::Reporter,
     sink::Sink,
     table::{self, Layout, Statements},
 };
@@ -105,12 +106,14 @@ pub async fn connect(url: &str, relay: &Relay) -> Result<(Client, Statements)> {
 }
 
 /// What one batch did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BatchReport {
     pub read: usize,
     pub published: usize,
     pub failed: usize,
     pub parked: usize,
+    /// What the sink said about the last row it refused.
+    pub last_error: Option<String>,
 }
 
 /// One batch, as the module comment says.
@@ -167,6 +170,7 @@ async fn batch(
         };
         report.failed = outcome.failed.len();
         report.parked = parked.len();
+        report.last_error = outcome.failed.last().map(|(_, error)| error.clone());
         for row in rows.iter().filter(|row| ids.contains(&row.id) && !parked.contains(&row.id)) {
             let delay = Backoff::delay(relay.poll_interval(), attempts.get(&row.id).copied().unwrap_or(1));
             if relay.delivery.ordering == breakwater_api::outbox_relay::Ordering::PerAggregate {
@@ -189,6 +193,7 @@ pub async fn run(
     sink: Arc<Sink>,
     mut token: watch::Receiver<Option<i64>>,
     metrics: Arc<Metrics>,
+    mut reporter: Reporter,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut backoff = Backoff::default();
@@ -205,6 +210,7 @@ pub async fn run(
                 Ok(open) => connection.insert(open),
                 Err(error) => {
                     metrics.report_error(&error);
+                    reporter.failed(&error, None).await;
                     tracing::warn!(relay = relay.name, %error, "cannot relay; retrying");
                     pause(&mut stop, relay.poll_interval().max(Duration::from_secs(1))).await;
                     continue;
@@ -215,12 +221,14 @@ pub async fn run(
         match batch(client, statements, &relay, &sink, held, &mut backoff).await {
             Ok(report) => {
                 metrics.record(&report, started.elapsed());
+                reporter.batch(&report, client, statements, &metrics).await;
                 if report.read < relay.delivery.batch_size as usize {
                     pause(&mut stop, relay.poll_interval()).await;
                 }
             }
             Err(error) => {
                 metrics.report_error(&error);
+                reporter.failed(&error, Some((&*client, &*statements))).await;
                 tracing::warn!(relay = relay.name, %error, "batch not committed; its rows stay in the table");
                 if matches!(error, Error::Postgres(_)) {
                     connection = None;

@@ -16,6 +16,7 @@ pub mod connection;
 pub mod error;
 pub mod key;
 pub mod lease;
+pub mod relay;
 
 pub use connection::{RedisConnection, RedisSettings, RedisTopology, redact};
 pub use error::{Error, ErrorKind, Result};
