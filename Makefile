@@ -21,7 +21,7 @@ test: deps control-plane fmt-check lint crds-check unit chart-test
 test: export CARGO_INCREMENTAL = 0
 
 # PROGRAM=Debian package for every server or tool the tests start (tests/harness).
-TEST_PROGRAMS := redis-server=redis-server redis-cli=redis-tools openssl=openssl iptables-restore=iptables ip=iproute2 setpriv=util-linux
+TEST_PROGRAMS := redis-server=redis-server redis-cli=redis-tools openssl=openssl iptables-restore=iptables ip=iproute2 setpriv=util-linux nats-server=nats-server /usr/lib/postgresql/*/bin/initdb=postgresql
 
 ## deps: install the Debian packages the tests need (as root with apt), or name them
 deps:

@@ -5,6 +5,8 @@
 //! skips.
 
 mod kube;
+mod nats;
+mod postgres;
 mod process;
 mod redis;
 
@@ -14,6 +16,8 @@ use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 pub use kube::{ControlPlane, ServiceAccount};
+pub use nats::{NATS_SERVER, NatsServer};
+pub use postgres::{POSTGRES_DATABASE, POSTGRES_USER, PostgresServer};
 pub use process::Daemon;
 pub use redis::{REDIS_CLI, REDIS_SERVER, RedisCluster, RedisServer, ping, redis_cli};
 
