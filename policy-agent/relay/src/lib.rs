@@ -8,6 +8,7 @@
 //! - [`fence`]: the relay lease and its fencing token;
 //! - [`relay`]: the batch loop, one PostgreSQL transaction per batch;
 //! - [`report`]: the live facts the operator shows in the status, through Redis;
+//! - [`run`]: everything together, as `main` and the tests start it;
 //! - [`http`], [`metrics`], [`error`].
 
 pub mod error;
@@ -17,6 +18,7 @@ pub mod metrics;
 pub mod plan;
 pub mod relay;
 pub mod report;
+pub mod run;
 pub mod sink;
 pub mod table;
 

@@ -1,18 +1,14 @@
 //! `breakwater-relay`: parse flags, start logging, relay (or replay parked rows).
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use breakwater_api::OutboxRelaySpec;
 use breakwater_relay::{
-    Error, Result, fence,
-    metrics::Metrics,
+    Error, Result,
     relay::{self, Relay},
-    report::Reporter,
-    sink::{Sink, redis::RedisStreams},
+    run::Settings,
 };
-use breakwater_store::{RedisConnection, RedisSettings, RedisTopology, lease::RedisLeases};
 use clap::{Args, Parser, Subcommand};
-use tokio::sync::watch;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -78,57 +74,25 @@ impl RelayArgs {
             .map_err(|source| Error::Read { path: self.postgres_url_file.display().to_string(), source })?
             .trim()
             .to_string();
-        let relay = Relay {
-            name: self.relay.clone(),
-            table: spec.source.postgres.table.clone(),
-            delivery: spec.delivery.clone(),
-        };
-        Ok((url, relay, spec))
-    }
-}
-
-async fn sink(spec: &OutboxRelaySpec, redis_url: &str) -> Result<Sink> {
-    match (&spec.sink.redis_stream, &spec.sink.nats, &spec.sink.webhook) {
-        (Some(redis), _, _) => {
-            Ok(Sink::Redis(RedisStreams::connect(redis_url, redis.stream.clone(), redis.max_len).await?))
-        }
-        _ => Err(Error::Spec("this build relays to Redis Streams only".to_string())),
+        Ok((url, Settings::relay_of(&self.relay, &spec), spec))
     }
 }
 
 async fn run(args: RunArgs) -> Result<()> {
-    let (url, relay, spec) = args.relay.load()?;
-    let sink = Arc::new(sink(&spec, &args.redis_url).await?);
-    let topology = RedisTopology::Standalone(args.redis_url.clone());
-    let redis = RedisConnection::start(RedisSettings::new(topology)).await?;
-    let leases = RedisLeases::new(redis.clone(), args.key_prefix.clone(), Duration::from_secs(1));
-    let metrics = Arc::new(Metrics::default());
+    let (postgres_url, relay, spec) = args.relay.load()?;
     let listener = tokio::net::TcpListener::bind(args.http_addr)
         .await
         .map_err(|source| Error::Bind { addr: args.http_addr, source })?;
-    let (stop_tx, stop) = watch::channel(false);
-    let (token_tx, token) = watch::channel(None);
-    tracing::info!(relay = relay.name, table = relay.table, sink = sink.describe(), "relay starting");
-    let holder = format!("{}/{:016x}", args.holder, fastrand::u64(..));
-    let lease = tokio::spawn(fence::hold(
-        leases,
-        fence::lease_id(&relay.name),
-        holder,
-        args.lease_ttl,
-        token_tx,
-        stop.clone(),
-    ));
-    let http =
-        tokio::spawn(breakwater_relay::http::serve(listener, metrics.clone(), token.clone(), stop.clone()));
-    let reporter = Reporter::new(redis, args.key_prefix, relay.name.clone(), args.holder.clone());
-    let relaying = tokio::spawn(relay::run(url, relay, sink, token, metrics, reporter, stop));
-    shutdown_signal().await;
-    tracing::info!("stopping: the batch in flight finishes, then the lease is released");
-    let _ = stop_tx.send(true);
-    let _ = relaying.await;
-    let _ = lease.await;
-    let _ = http.await;
-    Ok(())
+    let settings = Settings {
+        relay,
+        spec,
+        postgres_url,
+        redis_url: args.redis_url,
+        key_prefix: args.key_prefix,
+        holder: args.holder,
+        lease_ttl: args.lease_ttl,
+    };
+    breakwater_relay::run::run(settings, listener, shutdown_signal()).await
 }
 
 fn main() -> ExitCode {

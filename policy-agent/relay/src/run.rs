@@ -1,0 +1,93 @@
+//! Everything together: [`run`] takes the settings (what `main` parses from flags, or what a
+//! test builds), a bound HTTP listener and a shutdown future.
+
+use std::{sync::Arc, time::Duration};
+
+use breakwater_api::OutboxRelaySpec;
+use breakwater_store::{RedisConnection, RedisSettings, RedisTopology, lease::RedisLeases};
+use tokio::sync::watch;
+
+use crate::{
+    error::{Error, Result},
+    fence, http,
+    metrics::Metrics,
+    relay::{self, Relay},
+    report::Reporter,
+    sink::{Sink, redis::RedisStreams},
+};
+
+#[derive(Clone)]
+pub struct Settings {
+    pub relay: Relay,
+    pub spec: OutboxRelaySpec,
+    pub postgres_url: String,
+    /// The agents' Redis: the relay lease, the facts for the status, the Redis Streams sink.
+    pub redis_url: String,
+    pub key_prefix: String,
+    /// This replica (the pod name); the lease holder is it plus a random suffix.
+    pub holder: String,
+    pub lease_ttl: Duration,
+}
+
+impl std::fmt::Debug for Settings {
+    /// The URLs may hold passwords: never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settings")
+            .field("relay", &self.relay)
+            .field("holder", &self.holder)
+            .field("lease_ttl", &self.lease_ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Settings {
+    /// The relay of `spec` (as the operator passes it) for OutboxRelay `name`.
+    pub fn relay_of(name: &str, spec: &OutboxRelaySpec) -> Relay {
+        Relay {
+            name: name.to_string(),
+            table: spec.source.postgres.table.clone(),
+            delivery: spec.delivery.clone(),
+        }
+    }
+}
+
+/// The sink the spec names.
+pub async fn sink(spec: &OutboxRelaySpec, redis_url: &str) -> Result<Sink> {
+    match (&spec.sink.redis_stream, &spec.sink.nats, &spec.sink.webhook) {
+        (Some(redis), _, _) => {
+            Ok(Sink::Redis(RedisStreams::connect(redis_url, redis.stream.clone(), redis.max_len).await?))
+        }
+        _ => Err(Error::Spec("this build relays to Redis Streams only".to_string())),
+    }
+}
+
+/// Relays until `shutdown` completes: contends for the lease, relays while holding it,
+/// serves `/healthz`, `/readyz` and `/metrics` on `listener`; then finishes the batch in
+/// flight and releases the lease.
+pub async fn run(
+    settings: Settings,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let Settings { relay, spec, postgres_url, redis_url, key_prefix, holder, lease_ttl } = settings;
+    let sink = Arc::new(sink(&spec, &redis_url).await?);
+    let redis = RedisConnection::start(RedisSettings::new(RedisTopology::Standalone(redis_url))).await?;
+    let leases = RedisLeases::new(redis.clone(), key_prefix.clone(), Duration::from_secs(1));
+    let metrics = Arc::new(Metrics::default());
+    let (stop_tx, stop) = watch::channel(false);
+    let (token_tx, token) = watch::channel(None);
+    tracing::info!(relay = relay.name, table = relay.table, sink = sink.describe(), "relay starting");
+    let lease_holder = format!("{holder}/{:016x}", fastrand::u64(..));
+    let lease = fence::lease_id(&relay.name);
+    let lease = tokio::spawn(fence::hold(leases, lease, lease_holder, lease_ttl, token_tx, stop.clone()));
+    let http = tokio::spawn(http::serve(listener, metrics.clone(), token.clone(), stop.clone()));
+    let reporter = Reporter::new(redis, key_prefix, relay.name.clone(), holder);
+    let relaying = tokio::spawn(relay::run(postgres_url, relay, sink, token, metrics, reporter, stop));
+    shutdown.await;
+    tracing::info!("stopping: the batch in flight finishes, then the lease is released");
+    let _ = stop_tx.send(true);
+    let _ = relaying.await;
+    let _ = lease.await;
+    let _ = http.await;
+    Ok(())
+}
