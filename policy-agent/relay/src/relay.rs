@@ -42,6 +42,8 @@ pub struct Relay {
     pub name: String,
     pub table: String,
     pub delivery: Delivery,
+    /// The relay lease's TTL: it bounds how long a stalled session may hold the fence.
+    pub lease_ttl: Duration,
 }
 
 impl Relay {
@@ -81,6 +83,16 @@ pub async fn connect(url: &str, relay: &Relay) -> Result<(Client, Statements)> {
             tracing::warn!(%error, "PostgreSQL connection closed");
         }
     });
+    // A holder that stops (SIGSTOP, a partition) inside a transaction holds the fence row's
+    // lock: PostgreSQL ends its session after two lease TTLs, so the next holder waits at most
+    // that long, and a holder never waits on the fence for more than one TTL before retrying.
+    let ttl_ms = relay.lease_ttl.as_millis();
+    client
+        .batch_execute(&format!(
+            "SET idle_in_transaction_session_timeout = {}; SET lock_timeout = {ttl_ms}",
+            ttl_ms * 2
+        ))
+        .await?;
     for statement in table::setup() {
         client.batch_execute(&statement).await?;
     }

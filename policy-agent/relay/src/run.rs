@@ -47,6 +47,7 @@ impl Settings {
             name: name.to_string(),
             table: spec.source.postgres.table.clone(),
             delivery: spec.delivery.clone(),
+            lease_ttl: Duration::from_secs(10),
         }
     }
 }
@@ -69,7 +70,8 @@ pub async fn run(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let Settings { relay, spec, postgres_url, redis_url, key_prefix, holder, lease_ttl } = settings;
+    let Settings { mut relay, spec, postgres_url, redis_url, key_prefix, holder, lease_ttl } = settings;
+    relay.lease_ttl = lease_ttl;
     let sink = Arc::new(sink(&spec, &redis_url).await?);
     let redis = RedisConnection::start(RedisSettings::new(RedisTopology::Standalone(redis_url))).await?;
     let leases = RedisLeases::new(redis.clone(), key_prefix.clone(), Duration::from_secs(1));
