@@ -169,9 +169,10 @@ pub fn setup() -> [String; 2] {
     ]
 }
 
-/// The fence row of `$1`, created at token 0 if missing.
-pub const FENCE_ROW: &str =
-    "INSERT INTO breakwater_outbox_fence (relay, token) VALUES ($1, 0) ON CONFLICT (relay) DO NOTHING";
+/// The fence row of `$1`, created at token 0 if missing. The existence check reads without
+/// locking, so a replica starting while the holder has the row locked does not wait for it.
+pub const FENCE_ROW: &str = "INSERT INTO breakwater_outbox_fence (relay, token) SELECT $1, 0 \
+     WHERE NOT EXISTS (SELECT 1 FROM breakwater_outbox_fence WHERE relay = $1) ON CONFLICT (relay) DO NOTHING";
 
 /// The dead-letter table, created if missing: the outbox's columns, the attempts, the last
 /// error and when the row was parked.
