@@ -13,6 +13,8 @@ pub enum Error {
     Table { table: String, problem: String },
     #[error("Redis: {0}")]
     Redis(#[from] redis::RedisError),
+    #[error("NATS: {0}")]
+    Nats(#[from] async_nats::ConnectError),
     #[error("lease store: {0}")]
     Lease(#[from] breakwater_store::Error),
     #[error("a newer relay (token above {token}) has committed: this one stepped down")]
@@ -28,6 +30,7 @@ impl Error {
             Error::Postgres(_) => "PostgresUnreachable",
             Error::Table { .. } => "TableInvalid",
             Error::Redis(_) | Error::Lease(_) => "RedisUnreachable",
+            Error::Nats(_) => "SinkUnreachable",
             Error::Fenced { .. } => "Fenced",
             Error::Read { .. } | Error::Spec(_) | Error::Bind { .. } => "InvalidConfiguration",
         }

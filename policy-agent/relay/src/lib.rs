@@ -4,7 +4,8 @@
 //!
 //! - [`table`]: the SQL, from the table names (pure);
 //! - [`plan`]: the order rows go out in, and what a batch's results mean (pure);
-//! - [`sink`]: Redis Streams (and the other brokers), one dispatch;
+//! - [`sink`]: Redis Streams, NATS JetStream or a webhook, one dispatch; a row counts as
+//!   published only once its broker acknowledged it;
 //! - [`fence`]: the relay lease and its fencing token;
 //! - [`relay`]: the batch loop, one PostgreSQL transaction per batch;
 //! - [`report`]: the live facts the operator shows in the status, through Redis;

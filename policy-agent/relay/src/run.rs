@@ -13,7 +13,12 @@ use crate::{
     metrics::Metrics,
     relay::{self, Relay},
     report::Reporter,
-    sink::{Sink, redis::RedisStreams},
+    sink::{
+        Sink,
+        nats::NatsJetStream,
+        redis::RedisStreams,
+        webhook::{self, Webhook},
+    },
 };
 
 #[derive(Clone)]
@@ -52,13 +57,26 @@ impl Settings {
     }
 }
 
-/// The sink the spec names.
+/// The sink the spec names, connected (Redis, NATS) or checked (a webhook's URL), so that a
+/// sink that cannot work stops the relay at start.
 pub async fn sink(spec: &OutboxRelaySpec, redis_url: &str) -> Result<Sink> {
     match (&spec.sink.redis_stream, &spec.sink.nats, &spec.sink.webhook) {
         (Some(redis), _, _) => {
             Ok(Sink::Redis(RedisStreams::connect(redis_url, redis.stream.clone(), redis.max_len).await?))
         }
-        _ => Err(Error::Spec("this build relays to Redis Streams only".to_string())),
+        (_, Some(nats), _) => {
+            Ok(Sink::Nats(Box::new(NatsJetStream::connect(&nats.url, nats.subject.clone()).await?)))
+        }
+        (_, _, Some(webhook)) => {
+            let timeout = match &webhook.timeout {
+                Some(timeout) => timeout
+                    .to_std()
+                    .map_err(|error| Error::Spec(format!("webhook timeout {timeout}: {error}")))?,
+                None => webhook::DEFAULT_TIMEOUT,
+            };
+            Ok(Sink::Webhook(Webhook::new(&webhook.url, timeout)?))
+        }
+        (None, None, None) => Err(Error::Spec("no sink: set redisStream, nats or webhook".to_string())),
     }
 }
 
