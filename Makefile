@@ -128,3 +128,12 @@ bench-lease:
 bench: bench-lease
 
 .PHONY: bench-lease
+
+## bench-outbox: the outbox relay (release binary) against PostgreSQL, Redis and NATS, beside
+## plain loops doing the same SQL and broker calls: rows/s, lag at 2,000 rows/s, peak RSS
+bench-outbox:
+	$(CARGO) bench -q -p breakwater-relay --bench outbox
+
+bench: bench-outbox
+
+.PHONY: bench-outbox
