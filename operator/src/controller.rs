@@ -1,10 +1,12 @@
 //! The controllers: one kube-runtime `Controller` per kind, all sharing one [`Context`] and
 //! treating every kind alike through [`Policy`]. A reconcile reads an [`Inventory`] from the
 //! shared stores, gathers what a status is made of — the evaluation, the proxies'
-//! acknowledgements, a LockLease's holders — and writes what [`status::assemble`] makes of
-//! it by server-side apply, only when it changed. A controller's triggers are subscriptions
-//! to the shared reflectors (one watch per kind), whose stores the reconcile reads, so a
-//! reconcile a Service or Namespace triggers always sees that change.
+//! acknowledgements, a LockLease's holders, an OutboxRelay's Deployment and facts — and
+//! writes what [`status::assemble`] makes of it by server-side apply, only when it changed.
+//! An accepted OutboxRelay's reconcile also applies the Deployment that runs its relay
+//! (`relay`), and deletes it once the resource is no longer accepted. A controller's
+//! triggers are subscriptions to the shared reflectors (one watch per kind), whose stores the
+//! reconcile reads, so a reconcile a Service or Namespace triggers always sees that change.
 
 use std::{
     collections::HashMap,
@@ -13,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use breakwater_api::{LockLease, common::condition_type};
+use breakwater_api::{LockLease, OutboxRelay, common::condition_type};
 use futures::{StreamExt, stream::BoxStream};
 use k8s_openapi::{api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::Time};
 use kube::{
@@ -33,8 +35,13 @@ use crate::{
     inventory::{Inventory, ObjectName},
     lease::{self, LeaseReader},
     metrics::{ErrorLabels, KindLabel},
-    policy::lock_lease::{self, LeaseFields, Observation},
+    policy::{
+        Verdict,
+        lock_lease::{self, LeaseFields, Observation},
+        outbox_relay::{self, Known, RedisSecret, RelayFields},
+    },
     reflectors::{Reflector, Reflectors},
+    relay::{self, RelayReader},
     resource::{Kind, Policy},
     status::{self, Findings, OwnedStatus, transitions},
     xds::SnapshotCache,
@@ -50,6 +57,10 @@ const RESYNC: Duration = Duration::from_secs(300);
 /// How often a LockLease is read from Redis even without an event: renewals publish none,
 /// and this keeps `renewedAt` and `expiresAt` current.
 pub const LEASE_RESYNC: Duration = Duration::from_secs(30);
+
+/// How often an OutboxRelay is read again without an event: its relay reports every 5 s,
+/// and `Ready` must turn stale within a report's staleness (30 s) of the last one.
+pub const RELAY_RESYNC: Duration = Duration::from_secs(10);
 
 /// How long after a grant's expiry (by Redis's clock) its lease is read again, so that the
 /// read sees it gone despite the time the reconcile itself takes to start.
@@ -76,6 +87,15 @@ impl Debug for Options {
     }
 }
 
+/// How the OutboxRelay controller runs relays, and where it reads their facts.
+#[derive(Clone, Debug, Default)]
+pub struct Relays {
+    /// The relays' image, Redis Secret and key prefix.
+    pub settings: relay::Settings,
+    /// Where the relays' facts are read; None when the operator runs without Redis.
+    pub facts: Option<Arc<dyn RelayReader>>,
+}
+
 /// What a reconcile needs, shared by the four controllers. The client and the stores are
 /// injected, so tests reconcile against stores they fill themselves.
 pub struct Context {
@@ -83,20 +103,30 @@ pub struct Context {
     reflectors: Reflectors,
     recorder: Recorder,
     options: Options,
+    relays: Relays,
     /// Consecutive failures per object, for exponential backoff.
     failures: Mutex<HashMap<(&'static str, ObjectName), u32>>,
 }
 
 impl Debug for Context {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Context").field("options", &self.options).finish_non_exhaustive()
+        f.debug_struct("Context")
+            .field("options", &self.options)
+            .field("relays", &self.relays)
+            .finish_non_exhaustive()
     }
 }
 
 impl Context {
     pub fn new(client: Client, reflectors: Reflectors, options: Options) -> Self {
         let recorder = Recorder::new(client.clone(), options.reporter.clone());
-        Self { client, reflectors, recorder, options, failures: Mutex::default() }
+        Self { client, reflectors, recorder, options, relays: Relays::default(), failures: Mutex::default() }
+    }
+
+    /// Runs relays with `relays` (otherwise: the default settings, and no facts read).
+    pub fn with_relays(mut self, relays: Relays) -> Self {
+        self.relays = relays;
+        self
     }
 
     /// What evaluation reads, and for a resource that refers to a Secret, that Secret's keys.
@@ -128,23 +158,66 @@ impl Context {
         }
     }
 
+    /// Runs an OutboxRelay as `accepted` says — its Deployment applied, or deleted — and
+    /// reads how its relay goes.
+    async fn run_relay(&self, relay: &OutboxRelay, accepted: &Verdict) -> Result<outbox_relay::Report> {
+        let settings = &self.relays.settings;
+        let (deployment, redis_secret) = if accepted.ok {
+            let deployment = relay::apply(&self.client, relay, settings, FIELD_MANAGER).await?;
+            let namespace = relay.metadata.namespace.as_deref().unwrap_or_default();
+            (deployment, relay::redis_secret(&self.client, namespace, settings).await?)
+        } else {
+            relay::remove(&self.client, relay).await?;
+            (outbox_relay::Deployment::None, RedisSecret::Present)
+        };
+        let last = RelayFields::of(relay.status.as_ref());
+        let known = |observation| Known {
+            accepted: accepted.ok,
+            deployment: &deployment,
+            redis_secret: &redis_secret,
+            observation,
+        };
+        let Some(reader) = &self.relays.facts else {
+            return Ok(outbox_relay::report(known(outbox_relay::Observation::NoStore), &last));
+        };
+        let id = ObjectName::of(relay).to_string();
+        Ok(match reader.facts(&id).await {
+            Ok(facts) => outbox_relay::report(known(outbox_relay::Observation::Read(facts.as_ref())), &last),
+            Err(error) => {
+                let error = Report(&error).to_string();
+                tracing::warn!(relay = id, error, "cannot read the relay's facts from Redis");
+                outbox_relay::report(known(outbox_relay::Observation::Unavailable(&error)), &last)
+            }
+        })
+    }
+
     /// What the status of `policy` is made of, and when to look again without an event.
     async fn findings(&self, policy: &Policy) -> Result<(Findings, Duration)> {
         let inventory = self.inventory(policy).await?;
+        let assessment = policy.assess(&inventory);
         let lease = match policy.lease() {
             Some(lease) => Some(self.read_lease(lease).await),
             None => None,
         };
-        let requeue = lease.as_ref().map_or(RESYNC, lease_requeue);
+        let relay = match policy.relay() {
+            Some(relay) => Some(self.run_relay(relay, &assessment.accepted).await?),
+            None => None,
+        };
+        let requeue = match (&lease, &relay) {
+            (Some(lease), _) => lease_requeue(lease),
+            (None, Some(_)) => RELAY_RESYNC,
+            (None, None) => RESYNC,
+        };
         let generation = policy.meta().generation.unwrap_or(1);
         let findings = Findings {
-            assessment: policy.assess(&inventory),
+            assessment,
             acknowledgements: self
                 .options
                 .cache
                 .as_ref()
                 .map(|cache| cache.acknowledgements(policy.kind(), &policy.name(), generation)),
             lease,
+            relay,
         };
         Ok((findings, requeue))
     }
@@ -196,6 +269,7 @@ fn status_changed(policy: &Policy, status: &OwnedStatus) -> bool {
     policy.conditions() != status.conditions.as_slice()
         || policy.targets() != status.targets
         || policy.lease_fields() != status.lease
+        || policy.relay_fields() != status.relay
 }
 
 async fn publish_events(

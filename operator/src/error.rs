@@ -40,6 +40,12 @@ pub enum Error {
     #[error("the API server did not answer within {0:?} while the leader lease was released")]
     LeaseNotReleased(Duration),
 
+    #[error("OutboxRelay {name} has no {what}: only an object read from the API server can be deployed")]
+    Incomplete { what: &'static str, name: String },
+
+    #[error("cannot encode an OutboxRelay's spec as JSON")]
+    RelaySpec(#[source] serde_json::Error),
+
     #[error("cannot use the agents' Redis")]
     Redis(#[source] crate::lease::StoreError),
 
@@ -90,6 +96,8 @@ impl Error {
             | Self::UnknownKind { .. }
             | Self::Decode { .. } => "parse",
             Self::LeaseTaken | Self::LeaseNotRenewed | Self::LeaseNotReleased(_) => "leader_election",
+            Self::Incomplete { .. } => "input",
+            Self::RelaySpec(_) => "serialize",
             Self::Redis(_) => "redis",
             Self::Bind { .. } | Self::Serve(_) | Self::Task(_) => "server",
             Self::InjectConfig(_) | Self::Certificate(_) => "injection",

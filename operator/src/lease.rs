@@ -47,6 +47,13 @@ pub struct RedisOptions {
 /// A reader of the leases in Redis. Succeeds while Redis is down (reads then fail, and the
 /// status says so, until it is back); fails only on a URL that can never work.
 pub async fn connect(options: &RedisOptions) -> Result<Arc<dyn LeaseReader>, StoreError> {
+    Ok(open(options).await?)
+}
+
+/// The agents' Redis as the operator reads it: one connection, the agents' key prefix and a
+/// deadline per read. It reads leases ([`LeaseReader`]) and the outbox relays' facts
+/// (`crate::relay::RelayReader`), which the relays keep in the same Redis.
+pub async fn open(options: &RedisOptions) -> Result<Arc<RedisLeases>, StoreError> {
     let connection = RedisConnection::start(RedisSettings::new(options.topology.clone())).await?;
     Ok(Arc::new(RedisLeases::new(connection, options.key_prefix.clone(), READ_DEADLINE)))
 }

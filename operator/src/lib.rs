@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod policy;
 pub mod rbac;
 pub mod reflectors;
+pub mod relay;
 pub mod render;
 pub mod resource;
 pub mod run;

@@ -71,6 +71,14 @@ enum Command {
         /// (`authorization: Bearer <token>`), checked with a TokenReview.
         #[arg(long, default_value = breakwater_operator::xds::DEFAULT_AUDIENCE)]
         xds_token_audience: String,
+        /// The image each accepted OutboxRelay's Deployment runs /usr/local/bin/breakwater-relay
+        /// from (the chart passes the operator's own image).
+        #[arg(long, default_value = breakwater_operator::relay::DEFAULT_IMAGE)]
+        relay_image: String,
+        /// The Secret, in each OutboxRelay's namespace, whose key `url` holds the agents' Redis
+        /// URL, which the relay's pods read (a pod cannot read another namespace's Secret).
+        #[arg(long, default_value = breakwater_operator::relay::DEFAULT_REDIS_SECRET)]
+        relay_redis_secret: String,
     },
     /// Evaluate policies from YAML files, without a cluster.
     Standalone {
@@ -149,6 +157,8 @@ fn main() -> ExitCode {
                 redis_cluster,
                 redis_key_prefix,
                 xds_token_audience,
+                relay_image,
+                relay_redis_secret,
             } => {
                 let webhook = match webhook.options(pod_namespace.as_deref()) {
                     Ok(webhook) => webhook,
@@ -176,11 +186,19 @@ fn main() -> ExitCode {
                         .zip(pod_namespace)
                         .map(|(name, namespace)| ObjectName::new(namespace, name)),
                     redis: redis_topology(redis_url, redis_cluster).map(|topology| {
-                        breakwater_operator::lease::RedisOptions { topology, key_prefix: redis_key_prefix }
+                        breakwater_operator::lease::RedisOptions {
+                            topology,
+                            key_prefix: redis_key_prefix.clone(),
+                        }
                     }),
                     xds_token_audience,
                 };
-                match run::run(client, options, shutdown_signal()).await {
+                let relays = breakwater_operator::relay::Settings {
+                    image: relay_image,
+                    redis_secret: relay_redis_secret,
+                    key_prefix: redis_key_prefix,
+                };
+                match run::run_with_relays(client, options, relays, shutdown_signal()).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(err) => {
                         tracing::error!(error = %Report(&err), "operator stopped");

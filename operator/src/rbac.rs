@@ -2,8 +2,9 @@
 //! against this list (`breakwater-operator rbac` prints it), so the two cannot drift apart,
 //! and the real-API-server suite (operator/tests/it/kube/rbac.rs) runs the operator with the
 //! chart's RBAC and reads the audit log: nothing is refused, and every verb here but the
-//! Event `patch` is used. Reflectors list and watch; nothing reads a policy, Service, Pod or
-//! EndpointSlice by name, so no `get` is granted on them.
+//! Event `patch`, the webhook Secret's `update` and the relay Deployment's `delete` is used
+//! (each has its reason there). Reflectors list and watch; nothing reads a policy, Service,
+//! Pod or EndpointSlice by name, so no `get` is granted on them.
 //!
 //! The chart narrows the webhook-certificate rules to the objects it names (`resourceNames`),
 //! which this list cannot know (they carry the release's name): the chart test compares
@@ -39,13 +40,20 @@ pub fn cluster_rules() -> Vec<PolicyRule> {
         rule("", &["namespaces", "pods", "services"], &["list", "watch"]),
         // The xDS feed builds endpoints (EDS) from EndpointSlices, cluster-wide.
         rule("discovery.k8s.io", &["endpointslices"], &["list", "watch"]),
-        // An OutboxRelay's connection Secret is read by name, never listed.
+        // An OutboxRelay's connection Secret, and the Secret with the agents' Redis URL its
+        // relay's pods read (relay.rs), are read by name, never listed.
         rule("", &["secrets"], &["get"]),
         // Events on condition transitions (kube's Recorder creates, and patches the count of
         // an Event that repeats within its series window, which a test run rarely sees).
         rule("events.k8s.io", &["events"], &["create", "patch"]),
         // Every ADS stream's token is checked with a TokenReview (xds::identity).
         rule("authentication.k8s.io", &["tokenreviews"], &["create"]),
+        // Each accepted OutboxRelay runs as a Deployment in its namespace (relay.rs): read by
+        // name to see whose it is, written by server-side apply (a PATCH; the API server
+        // authorizes one that creates the Deployment as `create` too), deleted when the relay
+        // is no longer accepted. Never listed or watched: the relays are requeued every 10 s,
+        // which re-applies a missing or edited Deployment.
+        rule("apps", &["deployments"], &["create", "delete", "get", "patch"]),
         // Managed webhook certificates (inject::certs): the webhook's MutatingWebhookConfiguration
         // is read by name and its caBundle patched (strategic merge).
         rule("admissionregistration.k8s.io", &["mutatingwebhookconfigurations"], &["get", "patch"]),

@@ -1,7 +1,7 @@
 //! The four Breakwater kinds behind one type, [`Policy`]: the one place that says how the
 //! kinds differ — how each is evaluated, what it refers to, which changes of other objects
-//! concern it, what its status carries. The controllers, standalone mode and status writing
-//! treat every kind alike through it.
+//! concern it, what its status carries (a lease's holders, a relay's facts). The
+//! controllers, standalone mode and status writing treat every kind alike through it.
 
 use std::{fmt::Debug, sync::Arc};
 
@@ -15,7 +15,7 @@ use serde::{Serialize, de::DeserializeOwned};
 
 use crate::{
     inventory::{Inventory, ObjectName},
-    policy::{self, Assessment, lock_lease::LeaseFields},
+    policy::{self, Assessment, lock_lease::LeaseFields, outbox_relay::RelayFields},
 };
 
 #[derive(Clone, Debug)]
@@ -167,6 +167,14 @@ impl Policy {
         }
     }
 
+    /// The relay whose Deployment and facts the status shows: an OutboxRelay's own.
+    pub fn relay(&self) -> Option<&OutboxRelay> {
+        match self {
+            Self::OutboxRelay(relay) => Some(relay),
+            _ => None,
+        }
+    }
+
     /// The `status.targets` the resource carries now; None for kinds without it.
     pub fn targets(&self) -> Option<u32> {
         match self {
@@ -179,6 +187,11 @@ impl Policy {
     /// The lease fields the resource carries now (LockLease only).
     pub fn lease_fields(&self) -> Option<LeaseFields> {
         self.lease().map(|lease| LeaseFields::of(lease.status.as_ref()))
+    }
+
+    /// The relay fields the resource carries now (OutboxRelay only).
+    pub fn relay_fields(&self) -> Option<RelayFields> {
+        self.relay().map(|relay| RelayFields::of(relay.status.as_ref()))
     }
 
     /// The conditions the resource carries now (as last written).
@@ -255,5 +268,6 @@ mod tests {
         assert!(!lock.may_target(&api, ROOT) && !lock.follows(&lease("shop", "other"), ROOT));
         assert_eq!((lock.lease().is_some(), targeting.lease().is_some()), (true, false));
         assert_eq!(lock.secret(), None);
+        assert!(lock.relay().is_none() && lock.relay_fields().is_none());
     }
 }

@@ -5,7 +5,9 @@
 //! controllers, so the replica that writes `Programmed` is the one that sees every proxy's
 //! ACKs. The leader labels its own pod `breakwater.dev/serving-xds` so that the chart's xDS
 //! Service sends the proxies to it alone (`serving`). With Redis, the LockLease controller
-//! reads who holds each lease and follows the agents' lease events.
+//! reads who holds each lease and follows the agents' lease events, and the OutboxRelay
+//! controller reads how each relay goes; it runs every accepted relay as a Deployment
+//! (`relay`), Redis or not.
 
 use std::{
     net::SocketAddr,
@@ -27,8 +29,9 @@ use crate::{
     inject,
     inventory::ObjectName,
     leader::{self, LeaderElector},
-    lease::{self, RedisOptions},
+    lease::{self, LeaseReader, RedisOptions},
     reflectors::Reflectors,
+    relay::{self, RelayReader},
     serving,
     xds::{self, SnapshotCache},
 };
@@ -65,27 +68,43 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener> {
     TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })
 }
 
-/// Runs until `shutdown` resolves (Ok) or leadership is lost (Err: the process should exit
-/// and be restarted, as client-go operators do, so no stale leader keeps writing).
+/// [`run_with_relays`] with the relays' default settings ([`relay::Settings::default`]).
 pub async fn run(
     client: Client,
     options: Options,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    run_with_relays(client, options, relay::Settings::default(), shutdown).await
+}
+
+/// Runs until `shutdown` resolves (Ok) or leadership is lost (Err: the process should exit
+/// and be restarted, as client-go operators do, so no stale leader keeps writing). Accepted
+/// OutboxRelays run with `relays` (`--relay-image`, `--relay-redis-secret`).
+pub async fn run_with_relays(
+    client: Client,
+    options: Options,
+    relays: relay::Settings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
     let state = Arc::new(State::default());
     let cache = Arc::new(SnapshotCache::default());
     let stop = CancellationToken::new();
-    let leases = match &options.redis {
+    let store = match &options.redis {
         Some(redis) => {
-            let reader = lease::connect(redis).await.map_err(Error::Redis)?;
-            tracing::info!(?redis, "reading LockLeases from Redis");
-            Some(reader)
+            let store = lease::open(redis).await.map_err(Error::Redis)?;
+            tracing::info!(?redis, "reading LockLeases and the outbox relays' facts from Redis");
+            Some(store)
         }
         None => {
-            tracing::info!("no --redis-url: LockLease holders are not shown (Held is Unknown)");
+            tracing::info!(
+                "no --redis-url: LockLease holders and relay facts are not shown (Held and Ready are Unknown)"
+            );
             None
         }
     };
+    let leases = store.clone().map(|store| store as Arc<dyn LeaseReader>);
+    let facts = store.map(|store| store as Arc<dyn RelayReader>);
+    tracing::info!(image = relays.image, redis_secret = relays.redis_secret, "running OutboxRelays");
     let electing = options.leader_election_namespace.is_some();
     // A replica that restarts after losing the lease may still carry the label; a standby
     // must not draw ADS streams.
@@ -162,20 +181,23 @@ pub async fn run(
         }
         None => Triggers::none(),
     };
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        reflectors.clone(),
-        controller::Options {
-            root_namespace: options.root_namespace.clone(),
-            reporter: Reporter {
-                controller: "breakwater-operator".into(),
-                instance: Some(options.identity.clone()),
+    let ctx = Arc::new(
+        Context::new(
+            client.clone(),
+            reflectors.clone(),
+            controller::Options {
+                root_namespace: options.root_namespace.clone(),
+                reporter: Reporter {
+                    controller: "breakwater-operator".into(),
+                    instance: Some(options.identity.clone()),
+                },
+                state: state.clone(),
+                cache: Some(cache),
+                leases,
             },
-            state: state.clone(),
-            cache: Some(cache),
-            leases,
-        },
-    ));
+        )
+        .with_relays(controller::Relays { settings: relays, facts }),
+    );
     let controllers = {
         let stop = stop.clone();
         let stopped = move || stop.clone().cancelled_owned();

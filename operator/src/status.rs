@@ -1,7 +1,8 @@
 //! Turns what the operator found out about a resource into the `status` the API server
 //! holds: `metav1.Condition`s with `observedGeneration`, whose `lastTransitionTime` moves only
 //! when the status flips. [`assemble`] is the one place a status is put together, for the
-//! controllers and standalone mode alike; [`programmed`] words what the proxies reported.
+//! controllers and standalone mode alike; [`programmed`] words what the proxies reported; a
+//! lease's holders (`Held`) and a relay's facts (`Ready`) come worded from `policy`.
 
 use breakwater_api::common::condition_type;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -11,13 +12,14 @@ use crate::{
     policy::{
         Assessment, Verdict,
         lock_lease::{self, LeaseFields},
+        outbox_relay::{self, RelayFields},
         reason,
     },
     xds::Acknowledgements,
 };
 
-/// The part of a resource's status the operator owns: conditions, and per kind `targets`
-/// or a lease's holders (read from Redis).
+/// The part of a resource's status the operator owns: conditions, and per kind `targets`,
+/// a lease's holders or a relay's facts (both read from Redis).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct OwnedStatus {
@@ -26,6 +28,9 @@ pub struct OwnedStatus {
     /// LockLease only.
     #[serde(flatten)]
     pub lease: Option<LeaseFields>,
+    /// OutboxRelay only.
+    #[serde(flatten)]
+    pub relay: Option<RelayFields>,
     pub conditions: Vec<Condition>,
 }
 
@@ -39,10 +44,14 @@ pub struct Findings {
     pub acknowledgements: Option<Acknowledgements>,
     /// A LockLease's holders, as read from the store; None for the other kinds.
     pub lease: Option<lock_lease::Report>,
+    /// An OutboxRelay's facts and `Ready`; None for the other kinds, and in standalone mode,
+    /// which runs no relay.
+    pub relay: Option<outbox_relay::Report>,
 }
 
 /// The status of a resource at `generation`: `Accepted`, `ResolvedRefs` (for kinds with
-/// references), `Programmed` once accepted, and for a LockLease `Held` and its holders.
+/// references), `Programmed` once accepted, for a LockLease `Held` and its holders, and for
+/// an OutboxRelay `Ready` and its relay's facts.
 /// Each condition keeps the transition time it has in `existing` unless its status flips.
 pub fn assemble(
     findings: Findings,
@@ -50,7 +59,7 @@ pub fn assemble(
     existing: &[Condition],
     now: &Time,
 ) -> OwnedStatus {
-    let Findings { assessment, acknowledgements, lease } = findings;
+    let Findings { assessment, acknowledgements, lease, relay } = findings;
     let programmed = if assessment.accepted.ok {
         programmed(acknowledgements.as_ref())
     } else {
@@ -59,6 +68,19 @@ pub fn assemble(
     let mut status = owned_status(&assessment, programmed, generation, existing, now);
     if let Some(report) = lease {
         status = with_lease(status, report, generation, existing, now);
+    }
+    if let Some(report) = relay {
+        let ready = report.ready;
+        status.conditions.push(condition(
+            outbox_relay::ready::TYPE,
+            ready.status.as_str(),
+            &ready.reason,
+            ready.message,
+            generation,
+            existing,
+            now,
+        ));
+        status.relay = Some(report.fields);
     }
     status
 }
@@ -119,7 +141,7 @@ fn owned_status(
             condition(type_, status, verdict.reason, verdict.message, generation, existing, now)
         })
         .collect();
-    OwnedStatus { targets: assessment.targets, lease: None, conditions }
+    OwnedStatus { targets: assessment.targets, lease: None, relay: None, conditions }
 }
 
 /// Adds what a lease read produced: the holder fields and the `Held` condition.
@@ -194,7 +216,7 @@ mod tests {
     }
 
     fn findings(ok: bool) -> Findings {
-        Findings { assessment: assessment(ok), acknowledgements: None, lease: None }
+        Findings { assessment: assessment(ok), acknowledgements: None, lease: None, relay: None }
     }
 
     fn acks(connected: usize, acknowledged: usize, not_connected: usize) -> Acknowledgements {
@@ -291,6 +313,37 @@ mod tests {
             assemble(leased(Status::Unknown, "StoreUnavailable"), Some(1), &first.conditions, &at(9));
         let held = unknown.conditions.last().expect("Held");
         assert_eq!((held.status.as_str(), held.last_transition_time.clone()), ("Unknown", at(9)));
+    }
+
+    #[test]
+    fn ready_and_the_relay_fields_are_added_for_a_relay() {
+        use outbox_relay::{Ready, Report, Status};
+        let report = |status, reason: &str| Report {
+            fields: RelayFields {
+                active_relay: Some("orders-relay-0".into()),
+                pending: Some(3),
+                ..RelayFields::default()
+            },
+            ready: Ready { status, reason: reason.into(), message: "m".into() },
+        };
+        let relayed = |status, reason| Findings { relay: Some(report(status, reason)), ..findings(true) };
+        let first = assemble(relayed(Status::Unknown, "NoReport"), Some(1), &[], &at(1));
+        let ready = first.conditions.last().expect("Ready");
+        assert_eq!(
+            (ready.type_.as_str(), ready.status.as_str(), ready.reason.as_str()),
+            ("Ready", "Unknown", "NoReport")
+        );
+        let json = serde_json::to_value(&first).expect("serializes");
+        assert_eq!(
+            (json["activeRelay"].as_str(), json["pending"].as_u64()),
+            (Some("orders-relay-0"), Some(3))
+        );
+        assert!(json.get("published").is_none(), "{json}");
+        let relaying = assemble(relayed(Status::True, "Relaying"), Some(1), &first.conditions, &at(7));
+        let changed: Vec<&str> =
+            transitions(&first.conditions, &relaying.conditions).iter().map(|c| c.reason.as_str()).collect();
+        assert_eq!(changed, ["Relaying"], "a Ready transition is news (an Event)");
+        assert_eq!(relaying.conditions.last().map(|c| c.last_transition_time.clone()), Some(at(7)));
     }
 
     #[test]

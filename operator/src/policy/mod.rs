@@ -21,8 +21,6 @@ pub mod reason {
     pub const OVERRIDDEN: &str = "Overridden";
     /// Valid, but every Service it selects has a policy of its own (root Default only).
     pub const SHADOWED: &str = "Shadowed";
-    /// Valid, but the feature is not built yet (an OutboxRelay: nothing relays the outbox).
-    pub const RELAY_NOT_IMPLEMENTED: &str = "RelayNotImplemented";
     pub const INVALID: &str = "Invalid";
     pub const INVALID_SELECTOR: &str = "InvalidSelector";
     pub const ROOT_NAMESPACE_ONLY: &str = "RootNamespaceOnly";

@@ -91,6 +91,9 @@ pub fn evaluate(loaded: &Loaded, cache: Option<&SnapshotCache>, previous: &Previ
             lease: policy
                 .lease()
                 .map(|lease| lock_lease::report(Observation::NoStore, &lease.spec, &LeaseFields::default())),
+            // Nor does it run relays: an OutboxRelay has no Deployment whose readiness to
+            // report, so it has no Ready condition here.
+            relay: None,
         };
         (policy.kind().to_string(), policy.name(), policy.to_json(), findings, generation)
     });
@@ -101,7 +104,7 @@ pub fn evaluate(loaded: &Loaded, cache: Option<&SnapshotCache>, previous: &Previ
             resolved_refs: None,
             targets: None,
         };
-        let findings = Findings { assessment, acknowledgements: None, lease: None };
+        let findings = Findings { assessment, acknowledgements: None, lease: None, relay: None };
         (rejected.kind.clone(), rejected.name.clone(), rejected.object.clone(), findings, None)
     });
     let mut rows: Vec<Row> = policies
