@@ -9,74 +9,13 @@ use breakwater_api::OutboxRelaySpec;
 use breakwater_harness::{PostgresServer, RedisServer, eventually, unique_prefix};
 use breakwater_relay::run::{self, Settings};
 use serde_json::json;
+use support::{DEADLINE, count, database, facts, insert, insert_poison, relay};
 
-const DEADLINE: Duration = Duration::from_secs(30);
+mod support;
 
-const OUTBOX: &str = "CREATE TABLE outbox (
-    id uuid PRIMARY KEY,
-    aggregatetype text NOT NULL,
-    aggregateid text NOT NULL,
-    type text NOT NULL,
-    payload jsonb NOT NULL,
-    created_at timestamptz NOT NULL DEFAULT clock_timestamp(),
-    published_at timestamptz)";
-
-/// A fresh database with the outbox table; its URL.
-fn database(postgres: &PostgresServer) -> (String, String) {
-    let name = unique_prefix("relay").replace('-', "_");
-    let url = postgres.create_database(&name);
-    postgres.psql_in(&name, OUTBOX);
-    (name, url)
-}
-
-/// Inserts `count` rows spread over `aggregates` aggregates, in one statement; row `i` is
-/// aggregate `i % aggregates`, type `T<i>`.
-fn insert(postgres: &PostgresServer, db: &str, from: usize, count: usize, aggregates: usize) {
-    postgres.psql_in(
-        db,
-        &format!(
-            "INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload) \
-             SELECT gen_random_uuid(), 'order', (i % {aggregates})::text, 'T' || i, jsonb_build_object('n', i) \
-             FROM generate_series({from}, {}) AS i ORDER BY i",
-            from + count - 1
-        ),
-    );
-}
-
+/// A spec relaying to the Redis stream `stream`.
 fn spec(stream: &str, extra: serde_json::Value) -> OutboxRelaySpec {
-    let mut spec = json!({
-        "source": {"postgres": {"connectionSecretRef": {"name": "db", "key": "url"}, "table": "outbox"}},
-        "sink": {"redisStream": {"stream": stream}},
-        "delivery": {"batchSize": 50, "pollInterval": "20ms"},
-    });
-    if let (Some(delivery), Some(extra)) = (spec["delivery"].as_object_mut(), extra.as_object()) {
-        delivery.extend(extra.clone());
-    }
-    serde_json::from_value(spec).expect("a valid spec")
-}
-
-/// Runs a relay in this process until the returned sender is dropped or sent to.
-async fn relay(
-    name: &str,
-    spec: OutboxRelaySpec,
-    postgres_url: &str,
-    redis: &RedisServer,
-) -> tokio::sync::oneshot::Sender<()> {
-    let settings = Settings {
-        relay: Settings::relay_of(name, &spec),
-        spec,
-        postgres_url: postgres_url.to_string(),
-        redis_url: redis.url(),
-        key_prefix: unique_prefix("bw"),
-        holder: "relay-0".to_string(),
-        lease_ttl: Duration::from_secs(2),
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(run::run(settings, listener, async move {
-        let _ = stopped.await;
-    }));
-    stop
+    support::spec(json!({"redisStream": {"stream": stream}}), extra)
 }
 
 /// The entries of `stream`: (id, aggregateid, type) in stream order.
@@ -92,10 +31,6 @@ fn entries(redis: &RedisServer, stream: &str) -> Vec<(String, String, String)> {
             (take("id"), take("aggregateid"), take("type"))
         })
         .collect()
-}
-
-fn count(postgres: &PostgresServer, db: &str, sql: &str) -> usize {
-    postgres.psql_in(db, sql).trim().parse().unwrap_or(usize::MAX)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -149,15 +84,7 @@ async fn a_refused_row_holds_back_its_aggregate_then_is_parked_and_replayed() {
     // Streams are named by type; a string under the name of type Poison makes Redis refuse
     // those rows (WRONGTYPE) and no others.
     redis.cli(&["SET", "events.Poison", "not a stream"]);
-    postgres.psql_in(
-        &db,
-        "INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload) VALUES \
-         (gen_random_uuid(), 'order', 'a', 'Created', '{}'), \
-         (gen_random_uuid(), 'order', 'a', 'Poison', '{}'), \
-         (gen_random_uuid(), 'order', 'a', 'Shipped', '{}'), \
-         (gen_random_uuid(), 'order', 'b', 'Created', '{}'), \
-         (gen_random_uuid(), 'order', 'b', 'Shipped', '{}')",
-    );
+    insert_poison(postgres, &db);
     let delivery = json!({"maxAttempts": 3, "deadLetterTable": "outbox_dlq", "pollInterval": "50ms"});
     let stop = relay("shop/poison", spec("events.{type}", delivery.clone()), &url, &redis).await;
     eventually("the relay creates the dead-letter table", DEADLINE, || async {
@@ -213,18 +140,7 @@ async fn a_table_without_the_layout_is_named_in_the_facts() {
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     tokio::spawn(run::run(settings, listener, std::future::pending()));
-    let connection = breakwater_store::RedisConnection::start(breakwater_store::RedisSettings::new(
-        breakwater_store::RedisTopology::Standalone(redis.url()),
-    ))
-    .await
-    .expect("redis");
-    let facts = eventually("the relay reports why it cannot relay", DEADLINE, || async {
-        match breakwater_store::relay::read(&connection, &prefix, "shop/broken").await {
-            Ok(Some(facts)) => Ok(facts),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await;
+    let facts = facts(&redis, &prefix, "shop/broken", |_| true).await;
     assert_eq!(facts.reason, "TableInvalid");
     assert!(
         facts.message.contains("missing column(s) aggregatetype, aggregateid, type"),
