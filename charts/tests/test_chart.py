@@ -683,6 +683,10 @@ def test_default_args(default: Rendered) -> None:
         "$(POD_NAMESPACE)",
         "--xds-token-audience",
         "breakwater.dev/xds",
+        "--relay-image",
+        default.container()["image"],
+        "--relay-redis-secret",
+        "breakwater-redis",
         "--webhook-addr",
         "0.0.0.0:9443",
         "--inject-config",
@@ -694,6 +698,19 @@ def test_default_args(default: Rendered) -> None:
         "--webhook-dns-names",
         ",".join(WEBHOOK_DNS_NAMES),
     ]
+
+
+def test_relays_run_the_operators_image_unless_told_otherwise(chart: helm.Chart, default: Rendered) -> None:
+    # The operator's image ships breakwater-relay (the Dockerfile's default stage), and only
+    # the chart knows its reference: the binary's own default is the release's tag.
+    assert default.flag("--relay-image") == default.container()["image"]
+    assert default.flag("--relay-redis-secret") == "breakwater-redis"
+    out = render(chart, {"image": {"tag": "sha-1"}})
+    assert out.flag("--relay-image") == "ghcr.io/breakwater-dev/breakwater:sha-1"
+    out = render(chart, {"relay": {"image": "registry.local/relay:v2", "redisSecret": "agents-redis"}})
+    assert out.flag("--relay-image") == "registry.local/relay:v2"
+    assert out.flag("--relay-redis-secret") == "agents-redis"
+    assert out.container()["image"] == f"ghcr.io/breakwater-dev/breakwater:{chart.metadata['appVersion']}"
 
 
 def test_downward_api_env_and_no_redis_by_default(default: Rendered) -> None:
@@ -903,6 +920,9 @@ BAD_VALUES = {
     "xds-port-not-a-number": ({"xds": {"port": "18000"}}, "xds/port"),
     "xds-unknown-key": ({"xds": {"address": "0.0.0.0:18000"}}, "address"),
     "redis-url-without-scheme": ({"redis": {"url": "redis:6379"}}, "redis/url"),
+    "empty-relay-redis-secret": ({"relay": {"redisSecret": ""}}, "relay/redisSecret"),
+    "relay-redis-secret-not-a-name": ({"relay": {"redisSecret": "Agents_Redis"}}, "relay/redisSecret"),
+    "relay-unknown-key": ({"relay": {"replicas": 3}}, "replicas"),
     "unknown-failure-policy": ({"injection": {"failurePolicy": "Retry"}}, "injection/failurePolicy"),
     "failure-policy-lower-case": ({"injection": {"failurePolicy": "fail"}}, "injection/failurePolicy"),
     "unknown-injection-mode": ({"injection": {"mode": "sidecar"}}, "injection/mode"),
@@ -1315,6 +1335,7 @@ DEPLOYMENT_VALUE_SETS = {
     "injection-disabled": NO_INJECTION,
     "no-leader-election": {"replicas": 1, "leaderElection": {"enabled": False}},
     "redis": {"redis": {"url": "redis://r:6379"}},
+    "relay": {"relay": {"image": "registry.local/relay:v2", "redisSecret": "agents-redis"}},
 }
 
 
