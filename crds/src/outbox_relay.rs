@@ -1,6 +1,7 @@
 //! `OutboxRelay`: declares the relay of a transactional outbox table in PostgreSQL to a
 //! broker, at least once, in order per aggregate, with poison rows parked. The operator
-//! validates it and resolves its Secret; the relay runtime is not built yet.
+//! validates it, resolves its Secret, runs `breakwater-relay` for it as a Deployment of two
+//! replicas in its namespace, and shows the active relay's facts in its status.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};
@@ -10,14 +11,15 @@ use serde::{Deserialize, Serialize};
 use crate::common::{Duration, conditions_schema};
 
 /// Declares the relay of an outbox table (Debezium layout: id, aggregatetype, aggregateid,
-/// type, payload) to a Redis stream, a NATS subject or a webhook. Validated, and its Secret
-/// resolved; nothing relays the rows yet.
+/// type, payload) to a Redis stream, a NATS subject or a webhook. The operator runs the relay
+/// as a Deployment `<name>-relay` of two replicas in this namespace (one relays, one stands
+/// by) and reports how it goes in the Ready condition.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "breakwater.dev",
     version = "v1alpha1",
     kind = "OutboxRelay",
-    doc = "Declares the relay of a transactional outbox table from PostgreSQL to a broker (validated; the relay is not built yet)",
+    doc = "Declares the relay of a transactional outbox table from PostgreSQL to a broker; the operator runs the relay as a Deployment in the same namespace",
     namespaced,
     status = "OutboxRelayStatus",
     shortname = "outbox",
@@ -187,26 +189,26 @@ pub enum AfterPublish {
     MarkPublished,
 }
 
-/// What the relay last reported.
+/// What the active relay last reported to the agents' Redis (it reports every 5 s).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct OutboxRelayStatus {
-    /// The pod currently relaying.
+    /// The pod relaying now (from a report at most 30s old).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub active_relay: Option<String>,
-    /// Rows waiting to be published.
+    /// Rows waiting to be published (from a report at most 30s old).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending: Option<u64>,
-    /// Age of the oldest waiting row.
+    /// Age of the oldest waiting row, in whole seconds (from a report at most 30s old).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oldest_pending_age: Option<Duration>,
-    /// Rows published since the relay was created.
+    /// Rows published, as the relays count them in the agents' Redis.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub published: Option<u64>,
-    /// Rows moved to the dead-letter table.
+    /// Rows moved to the dead-letter table, as the relays count them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead_lettered: Option<u64>,
-    /// Accepted, ResolvedRefs and Programmed.
+    /// Accepted, ResolvedRefs, Programmed and Ready (Relaying, or why not).
     #[serde(default)]
     #[schemars(schema_with = "conditions_schema")]
     pub conditions: Vec<Condition>,
