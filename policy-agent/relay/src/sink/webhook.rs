@@ -114,10 +114,11 @@ impl Webhook {
                 Call::Failed(error) => return Err(error),
                 Call::Later(error) => error,
             };
-            let delay = retry_delay(retries);
-            if retries >= IN_WAVE_RETRIES || started.elapsed() + delay + self.timeout > IN_WAVE_BUDGET {
-                return Err(format!("{error} ({} calls in this attempt)", retries + 1));
-            }
+            let Some(delay) = retry_after(retries, started.elapsed(), self.timeout) else {
+                let calls =
+                    if retries == 0 { "1 call".to_string() } else { format!("{} calls", retries + 1) };
+                return Err(format!("{error} ({calls} in this attempt)"));
+            };
             tracing::debug!(id = row.id, error, retries, "webhook call failed; retrying in the wave");
             tokio::time::sleep(delay).await;
             retries += 1;
@@ -147,6 +148,13 @@ fn retried(status: StatusCode) -> bool {
     status == StatusCode::REQUEST_TIMEOUT
         || status == StatusCode::TOO_MANY_REQUESTS
         || status.is_server_error()
+}
+
+/// The pause before retry `n` (from 0) of a row whose first call was `elapsed` ago, or None
+/// when the retries are used up or the retry could not end within [`IN_WAVE_BUDGET`].
+fn retry_after(n: u32, elapsed: Duration, timeout: Duration) -> Option<Duration> {
+    let delay = retry_delay(n);
+    (n < IN_WAVE_RETRIES && elapsed + delay + timeout <= IN_WAVE_BUDGET).then_some(delay)
 }
 
 /// The pause before retry `n` (from 0): `RETRY_BASE · 2ⁿ`, times 0.5–1.5 so that rows that
@@ -230,6 +238,18 @@ mod tests {
                 assert!(delay >= nominal * 0.5 && delay <= nominal * 1.5, "{n}: {delay}");
             }
         }
+    }
+
+    #[test]
+    fn retries_stop_after_three_or_past_the_budget() {
+        let (quick, slow) = (Duration::from_millis(200), DEFAULT_TIMEOUT);
+        assert!(retry_after(0, quick, quick).is_some());
+        assert!(retry_after(2, Duration::from_secs(1), quick).is_some());
+        assert_eq!(retry_after(3, quick, quick), None, "three retries at most");
+        // A 5 s call that timed out leaves no room for another within 8 s; a quick 503 does.
+        assert_eq!(retry_after(0, slow, slow), None);
+        assert!(retry_after(0, Duration::from_millis(10), slow).is_some());
+        assert_eq!(retry_after(1, Duration::from_secs(3), slow), None);
     }
 
     #[test]
