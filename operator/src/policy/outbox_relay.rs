@@ -85,11 +85,13 @@ fn zero_or_invalid(timeout: &ApiDuration) -> Option<String> {
     }
 }
 
+/// The sink in words. A webhook URL's password, if it holds one, is left out: the message
+/// travels further (Events, logs) than the spec.
 fn sink(sink: &Sink) -> String {
     match (&sink.redis_stream, &sink.nats, &sink.webhook) {
         (Some(redis), _, _) => format!("Redis stream {}", redis.stream),
         (_, Some(nats), _) => format!("NATS subject {}", nats.subject),
-        (_, _, Some(webhook)) => format!("webhook {}", webhook.url),
+        (_, _, Some(webhook)) => format!("webhook {}", breakwater_store::redact(&webhook.url)),
         _ => "no sink".to_string(),
     }
 }
@@ -451,7 +453,20 @@ mod tests {
             (zero.ok, zero.message.as_str()),
             (false, "spec.sink.webhook.timeout: 0s would fail every POST before it is sent")
         );
-        assert!(assess(&webhook("2s"), &inventory).accepted.ok);
+        let ok = assess(&webhook("2s"), &inventory).accepted;
+        assert_eq!(
+            (ok.ok, ok.message.as_str()),
+            (true, "relays table outbox to webhook https://hooks.example/o with a Deployment of 2 replicas")
+        );
+        let with_password = relay(
+            "orders",
+            serde_json::json!({"webhook": {"url": "http://relay:Hook-S3cret@hooks.example/o"}}),
+        );
+        let message = assess(&with_password, &inventory).accepted.message;
+        assert!(
+            message.contains("http://relay:***@hooks.example/o") && !message.contains("S3cret"),
+            "{message}"
+        );
         assert!(!assess(&webhook("2 s"), &inventory).accepted.ok, "outside the grammar");
     }
 
