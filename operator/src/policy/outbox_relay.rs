@@ -98,7 +98,8 @@ fn sink(sink: &Sink) -> String {
 
 /// The `Ready` condition: its type and the reasons the operator gives. When a fresh report
 /// is read, the reason is the relay's own (`Relaying`, or why not: `PostgresUnreachable`,
-/// `TableInvalid`, `SinkRefusing`, `RedisUnreachable`, `Fenced`, `InvalidConfiguration`).
+/// `TableInvalid`, `SinkRefusing`, `SinkUnreachable`, `RedisUnreachable`, `Fenced`,
+/// `InvalidConfiguration`; any other condition reason a newer relay writes passes too).
 pub mod ready {
     pub const TYPE: &str = "Ready";
     /// The relay's reason when it publishes: the only one that makes `Ready` True.
