@@ -180,6 +180,11 @@ fn main() -> ExitCode {
                     metrics_addr,
                     xds_addr,
                     webhook,
+                    relays: breakwater_operator::relay::Settings {
+                        image: relay_image,
+                        redis_secret: relay_redis_secret,
+                        key_prefix: redis_key_prefix.clone(),
+                    },
                     leader_election_namespace: leader_election.then_some(leader_election_namespace),
                     identity,
                     pod: pod_name
@@ -193,12 +198,7 @@ fn main() -> ExitCode {
                     }),
                     xds_token_audience,
                 };
-                let relays = breakwater_operator::relay::Settings {
-                    image: relay_image,
-                    redis_secret: relay_redis_secret,
-                    key_prefix: redis_key_prefix,
-                };
-                match run::run_with_relays(client, options, relays, shutdown_signal()).await {
+                match run::run(client, options, shutdown_signal()).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(err) => {
                         tracing::error!(error = %Report(&err), "operator stopped");

@@ -43,6 +43,8 @@ pub struct Options {
     pub xds_addr: SocketAddr,
     /// The sidecar injection webhook; None serves none.
     pub webhook: Option<inject::WebhookOptions>,
+    /// How accepted OutboxRelays run (`--relay-image`, `--relay-redis-secret`).
+    pub relays: relay::Settings,
     /// The namespace of the leader Lease; None disables leader election (one replica only).
     pub leader_election_namespace: Option<String>,
     /// This replica's name (the pod name), for the Lease and for Events.
@@ -68,24 +70,14 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener> {
     TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })
 }
 
-/// [`run_with_relays`] with the relays' default settings ([`relay::Settings::default`]).
+/// Runs until `shutdown` resolves (Ok) or leadership is lost (Err: the process should exit
+/// and be restarted, as client-go operators do, so no stale leader keeps writing).
 pub async fn run(
     client: Client,
     options: Options,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    run_with_relays(client, options, relay::Settings::default(), shutdown).await
-}
-
-/// Runs until `shutdown` resolves (Ok) or leadership is lost (Err: the process should exit
-/// and be restarted, as client-go operators do, so no stale leader keeps writing). Accepted
-/// OutboxRelays run with `relays` (`--relay-image`, `--relay-redis-secret`).
-pub async fn run_with_relays(
-    client: Client,
-    options: Options,
-    relays: relay::Settings,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<()> {
+    let relays = options.relays.clone();
     let state = Arc::new(State::default());
     let cache = Arc::new(SnapshotCache::default());
     let stop = CancellationToken::new();

@@ -145,6 +145,7 @@ async fn an_injected_pod_reaches_the_operator_with_its_own_token_and_programs_it
             },
             cert_check: Duration::from_millis(500),
         }),
+        relays: Default::default(),
         leader_election_namespace: None,
         identity: "injection-test".into(),
         pod: None,

@@ -136,6 +136,7 @@ impl Operator {
             metrics_addr: ([127, 0, 0, 1], metrics_port).into(),
             xds_addr: ([127, 0, 0, 1], xds_port).into(),
             webhook: None,
+            relays: Default::default(),
             leader_election_namespace: None,
             identity: "kube-test".into(),
             pod: None,
