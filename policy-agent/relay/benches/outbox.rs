@@ -65,14 +65,15 @@ fn pending(postgres: &PostgresServer, db: &str) -> usize {
     postgres.psql_in(db, "SELECT count(*) FROM outbox").trim().parse().unwrap_or(usize::MAX)
 }
 
-/// The relay binary on `db`, with a lease TTL of 10 s; the daemon and its temp dir.
+/// The relay binary on `db` (its own relay name, so it never waits for the lease of the
+/// relay killed before it); the daemon and its temp dir.
 fn relay(postgres_url: &str, redis: &RedisServer, spec: &str) -> (Daemon, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("temp dir");
     let url_file = dir.path().join("url");
     std::fs::write(&url_file, postgres_url).expect("url file");
     let args = vec![
         "run".to_string(),
-        "--relay=bench/outbox".to_string(),
+        format!("--relay=bench/{}", breakwater_harness::unique_prefix("outbox")),
         format!("--spec={spec}"),
         format!("--postgres-url-file={}", url_file.display()),
         format!("--redis-url={}", redis.url()),
@@ -231,8 +232,10 @@ async fn lag(postgres_url: &str, redis: &RedisServer, stream: &str) -> Vec<f64> 
         let reply: Reply = redis::cmd("XREAD")
             .arg("COUNT")
             .arg(1000)
+            // Shorter than the connection's response timeout (an XREAD that blocks longer is
+            // reported as timed out).
             .arg("BLOCK")
-            .arg(2000)
+            .arg(100)
             .arg("STREAMS")
             .arg(stream)
             .arg(&last)
@@ -265,7 +268,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 fn summary(values: &mut [f64]) -> String {
     values.sort_by(f64::total_cmp);
     format!(
-        "median {:.1} (min {:.1}, max {:.1})",
+        "median {:.2} (min {:.2}, max {:.2})",
         values[values.len() / 2],
         values[0],
         values[values.len() - 1]
