@@ -22,7 +22,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 };
 use futures::Stream;
 use std::pin::Pin;
-use tokio_stream::{StreamExt, wrappers::TcpListenerStream};
+use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::ads::authorization;
@@ -78,8 +78,10 @@ pub async fn serve(
     proxy: AdsProxy,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
+    // Small xDS messages must not wait for Envoy's delayed ACK (as on the operator's side).
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
         .add_service(AggregatedDiscoveryServiceServer::new(proxy))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }
