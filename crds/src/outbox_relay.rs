@@ -112,12 +112,13 @@ pub struct NatsSink {
 }
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("!has(self.timeout) || duration(self.timeout) <= duration('10s')").message("webhook timeout must be at most 10s: a relay's batch must be published within two lease TTLs"))]
 #[serde(rename_all = "camelCase")]
 pub struct WebhookSink {
     /// Endpoint URL, http:// or https://.
     #[schemars(length(min = 1, max = 2048), regex(pattern = r"^https?://[^\s]+$"))]
     pub url: String,
-    /// Deadline of each POST.
+    /// Deadline of each POST (default 5s, at most 10s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<Duration>,
 }

@@ -725,6 +725,21 @@ pub mod rules {
                 outbox(Some(json!({ "pollInterval": "10ms" }))),
                 vec![outbox(Some(json!({ "pollInterval": "9ms" }))), outbox(Some(json!({ "pollInterval": "1m1s" })))],
             ),
+            case(
+                "OutboxRelay",
+                "!has(self.timeout) || duration(self.timeout) <= duration('10s')",
+                "spec.sink.webhook",
+                {
+                    let mut spec = outbox(None);
+                    spec["sink"] = json!({ "webhook": { "url": "http://events.example.com/outbox", "timeout": "10s" } });
+                    spec
+                },
+                vec![{
+                    let mut spec = outbox(None);
+                    spec["sink"] = json!({ "webhook": { "url": "http://events.example.com/outbox", "timeout": "11s" } });
+                    spec
+                }],
+            ),
         ]);
         cases
     }
