@@ -23,6 +23,9 @@
 #[allow(dead_code)]
 #[path = "../tests/support/ads.rs"]
 mod ads;
+#[allow(dead_code)]
+#[path = "../tests/support/cluster.rs"]
+mod cluster;
 
 use std::{
     path::Path,
@@ -50,9 +53,8 @@ use k8s_openapi::api::{
     core::v1::{Namespace, Pod, ServiceAccount},
 };
 use kube::{
-    Api, Client, Config,
+    Api, Client,
     api::PostParams,
-    config::{KubeConfigOptions, Kubeconfig},
     core::{DynamicObject, admission::AdmissionReview},
 };
 use serde_json::{Value, json};
@@ -94,7 +96,7 @@ async fn main() {
     println!("commit: {}", commit());
     // Blocking: it builds the binaries when missing and waits for /readyz.
     let plane = tokio::task::spawn_blocking(ControlPlane::start).await.expect("the control plane starts");
-    let client = client(&plane.kubeconfig).await;
+    let client = cluster::client(&plane.kubeconfig).await;
     admission(&client).await;
     identity(&client).await;
     drop(plane);
@@ -113,16 +115,6 @@ fn commit() -> String {
     let clean = git(&["diff", "--quiet", "HEAD", "--", "operator", "tests/harness", "Cargo.lock"])
         .is_ok_and(|out| out.status.success());
     if clean { head } else { format!("{head} + uncommitted changes under operator/") }
-}
-
-async fn client(kubeconfig: &Path) -> Client {
-    breakwater_operator::run::install_tls_provider();
-    let config = Kubeconfig::read_from(kubeconfig)
-        .unwrap_or_else(|err| panic!("cannot read {}: {err}", kubeconfig.display()));
-    let config = Config::from_custom_kubeconfig(config, &KubeConfigOptions::default())
-        .await
-        .unwrap_or_else(|err| panic!("bad kubeconfig {}: {err}", kubeconfig.display()));
-    Client::try_from(config).expect("a client from the admin kubeconfig")
 }
 
 async fn create_namespace(client: &Client, name: &str, labels: Value) {

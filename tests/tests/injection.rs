@@ -10,8 +10,10 @@
 #[path = "../../operator/tests/support/ads.rs"]
 #[allow(dead_code)]
 mod ads;
+#[path = "../../operator/tests/support/cluster.rs"]
+mod cluster;
 
-use std::{path::Path, time::Duration};
+use std::time::Duration;
 
 use breakwater_agent::cli::Cli;
 use breakwater_harness::{ControlPlane, eventually, free_port, unique_prefix};
@@ -28,16 +30,7 @@ const DEADLINE: Duration = Duration::from_secs(30);
 fn plane() -> &'static ControlPlane {
     static CRDS: std::sync::OnceLock<()> = std::sync::OnceLock::new();
     let plane = ControlPlane::shared();
-    CRDS.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds/yaml");
-        plane.kubectl_ok(&["apply", "--server-side", "-f", &dir.display().to_string()]);
-        plane.kubectl_ok(&[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "crd/ratelimitpolicies.breakwater.dev",
-        ]);
-    });
+    CRDS.get_or_init(|| cluster::install_crds(plane));
     plane
 }
 
@@ -109,16 +102,7 @@ fn replace_flag(args: &mut [String], flag: &str, value: &str) {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_injected_pod_reaches_the_operator_with_its_own_token_and_programs_its_policy() {
     let plane = plane();
-    breakwater_operator::run::install_tls_provider();
-    let client = kube::Client::try_from(
-        kube::Config::from_custom_kubeconfig(
-            kube::config::Kubeconfig::read_from(&plane.kubeconfig).expect("kubeconfig"),
-            &Default::default(),
-        )
-        .await
-        .expect("config"),
-    )
-    .expect("client");
+    let client = cluster::client(&plane.kubeconfig).await;
     let ns = unique_prefix("shop");
     plane.kubectl_ok(&["create", "namespace", &ns]);
     plane.kubectl_ok(&["label", "namespace", &ns, "breakwater.dev/inject=enabled"]);

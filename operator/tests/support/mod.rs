@@ -2,5 +2,6 @@
 //! that plays a proxy, YAML worlds, pieces of policy specs.
 
 pub mod ads;
+pub mod cluster;
 pub mod specs;
 pub mod world;

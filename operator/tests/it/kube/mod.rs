@@ -26,10 +26,10 @@ use std::{path::Path, sync::OnceLock, time::Duration};
 
 pub use breakwater_harness::eventually;
 use breakwater_harness::{ControlPlane, Daemon, free_port};
-use kube::{
-    Client, Config,
-    config::{KubeConfigOptions, Kubeconfig},
-};
+use kube::Client;
+
+pub use crate::support::cluster::client;
+use crate::support::cluster::install_crds;
 
 /// Held by every test that runs an operator (see the module comment).
 pub static OPERATOR: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -42,48 +42,13 @@ pub const DEADLINE: Duration = Duration::from_secs(30);
 pub fn plane() -> &'static ControlPlane {
     static CRDS: OnceLock<()> = OnceLock::new();
     let plane = ControlPlane::shared();
-    CRDS.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds/yaml");
-        plane.kubectl_ok(&["apply", "--server-side", "-f", &dir.display().to_string()]);
-        plane.kubectl_ok(&[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "crd/circuitbreakerpolicies.breakwater.dev",
-            "crd/ratelimitpolicies.breakwater.dev",
-            "crd/lockleases.breakwater.dev",
-            "crd/outboxrelays.breakwater.dev",
-        ]);
-        // The OpenAPI document (what kubectl explain and server-side apply read) follows a
-        // moment after Established.
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        for kind in ["circuitbreakerpolicy", "ratelimitpolicy", "locklease", "outboxrelay"] {
-            while !plane.kubectl(&["explain", kind]).status.success() {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "the OpenAPI of {kind} was not published within 60s"
-                );
-                std::thread::sleep(Duration::from_millis(200));
-            }
-        }
-    });
+    CRDS.get_or_init(|| install_crds(plane));
     plane
 }
 
 /// A client with the admin kubeconfig.
 pub async fn admin() -> Client {
     client(&plane().kubeconfig).await
-}
-
-/// A client for `kubeconfig`.
-pub async fn client(kubeconfig: &Path) -> Client {
-    breakwater_operator::run::install_tls_provider();
-    let config = Kubeconfig::read_from(kubeconfig)
-        .unwrap_or_else(|err| panic!("cannot read {}: {err}", kubeconfig.display()));
-    let config = Config::from_custom_kubeconfig(config, &KubeConfigOptions::default())
-        .await
-        .unwrap_or_else(|err| panic!("bad kubeconfig {}: {err}", kubeconfig.display()));
-    Client::try_from(config).expect("client from kubeconfig")
 }
 
 /// Creates a namespace with a name no other test uses, labelled `labels` (`k=v,...`).
