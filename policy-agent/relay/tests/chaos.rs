@@ -16,6 +16,10 @@ use std::{
 
 use breakwater_harness::{Daemon, PostgresServer, RedisServer, eventually, free_port, unique_prefix};
 
+// The shared database setup; the rest of the module serves the other suites.
+#[allow(dead_code)]
+mod support;
+
 const AGGREGATES: usize = 20;
 const CHUNK: usize = 60;
 /// The writer runs until the relays were killed this many times.
@@ -96,13 +100,7 @@ async fn write(url: String, stop: Arc<AtomicBool>) -> usize {
 async fn killed_and_frozen_relays_lose_nothing_and_keep_each_aggregates_order() {
     let postgres = PostgresServer::shared();
     let redis = RedisServer::start();
-    let db = unique_prefix("chaos").replace('-', "_");
-    let url = postgres.create_database(&db);
-    postgres.psql_in(
-        &db,
-        "CREATE TABLE outbox (id uuid PRIMARY KEY, aggregatetype text NOT NULL, aggregateid text NOT NULL, \
-         type text NOT NULL, payload jsonb NOT NULL, created_at timestamptz NOT NULL DEFAULT clock_timestamp())",
-    );
+    let (db, url) = support::database(postgres);
     let mut relays = Relays::start(&url, &redis.url(), &unique_prefix("bw"));
     let stop_writing = Arc::new(AtomicBool::new(false));
     let writer = tokio::spawn(write(url.clone(), stop_writing.clone()));

@@ -6,30 +6,20 @@
 
 use std::time::Duration;
 
-use breakwater_api::OutboxRelaySpec;
-use breakwater_harness::{PostgresServer, unique_prefix};
+use breakwater_harness::PostgresServer;
 use breakwater_relay::{relay, run::Settings};
 
-fn spec() -> OutboxRelaySpec {
-    serde_json::from_value(serde_json::json!({
-        "source": {"postgres": {"connectionSecretRef": {"name": "db", "key": "url"}, "table": "outbox"}},
-        "sink": {"redisStream": {"stream": "events"}},
-    }))
-    .expect("a valid spec")
-}
+// The shared database setup; the rest of the module serves the other suites.
+#[allow(dead_code)]
+mod support;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_frozen_holder_commits_nothing_after_a_newer_one() {
     let postgres = PostgresServer::shared();
-    let db = unique_prefix("fence").replace('-', "_");
-    let url = postgres.create_database(&db);
-    postgres.psql_in(
-        &db,
-        "CREATE TABLE outbox (id uuid PRIMARY KEY, aggregatetype text NOT NULL, aggregateid text NOT NULL, \
-         type text NOT NULL, payload jsonb NOT NULL); \
-         INSERT INTO outbox SELECT gen_random_uuid(), 'order', i::text, 'Created', '{}' FROM generate_series(1, 10) i",
-    );
-    let mut relay = Settings::relay_of("shop/fence", &spec());
+    let (db, url) = support::database(postgres);
+    support::insert(postgres, &db, 1, 10, 10);
+    let spec = support::spec(serde_json::json!({"redisStream": {"stream": "events"}}), serde_json::json!({}));
+    let mut relay = Settings::relay_of("shop/fence", &spec);
     relay.lease_ttl = Duration::from_millis(500);
     let ids = || -> Vec<String> {
         postgres.psql_in(&db, "SELECT id FROM outbox").lines().map(String::from).collect()
