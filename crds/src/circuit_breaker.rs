@@ -1,8 +1,11 @@
 //! `CircuitBreakerPolicy`: how callers of the targeted Services protect themselves —
 //! connection limits, outlier ejection, retries, timeouts, and a breaker shared by every
-//! caller pod (the breaker is validated and merged, not enforced yet).
+//! caller pod: one CLOSED/OPEN/HALF_OPEN state machine per target Service port, kept in
+//! Redis, fed by the outcomes every caller's Envoy reports to its agent and enforced by
+//! each agent from its copy of the state (an OPEN breaker answers 503 before the call
+//! leaves the caller's pod).
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -64,8 +67,9 @@ pub struct CircuitBreakerPolicySpec {
     /// Deadline of a whole request, retries included.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<Duration>,
-    /// A CLOSED/OPEN/HALF_OPEN breaker whose state is shared by every caller pod. Validated
-    /// and merged, but not enforced yet: the shared breaker is not built.
+    /// A CLOSED/OPEN/HALF_OPEN breaker per targeted Service port, whose state is shared by
+    /// every caller pod: the failures and slow calls of all callers count in one window,
+    /// and while it is OPEN every caller's proxy answers 503 without calling the Service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub breaker: Option<Breaker>,
 }
@@ -225,6 +229,23 @@ pub struct Breaker {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 1000))]
     pub half_open_calls: Option<u32>,
+    /// What each caller's agent does once Redis, which holds the shared state, has been
+    /// unreachable for longer than 10s (until then it keeps the last state it knew): Admit
+    /// every call (the default) or Reject every call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<BreakerFallback>,
+}
+
+/// What each caller's agent does once Redis, which holds the breaker's shared state, has
+/// been unreachable for longer than 10s (until then it keeps the last state it knew): Admit
+/// every call (the default) or Reject every call.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum BreakerFallback {
+    /// Admit every call, as if the breaker were CLOSED.
+    #[default]
+    Admit,
+    /// Reject every call, as if the breaker were OPEN.
+    Reject,
 }
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -271,6 +292,45 @@ pub struct CircuitBreakerPolicyStatus {
     #[serde(default)]
     #[schemars(schema_with = "conditions_schema")]
     pub conditions: Vec<Condition>,
+    /// The shared breaker of each Service port the policy's breaker section applies to, as
+    /// read from Redis by the operator at a low rate.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub breakers: Vec<BreakerStatus>,
+}
+
+/// The live state of one Service port's shared breaker.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct BreakerStatus {
+    /// The Service, as `<namespace>/<name>` (a root policy applies to other namespaces).
+    pub service: String,
+    /// The Service port number.
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: u32,
+    /// Closed: calls pass. Open: calls are answered 503 without reaching the Service.
+    /// HalfOpen: a few probe calls pass, cluster-wide.
+    pub state: BreakerState,
+    /// Percentage of the window's calls that failed (while Closed; absent before any call).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_rate: Option<u32>,
+    /// Percentage of the window's calls slower than slowCall.duration (while Closed, with a
+    /// slowCall rule; absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slow_call_rate: Option<u32>,
+    /// Calls in the window, from every caller pod.
+    #[serde(default)]
+    pub calls: u64,
+    /// When the breaker last changed state (Redis's clock); absent if it never did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<Time>,
+}
+
+/// The state of a shared breaker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum BreakerState {
+    Closed,
+    Open,
+    HalfOpen,
 }
 
 impl Attachment for CircuitBreakerPolicySpec {

@@ -1,7 +1,7 @@
 //! `RateLimitPolicy`: request limits on the Services it targets, enforced by Envoy (scope
 //! `Pod`) or by the agents over Redis (scope `Cluster`, shared by every pod).
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -227,6 +227,23 @@ pub struct RateLimitPolicyStatus {
     #[serde(default)]
     #[schemars(schema_with = "conditions_schema")]
     pub conditions: Vec<Condition>,
+    /// What each shadow limit (scope Cluster) would have rejected, read from Redis by the
+    /// operator at a low rate.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shadow: Vec<ShadowStatus>,
+}
+
+/// The requests one shadow limit would have rejected in the last complete minute, counted
+/// by every agent together.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ShadowStatus {
+    /// The limit's name.
+    pub limit: String,
+    /// Requests the limit would have rejected in that minute, cluster-wide.
+    pub would_reject: u64,
+    /// The start of that minute (Redis's clock).
+    pub window_start: Time,
 }
 
 impl Attachment for RateLimitPolicySpec {

@@ -170,6 +170,7 @@ spec:
     minimumCalls: 20
     openDuration: 30s
     halfOpenCalls: 5
+    fallback: Reject
 "#;
 
 /// A mutex for a nightly job.
@@ -374,6 +375,22 @@ pub mod schema {
                     json!({ "targetRefs": [{ "name": "payments" }], "retry": { "attempts": 2, "retryOn": ["5XX"] } }),
                 ),
                 "spec.retry.retryOn[0]: Unsupported value: \"5XX\": supported values: \"5xx\", \"gateway-error\", \"reset\", \"connect-failure\", \"retriable-4xx\", \"refused-stream\"",
+            ),
+            (
+                "enum typo in a nested section",
+                object(
+                    "CircuitBreakerPolicy",
+                    json!({
+                        "targetRefs": [{ "name": "payments" }],
+                        "breaker": {
+                            "failureRateThreshold": 50,
+                            "slidingWindow": { "type": "Count", "size": 10 },
+                            "openDuration": "30s",
+                            "fallback": "Open",
+                        },
+                    }),
+                ),
+                "spec.breaker.fallback: Unsupported value: \"Open\": supported values: \"Admit\", \"Reject\"",
             ),
             (
                 "null for a nullable enum",
