@@ -12,16 +12,29 @@
 //!
 //! Descriptor convention: for every limit, Envoy sends a descriptor whose first entry is
 //! `(LIMIT_KEY, rule id)`; the remaining entries are the key parts (header values, remote
-//! address, path, fixed values), and together they name one counter.
+//! address, path, fixed values), and together they name one counter. For every call on an
+//! outbound route with a breaker, Envoy sends one descriptor `[(BREAKER_KEY, breaker id)]`;
+//! an `OVER_LIMIT` answer to it carries `BREAKER_HEADER: <policy>` and Envoy answers 503.
 
 use serde::{Deserialize, Serialize};
 
-use crate::rate_limit::{Algorithm, FailureMode};
+use crate::{
+    circuit_breaker::{BreakerFallback, WindowKind},
+    rate_limit::{Algorithm, FailureMode},
+};
 
 /// The rate-limit domain every Breakwater limit uses in Envoy's `ratelimit` filter.
 pub const DOMAIN: &str = "breakwater";
 /// The key of the first descriptor entry, whose value is a [`RateLimitRule::id`].
 pub const LIMIT_KEY: &str = "breakwater.limit";
+/// The key of the one entry of a breaker's descriptor, whose value is a [`BreakerRule::id`].
+pub const BREAKER_KEY: &str = "breakwater.breaker";
+/// The response header an OPEN (or refusing HALF_OPEN) breaker's 503 carries: the
+/// [`BreakerRule::policy`] that rejected the call.
+pub const BREAKER_HEADER: &str = "x-breakwater-breaker";
+/// The `log_name` of the access log in which Envoy streams the calls of breaker routes to
+/// the agent (`envoy.service.accesslog.v3`); an entry's `route_name` is a [`BreakerRule::id`].
+pub const BREAKER_LOG_NAME: &str = "breakwater_breaker";
 /// The ADS type URL of an [`AgentConfig`] resource: its `Any.value` is the
 /// [`pb::AgentConfig`] message ([`encode`]).
 pub const TYPE_URL: &str = "type.googleapis.com/breakwater.agent.v1alpha1.AgentConfig";
@@ -37,9 +50,10 @@ pub mod pb {
 pub enum DecodeError {
     #[error("not an AgentConfig message: {0}")]
     Protobuf(#[from] prost::DecodeError),
-    /// An enum value this code does not know (a newer operator, or a field left unset).
-    #[error("rate limit {id:?}: unknown {field} {value}")]
-    UnknownValue { id: String, field: &'static str, value: i32 },
+    /// An enum value this code does not know (a newer operator, or a field left unset), in
+    /// the rule `id` of kind `rule` ("rate limit", "breaker").
+    #[error("{rule} {id:?}: unknown {field} {value}")]
+    UnknownValue { rule: &'static str, id: String, field: &'static str, value: i32 },
 }
 
 /// The bytes of `config` as the [`pb::AgentConfig`] message.
@@ -58,6 +72,7 @@ impl From<&AgentConfig> for pb::AgentConfig {
         pb::AgentConfig {
             rate_limits: config.rate_limits.iter().map(pb::RateLimitRule::from).collect(),
             leases: config.leases.iter().map(pb::LeaseRule::from).collect(),
+            breakers: config.breakers.iter().map(pb::BreakerRule::from).collect(),
         }
     }
 }
@@ -96,6 +111,33 @@ impl From<&LeaseRule> for pb::LeaseRule {
     }
 }
 
+impl From<&BreakerRule> for pb::BreakerRule {
+    fn from(rule: &BreakerRule) -> Self {
+        let window = match rule.window {
+            WindowKind::Count => pb::WindowKind::Count,
+            WindowKind::Time => pb::WindowKind::Time,
+        };
+        let fallback = match rule.fallback {
+            BreakerFallback::Admit => pb::BreakerFallback::Admit,
+            BreakerFallback::Reject => pb::BreakerFallback::Reject,
+        };
+        pb::BreakerRule {
+            id: rule.id.clone(),
+            policy: rule.policy.clone(),
+            failure_rate_threshold: rule.failure_rate_threshold,
+            slow_call_ms: rule.slow_call_ms,
+            slow_call_rate_threshold: rule.slow_call_rate_threshold,
+            window: window.into(),
+            window_size: rule.window_size,
+            window_ms: rule.window_ms,
+            minimum_calls: rule.minimum_calls,
+            open_ms: rule.open_ms,
+            half_open_calls: rule.half_open_calls,
+            fallback: fallback.into(),
+        }
+    }
+}
+
 impl TryFrom<pb::AgentConfig> for AgentConfig {
     type Error = DecodeError;
 
@@ -107,6 +149,7 @@ impl TryFrom<pb::AgentConfig> for AgentConfig {
                 .map(RateLimitRule::try_from)
                 .collect::<Result<_, _>>()?,
             leases: message.leases.into_iter().map(LeaseRule::from).collect(),
+            breakers: message.breakers.into_iter().map(BreakerRule::try_from).collect::<Result<_, _>>()?,
         })
     }
 }
@@ -115,7 +158,12 @@ impl TryFrom<pb::RateLimitRule> for RateLimitRule {
     type Error = DecodeError;
 
     fn try_from(rule: pb::RateLimitRule) -> Result<Self, DecodeError> {
-        let unknown = |field, value| DecodeError::UnknownValue { id: rule.id.clone(), field, value };
+        let unknown = |field, value| DecodeError::UnknownValue {
+            rule: "rate limit",
+            id: rule.id.clone(),
+            field,
+            value,
+        };
         let algorithm = match pb::Algorithm::try_from(rule.algorithm) {
             Ok(pb::Algorithm::TokenBucket) => Algorithm::TokenBucket,
             Ok(pb::Algorithm::SlidingWindow) => Algorithm::SlidingWindow,
@@ -141,6 +189,39 @@ impl TryFrom<pb::RateLimitRule> for RateLimitRule {
     }
 }
 
+impl TryFrom<pb::BreakerRule> for BreakerRule {
+    type Error = DecodeError;
+
+    fn try_from(rule: pb::BreakerRule) -> Result<Self, DecodeError> {
+        let unknown =
+            |field, value| DecodeError::UnknownValue { rule: "breaker", id: rule.id.clone(), field, value };
+        let window = match pb::WindowKind::try_from(rule.window) {
+            Ok(pb::WindowKind::Count) => WindowKind::Count,
+            Ok(pb::WindowKind::Time) => WindowKind::Time,
+            Ok(pb::WindowKind::Unspecified) | Err(_) => return Err(unknown("window", rule.window)),
+        };
+        let fallback = match pb::BreakerFallback::try_from(rule.fallback) {
+            Ok(pb::BreakerFallback::Admit) => BreakerFallback::Admit,
+            Ok(pb::BreakerFallback::Reject) => BreakerFallback::Reject,
+            Ok(pb::BreakerFallback::Unspecified) | Err(_) => return Err(unknown("fallback", rule.fallback)),
+        };
+        Ok(BreakerRule {
+            id: rule.id,
+            policy: rule.policy,
+            failure_rate_threshold: rule.failure_rate_threshold,
+            slow_call_ms: rule.slow_call_ms,
+            slow_call_rate_threshold: rule.slow_call_rate_threshold,
+            window,
+            window_size: rule.window_size,
+            window_ms: rule.window_ms,
+            minimum_calls: rule.minimum_calls,
+            open_ms: rule.open_ms,
+            half_open_calls: rule.half_open_calls,
+            fallback,
+        })
+    }
+}
+
 impl From<pb::LeaseRule> for LeaseRule {
     fn from(lease: pb::LeaseRule) -> Self {
         LeaseRule { id: lease.id, name: lease.name, ttl_ms: lease.ttl_ms, holders: lease.holders }
@@ -157,6 +238,50 @@ pub struct AgentConfig {
     /// The `LockLease`s this pod may take, sorted by id.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub leases: Vec<LeaseRule>,
+    /// Every shared breaker of the cluster (the pod may call any Service), sorted by id.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub breakers: Vec<BreakerRule>,
+}
+
+/// One Service port's shared breaker, as every agent enforces it: the state machine of the
+/// `breaker` section of the port's effective `CircuitBreakerPolicy`, kept in Redis under
+/// [`id`](Self::id).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BreakerRule {
+    /// `<service namespace>/<service name>:<port number>` (`shop/payments:8080`): names the
+    /// state in Redis, and is the name of the outbound route whose calls Envoy reports (its
+    /// access log's `route_name`) and asks about (the [`BREAKER_KEY`] descriptor's value).
+    pub id: String,
+    /// `<namespace>/<name>` of the CircuitBreakerPolicy the breaker section came from: the
+    /// value of [`BREAKER_HEADER`] on a rejected call.
+    pub policy: String,
+    /// Failure percentage of the window's calls that opens the breaker (1–100).
+    pub failure_rate_threshold: u32,
+    /// Calls that take longer than this are slow, in milliseconds; 0: no slow-call rule.
+    #[serde(default)]
+    pub slow_call_ms: u64,
+    /// Slow-call percentage of the window's calls that opens the breaker (1–100; 0 without
+    /// a slow-call rule).
+    #[serde(default)]
+    pub slow_call_rate_threshold: u32,
+    /// Count: the last `window_size` calls; Time: the calls of the last `window_ms`.
+    pub window: WindowKind,
+    /// Calls in a Count window (0 for a Time window).
+    #[serde(default)]
+    pub window_size: u32,
+    /// Length of a Time window, in milliseconds (0 for a Count window).
+    #[serde(default)]
+    pub window_ms: u64,
+    /// Calls the window must hold before the rates are judged (at least 1).
+    pub minimum_calls: u32,
+    /// How long the breaker stays OPEN before it admits probes, in milliseconds.
+    pub open_ms: u64,
+    /// Probes admitted in HALF_OPEN, cluster-wide (at least 1); all must succeed to close.
+    pub half_open_calls: u32,
+    /// What to answer once Redis has been unreachable for longer than 10 s.
+    #[serde(default)]
+    pub fallback: BreakerFallback,
 }
 
 /// One `LockLease` a pod's agent may grant to its pod.
@@ -214,6 +339,28 @@ mod tests {
             decode(&bytes).unwrap_err().to_string(),
             "rate limit \"shop/api/per-user\": unknown algorithm 9"
         );
+        let unknown_breaker = |change: fn(&mut pb::BreakerRule)| {
+            let mut message = pb::AgentConfig::from(&config);
+            change(&mut message.breakers[0]);
+            decode(&prost::Message::encode_to_vec(&message)).unwrap_err().to_string()
+        };
+        assert_eq!(unknown_breaker(|b| b.window = 7), "breaker \"shop/payments:8080\": unknown window 7");
+        assert_eq!(
+            unknown_breaker(|b| b.fallback = pb::BreakerFallback::Unspecified.into()),
+            "breaker \"shop/payments:8080\": unknown fallback 0"
+        );
+    }
+
+    #[test]
+    fn every_enum_value_round_trips() {
+        let mut config = sample();
+        for (window, fallback) in
+            [(WindowKind::Count, BreakerFallback::Admit), (WindowKind::Time, BreakerFallback::Reject)]
+        {
+            config.breakers[0].window = window;
+            config.breakers[0].fallback = fallback;
+            assert_eq!(decode(&encode(&config)).expect("decodes"), config);
+        }
     }
 
     fn sample() -> AgentConfig {
@@ -233,6 +380,20 @@ mod tests {
                 ttl_ms: 30_000,
                 holders: 1,
             }],
+            breakers: vec![BreakerRule {
+                id: "shop/payments:8080".into(),
+                policy: "shop/payments".into(),
+                failure_rate_threshold: 50,
+                slow_call_ms: 2_000,
+                slow_call_rate_threshold: 80,
+                window: WindowKind::Count,
+                window_size: 100,
+                window_ms: 0,
+                minimum_calls: 20,
+                open_ms: 30_000,
+                half_open_calls: 3,
+                fallback: BreakerFallback::Reject,
+            }],
         }
     }
 
@@ -242,6 +403,8 @@ mod tests {
         let json = serde_json::to_string(&config).expect("serializes");
         assert!(json.contains(r#""periodMs":60000"#), "{json}");
         assert!(json.contains(r#""ttlMs":30000"#), "{json}");
+        assert!(json.contains(r#""window":"Count","windowSize":100"#), "{json}");
+        assert!(json.contains(r#""fallback":"Reject""#), "{json}");
         assert_eq!(serde_json::from_str::<AgentConfig>(&json).expect("parses"), config);
     }
 }

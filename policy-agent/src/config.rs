@@ -251,10 +251,11 @@ mod tests {
         let good = AgentConfig {
             rate_limits: vec![rule("a", 1)],
             leases: vec![lease("ns/lock", "lock", 10_000, 1), lease("ns/pool", "pool", 500, 3)],
+            ..Default::default()
         };
         assert_eq!(RuleSet::compile(&good, &metrics).unwrap().leases, good.leases);
         let refused = |leases: Vec<LeaseRule>| {
-            let config = AgentConfig { rate_limits: vec![rule("a", 1)], leases };
+            let config = AgentConfig { rate_limits: vec![rule("a", 1)], leases, ..Default::default() };
             RuleSet::compile(&config, &metrics).unwrap_err().to_string()
         };
         assert_eq!(refused(vec![lease("", "x", 1, 1)]), "lease \"x\" (id \"\"): empty id");

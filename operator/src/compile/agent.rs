@@ -40,7 +40,11 @@ pub fn config<'a>(
     }
     let leases: BTreeMap<String, LeaseRule> =
         leases.into_iter().filter_map(lease_rule).map(|rule| (rule.id.clone(), rule)).collect();
-    AgentConfig { rate_limits: rules.into_values().collect(), leases: leases.into_values().collect() }
+    AgentConfig {
+        rate_limits: rules.into_values().collect(),
+        leases: leases.into_values().collect(),
+        breakers: Vec::new(),
+    }
 }
 
 /// A LockLease as the agent grants it; None for a ttl the agent could not use (refused by
