@@ -21,7 +21,7 @@ use envoy_types::pb::{
                 Cluster,
                 cluster::{ClusterDiscoveryType, DiscoveryType},
             },
-            core::v3::{ApiVersion, GrpcService, TrafficDirection, grpc_service},
+            core::v3::{ApiVersion, TrafficDirection},
             listener::v3::{FilterChain, FilterChainMatch, Listener},
             ratelimit::v3::RateLimitServiceConfig,
             route::v3::{
@@ -41,16 +41,15 @@ use envoy_types::pb::{
             filters::{
                 http::{local_ratelimit::v3::LocalRateLimit, ratelimit::v3::RateLimit as RateLimitFilter},
                 network::http_connection_manager::v3::{
-                    HttpConnectionManager, HttpFilter, Rds,
+                    HttpConnectionManager, Rds,
                     http_connection_manager::{CodecType, RouteSpecifier},
-                    http_filter,
                 },
             },
             rate_limit_descriptors::expr::v3::{Descriptor as ExprDescriptor, descriptor::ExprSpecifier},
         },
         r#type::v3::TokenBucket,
     },
-    google::protobuf::{Any, Duration},
+    google::protobuf::Duration,
 };
 
 use super::{names, outbound, proto};
@@ -135,13 +134,7 @@ fn filter_chain(port: &InboundPort) -> FilterChain {
         failure_mode_deny: fail_closed,
         rate_limited_as_resource_exhausted: true,
         rate_limit_service: Some(RateLimitServiceConfig {
-            grpc_service: Some(GrpcService {
-                target_specifier: Some(grpc_service::TargetSpecifier::EnvoyGrpc(grpc_service::EnvoyGrpc {
-                    cluster_name: names::AGENT_CLUSTER.to_string(),
-                    ..Default::default()
-                })),
-                ..Default::default()
-            }),
+            grpc_service: Some(proto::agent_service()),
             transport_api_version: ApiVersion::V3 as i32,
         }),
         // The agent adds X-RateLimit-* and Retry-After itself (response_headers_to_add);
@@ -162,8 +155,8 @@ fn filter_chain(port: &InboundPort) -> FilterChain {
             route_config_name: name.clone(),
         })),
         http_filters: vec![
-            http_filter_of(names::LOCAL_RATELIMIT_FILTER, proto::any(&local)),
-            http_filter_of("envoy.filters.http.ratelimit", proto::any(&global)),
+            proto::http_filter(names::LOCAL_RATELIMIT_FILTER, proto::any(&local)),
+            proto::http_filter(names::RATELIMIT_FILTER, proto::any(&global)),
             outbound::router(),
         ],
         ..Default::default()
@@ -175,14 +168,6 @@ fn filter_chain(port: &InboundPort) -> FilterChain {
             ..Default::default()
         }),
         filters: vec![outbound::hcm_filter(&hcm)],
-        ..Default::default()
-    }
-}
-
-fn http_filter_of(name: &str, config: Any) -> HttpFilter {
-    HttpFilter {
-        name: name.to_string(),
-        config_type: Some(http_filter::ConfigType::TypedConfig(config)),
         ..Default::default()
     }
 }

@@ -20,7 +20,7 @@ use std::{
     sync::Arc,
 };
 
-use breakwater_api::{CircuitBreakerPolicySpec, LockLease, agent::AgentConfig, rate_limit::Scope};
+use breakwater_api::{CircuitBreakerPolicySpec, LockLease, agent::BreakerRule, rate_limit::Scope};
 use envoy_types::pb::{envoy::config::route::v3::VirtualHost, google::protobuf::Any};
 use k8s_openapi::api::{
     core::v1::{Pod, Service},
@@ -30,9 +30,10 @@ use kube::ResourceExt;
 use prost::Message;
 
 pub use self::{
+    agent::{DEFAULT_HALF_OPEN_CALLS, DEFAULT_MINIMUM_CALLS},
     bootstrap::bootstrap,
     inbound::{MATCH_KEY, RLS_TIMEOUT_MS, TARGET_KEY},
-    outbound::DEFAULT_RETRY_ON,
+    outbound::{BREAKER_LOG_FILTER, DEFAULT_RETRY_ON, breaker_id},
 };
 use self::{inbound::InboundPort, workload::PortSpec};
 use crate::{
@@ -71,6 +72,9 @@ pub mod names {
     /// The name of the agent's resource.
     pub const AGENT_RESOURCE: &str = "agent";
     pub const LOCAL_RATELIMIT_FILTER: &str = "envoy.filters.http.local_ratelimit";
+    /// The rate-limit filter that asks the agent: scope Cluster limits (inbound), breakers
+    /// (outbound).
+    pub const RATELIMIT_FILTER: &str = "envoy.filters.http.ratelimit";
 }
 
 pub const CIRCUIT_BREAKER_POLICY: &str = "CircuitBreakerPolicy";
@@ -199,6 +203,8 @@ pub struct Compiled {
     rate_limits: BTreeMap<ServicePort, Vec<EffectiveLimit>>,
     /// Accepted LockLeases by namespace, in name order.
     leases: BTreeMap<String, Vec<Arc<LockLease>>>,
+    /// Every Service port's shared breaker, by id: in every agent's configuration.
+    breakers: Vec<BreakerRule>,
     generations: BTreeMap<(&'static str, ObjectName), i64>,
     pods: BTreeMap<ObjectName, Arc<Pod>>,
 }
@@ -215,6 +221,7 @@ impl Compiled {
         let mut shared = Snapshot::default();
         let mut hosts = Vec::new();
         let mut services: BTreeMap<String, Vec<ServiceEntry>> = BTreeMap::new();
+        let mut breakers = BTreeMap::new();
         let empty = crate::policy::circuit_breaker::empty_spec();
         for (name, service) in &inventory.services {
             let mut ports = workload::ports(service);
@@ -246,6 +253,10 @@ impl Compiled {
                     global: encode_host(&host(false)),
                     local: encode_host(&host(true)),
                 });
+                if let (Some(breaker), Some(source)) = (&spec.breaker, sources.get(&Section::Breaker)) {
+                    let id = breaker_id(name, port.number);
+                    breakers.insert(id.clone(), agent::breaker_rule(id, source, breaker));
+                }
                 for (section, source) in sources {
                     for type_url in carrying(section, spec) {
                         shared.carry(version(&generations, CIRCUIT_BREAKER_POLICY, &source), type_url);
@@ -271,7 +282,16 @@ impl Compiled {
         for of_namespace in leases.values_mut() {
             of_namespace.sort_by_key(|l| l.name_any());
         }
-        Self { shared, hosts, services, rate_limits, leases, generations, pods: inventory.pods.clone() }
+        Self {
+            shared,
+            hosts,
+            services,
+            rate_limits,
+            leases,
+            breakers: breakers.into_values().collect(),
+            generations,
+            pods: inventory.pods.clone(),
+        }
     }
 
     /// The full snapshot of one proxy: [`shared`](Self::shared), the
@@ -285,17 +305,19 @@ impl Compiled {
     }
 
     /// The resources every proxy gets, whatever its pod: the outbound clusters, their
-    /// endpoints and the outbound listener, with the policies they carry.
+    /// endpoints and the outbound listener, with the policies they carry — and those the
+    /// outbound routes and every agent's breakers carry, which are the same for every pod.
     pub fn shared(&self) -> &Snapshot {
         &self.shared
     }
 
     /// What is particular to one pod: when the pod is known, the inbound listener, routes
-    /// and clusters and the policies they carry; and the agent's rules and leases (empty
-    /// for an unknown pod, so its agent still gets an answer).
+    /// and clusters and the policies they carry; and the agent's configuration: the pod's
+    /// rate limits and leases, and every breaker (an unknown pod's agent gets the breakers
+    /// only — its Envoy has the outbound routes that ask about them).
     pub fn local(&self, proxy: &Proxy) -> Snapshot {
         let mut snapshot = Snapshot::default();
-        let mut agent = AgentConfig::default();
+        let mut agent = agent::config([], [], &self.breakers);
         if let Some(pod) = self.pods.get(&proxy.pod) {
             let ports = self.inbound_ports(pod);
             let leases = self.leases_of(pod);
@@ -327,6 +349,7 @@ impl Compiled {
             agent = agent::config(
                 ports.iter().flat_map(|p| p.limits.iter().map(|(_, l)| l)),
                 leases.iter().map(AsRef::as_ref),
+                &self.breakers,
             );
         }
         snapshot.insert(type_url::AGENT, names::AGENT_RESOURCE, agent::resource(&agent));
@@ -447,7 +470,9 @@ fn slices_by_service(inventory: &Inventory) -> BTreeMap<ObjectName, Vec<Arc<Endp
 /// The resource types that carry one section of a Service port's effective circuit breaker:
 /// limits and outlier detection live in the outbound cluster, retries and the timeout in the
 /// virtual host of the outbound routes (a retry budget in the cluster too). The breaker
-/// runs in the agent, whose contract has no breaker yet: nothing carries it.
+/// needs the outbound listener (its rate-limit filter and access log), the route (its name
+/// and descriptor) and the agent's configuration (the rule): all three are the same for
+/// every pod, so the shared part claims them and every pod carries the policy.
 fn carrying(section: Section, spec: &CircuitBreakerPolicySpec) -> &'static [&'static str] {
     match section {
         Section::ConnectionLimits | Section::OutlierDetection => &[type_url::CLUSTER],
@@ -455,6 +480,6 @@ fn carrying(section: Section, spec: &CircuitBreakerPolicySpec) -> &'static [&'st
             &[type_url::CLUSTER, type_url::ROUTE]
         }
         Section::Retry | Section::Timeout => &[type_url::ROUTE],
-        Section::Breaker => &[],
+        Section::Breaker => &[type_url::LISTENER, type_url::ROUTE, type_url::AGENT],
     }
 }

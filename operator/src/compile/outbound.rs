@@ -1,34 +1,53 @@
 //! The caller side, the same for every proxy: one EDS cluster per Service port with the
 //! port's connection limits, retry budget and outlier detection, its endpoints, and an HTTP
 //! listener on loopback — where the capture redirects the application's connections — whose
-//! HTTP virtual hosts carry timeouts and retries and which passes other protocols through.
+//! HTTP virtual hosts carry timeouts, retries and the shared breakers, and which passes
+//! other protocols through.
+//!
+//! A Service port with a breaker gets a named route that asks the agent before each call
+//! (the rate-limit filter, one `BREAKER_KEY` descriptor) and whose calls the access log
+//! streams to the agent, which counts them in the breaker's window.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use breakwater_api::{
     CircuitBreakerPolicySpec,
+    agent::{BREAKER_KEY, BREAKER_LOG_NAME, DOMAIN},
     circuit_breaker::{OutlierDetection as OutlierSpec, Retry},
 };
 use envoy_types::pb::{
     envoy::{
         config::{
+            accesslog::v3::{
+                AccessLog, AccessLogFilter, ExtensionFilter, access_log, access_log_filter, extension_filter,
+            },
             cluster::v3::{
                 CircuitBreakers, Cluster, OutlierDetection,
                 circuit_breakers::{Thresholds, thresholds::RetryBudget},
                 cluster::{ClusterDiscoveryType, DiscoveryType, EdsClusterConfig},
             },
-            core::v3::{Locality, RoutingPriority, TrafficDirection},
+            core::v3::{ApiVersion, Locality, RoutingPriority, TrafficDirection},
             endpoint::v3::{ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint},
             listener::v3::{Filter, FilterChain, FilterChainMatch, Listener, filter},
+            ratelimit::v3::RateLimitServiceConfig,
             route::v3::{
-                RetryPolicy, Route, RouteAction, RouteMatch, VirtualHost,
+                RateLimit, RetryPolicy, Route, RouteAction, RouteMatch, VirtualHost,
+                rate_limit::{
+                    Action,
+                    action::{ActionSpecifier, GenericKey},
+                },
                 retry_policy::{RetryBackOff, RetryHostPredicate, retry_host_predicate},
                 route, route_action, route_match,
             },
         },
         extensions::{
+            access_loggers::{
+                filters::cel::v3::ExpressionFilter,
+                grpc::v3::{CommonGrpcAccessLogConfig, HttpGrpcAccessLogConfig},
+            },
+            common::ratelimit::v3::XRateLimitHeadersRfcVersion,
             filters::{
-                http::router::v3::Router,
+                http::{ratelimit::v3::RateLimit as RateLimitFilter, router::v3::Router},
                 network::http_connection_manager::v3::{
                     HttpConnectionManager, HttpFilter, Rds,
                     http_connection_manager::{CodecType, RouteSpecifier},
@@ -37,12 +56,12 @@ use envoy_types::pb::{
             },
             retry::host::previous_hosts::v3::PreviousHostsPredicate,
         },
-        r#type::v3::Percent,
+        r#type::v3::{HttpStatus, Percent, StatusCode},
     },
     google::protobuf::Duration,
 };
 
-use super::{names, proto, workload::PortSpec};
+use super::{RLS_TIMEOUT_MS, names, proto, workload::PortSpec};
 use crate::inventory::ObjectName;
 
 /// Envoy's own default, stated so the configuration says what it does.
@@ -50,6 +69,19 @@ const CONNECT_TIMEOUT_MS: u64 = 5_000;
 /// Retried when a policy sets `retry` without `retryOn`: failures where the request never
 /// reached the application, so retrying is safe for every method.
 pub const DEFAULT_RETRY_ON: &str = "connect-failure,refused-stream";
+/// How often Envoy sends the breaker routes' access log entries to the agent, at the latest:
+/// outcomes reach the breaker's window within about this long.
+pub const BREAKER_LOG_FLUSH_MS: u64 = 10;
+/// Envoy sends the buffered entries sooner once they take this many bytes.
+pub const BREAKER_LOG_BUFFER_BYTES: u32 = 16 * 1024;
+/// Logs a call only when its route has a name: only breaker routes have one.
+pub const BREAKER_LOG_FILTER: &str = "xds.route_name != ''";
+
+/// The id of a Service port's shared breaker, `<namespace>/<name>:<port number>`: its state's
+/// key in Redis, its descriptor's value and its outbound route's name.
+pub fn breaker_id(service: &ObjectName, port: u16) -> String {
+    format!("{}/{}:{port}", service.namespace, service.name)
+}
 
 pub fn cluster_name(service: &ObjectName, port: u16) -> String {
     format!("outbound|{port}|{}.{}.svc.{}", service.name, service.namespace, names::CLUSTER_DOMAIN)
@@ -161,7 +193,8 @@ pub fn domains(service: &ObjectName, port: u16, local: bool) -> Vec<String> {
 
 /// The virtual host of one Service port: every request goes to its cluster, with the
 /// policy's timeout and retries. Without a timeout the route has none (Envoy's default of
-/// 15s would cut long polls and streams nobody asked to cut).
+/// 15s would cut long polls and streams nobody asked to cut). With a breaker, the route is
+/// named after it and asks the agent before each call.
 pub fn virtual_host(
     service: &ObjectName,
     port: u16,
@@ -171,10 +204,14 @@ pub fn virtual_host(
 ) -> VirtualHost {
     let timeout =
         spec.timeout.as_ref().and_then(|t| t.to_std().ok()).map_or_else(Duration::default, proto::duration);
+    let breaker = spec.breaker.as_ref().map(|_| breaker_id(service, port));
     VirtualHost {
         name: format!("{}.{}.svc.{}:{port}", service.name, service.namespace, names::CLUSTER_DOMAIN),
         domains: domains(service, port, local),
         routes: vec![Route {
+            // Only breaker routes have a name: the access log sends the agent the calls of
+            // named routes (BREAKER_LOG_FILTER), and the name says which breaker they count for.
+            name: breaker.clone().unwrap_or_default(),
             r#match: Some(RouteMatch {
                 path_specifier: Some(route_match::PathSpecifier::Prefix("/".to_string())),
                 ..Default::default()
@@ -183,9 +220,25 @@ pub fn virtual_host(
                 cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(cluster.to_string())),
                 timeout: Some(timeout),
                 retry_policy: spec.retry.as_ref().map(retry_policy),
+                rate_limits: breaker.iter().map(|id| breaker_descriptor(id)).collect(),
                 ..Default::default()
             })),
             ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// The descriptor the rate-limit filter sends the agent before each call on a breaker route:
+/// one entry, `(BREAKER_KEY, breaker id)`.
+fn breaker_descriptor(id: &str) -> RateLimit {
+    RateLimit {
+        actions: vec![Action {
+            action_specifier: Some(ActionSpecifier::GenericKey(GenericKey {
+                descriptor_key: BREAKER_KEY.to_string(),
+                descriptor_value: id.to_string(),
+                ..Default::default()
+            })),
         }],
         ..Default::default()
     }
@@ -217,7 +270,11 @@ fn retry_policy(retry: &Retry) -> RetryPolicy {
     }
 }
 
-/// The application's HTTP proxy (`HTTP_PROXY=http://127.0.0.1:15001`).
+/// The application's HTTP proxy (`HTTP_PROXY=http://127.0.0.1:15001`). Its connection
+/// manager always has the breakers' rate-limit filter and access log, whether any Service
+/// has a breaker or not, so that breakers coming and going change routes only (RDS), never
+/// the listener (whose change drains connections). Routes without a breaker send no
+/// descriptor (the filter does not call the agent) and are not logged.
 pub fn listener() -> Listener {
     let hcm = HttpConnectionManager {
         stat_prefix: names::OUTBOUND_HTTP.to_string(),
@@ -226,7 +283,11 @@ pub fn listener() -> Listener {
             config_source: Some(proto::ads()),
             route_config_name: names::OUTBOUND_HTTP.to_string(),
         })),
-        http_filters: vec![router()],
+        http_filters: vec![
+            proto::http_filter(names::RATELIMIT_FILTER, proto::any(&breaker_check())),
+            router(),
+        ],
+        access_log: vec![breaker_log()],
         ..Default::default()
     };
     // HTTP goes through the route table; any other protocol (a database, TLS to the outside)
@@ -247,6 +308,58 @@ pub fn listener() -> Listener {
         default_filter_chain: Some(proto::tcp_passthrough(names::OUTBOUND_PASSTHROUGH)),
         traffic_direction: TrafficDirection::Outbound as i32,
         ..Default::default()
+    }
+}
+
+/// The breakers' check: before each call on a breaker route, the agent answers from its copy
+/// of the breaker's state; OVER_LIMIT (OPEN, or HALF_OPEN with no probe left) becomes a 503
+/// with the agent's `x-breakwater-breaker` header.
+fn breaker_check() -> RateLimitFilter {
+    RateLimitFilter {
+        domain: DOMAIN.to_string(),
+        timeout: Some(proto::millis(RLS_TIMEOUT_MS)),
+        // An agent that does not answer must not stop the application's calls.
+        failure_mode_deny: false,
+        rate_limit_service: Some(RateLimitServiceConfig {
+            grpc_service: Some(proto::agent_service()),
+            transport_api_version: ApiVersion::V3 as i32,
+        }),
+        // Not 429: the caller is not over a limit, the Service is failing. gRPC callers get
+        // UNAVAILABLE (rate_limited_as_resource_exhausted stays off).
+        rate_limited_status: Some(HttpStatus { code: StatusCode::ServiceUnavailable as i32 }),
+        enable_x_ratelimit_headers: XRateLimitHeadersRfcVersion::Off as i32,
+        // x-envoy-ratelimited would call the 503 a rate limit; the agent's header names the
+        // breaker's policy instead.
+        disable_x_envoy_ratelimited_header: true,
+        ..Default::default()
+    }
+}
+
+/// Streams the outcome of every call on a breaker route (status, duration, response flags)
+/// to the agent over Envoy's gRPC access-log service.
+fn breaker_log() -> AccessLog {
+    let grpc = HttpGrpcAccessLogConfig {
+        common_config: Some(CommonGrpcAccessLogConfig {
+            log_name: BREAKER_LOG_NAME.to_string(),
+            grpc_service: Some(proto::agent_service()),
+            transport_api_version: ApiVersion::V3 as i32,
+            buffer_flush_interval: Some(proto::millis(BREAKER_LOG_FLUSH_MS)),
+            buffer_size_bytes: proto::u32_value(BREAKER_LOG_BUFFER_BYTES),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    // Only breaker routes are named (virtual_host), so this logs their calls and no others.
+    let named_routes = ExpressionFilter { expression: BREAKER_LOG_FILTER.to_string(), cel_config: None };
+    AccessLog {
+        name: "envoy.access_loggers.http_grpc".to_string(),
+        filter: Some(AccessLogFilter {
+            filter_specifier: Some(access_log_filter::FilterSpecifier::ExtensionFilter(ExtensionFilter {
+                name: "envoy.access_loggers.extension_filters.cel".to_string(),
+                config_type: Some(extension_filter::ConfigType::TypedConfig(proto::any(&named_routes))),
+            })),
+        }),
+        config_type: Some(access_log::ConfigType::TypedConfig(proto::any(&grpc))),
     }
 }
 

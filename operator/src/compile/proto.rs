@@ -10,14 +10,17 @@ use envoy_types::pb::{
             cluster::{ClusterDiscoveryType, DiscoveryType, LbPolicy},
         },
         config::core::v3::{
-            Address, AggregatedConfigSource, ApiVersion, ConfigSource, Http2ProtocolOptions,
+            Address, AggregatedConfigSource, ApiVersion, ConfigSource, GrpcService, Http2ProtocolOptions,
             RuntimeFractionalPercent, SocketAddress, TypedExtensionConfig, address,
-            config_source::ConfigSourceSpecifier, socket_address,
+            config_source::ConfigSourceSpecifier, grpc_service, socket_address,
         },
         config::listener::v3::{Filter, FilterChain, ListenerFilter, filter, listener_filter},
         extensions::filters::{
             listener::{http_inspector::v3::HttpInspector, original_dst::v3::OriginalDst},
-            network::tcp_proxy::v3::{TcpProxy, tcp_proxy},
+            network::{
+                http_connection_manager::v3::{HttpFilter, http_filter},
+                tcp_proxy::v3::{TcpProxy, tcp_proxy},
+            },
         },
         extensions::upstreams::http::v3::{
             HttpProtocolOptions,
@@ -76,6 +79,27 @@ pub fn http_inspector() -> ListenerFilter {
     ListenerFilter {
         name: "envoy.filters.listener.http_inspector".to_string(),
         config_type: Some(listener_filter::ConfigType::TypedConfig(any(&HttpInspector::default()))),
+        ..Default::default()
+    }
+}
+
+/// The pod's agent (rate-limit and access-log services) as a gRPC service of Envoy's own
+/// client, through the bootstrap cluster.
+pub fn agent_service() -> GrpcService {
+    GrpcService {
+        target_specifier: Some(grpc_service::TargetSpecifier::EnvoyGrpc(grpc_service::EnvoyGrpc {
+            cluster_name: super::names::AGENT_CLUSTER.to_string(),
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+/// An HTTP filter of the connection manager, by the name Envoy registers it under.
+pub fn http_filter(name: &str, config: Any) -> HttpFilter {
+    HttpFilter {
+        name: name.to_string(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(config)),
         ..Default::default()
     }
 }

@@ -74,5 +74,24 @@ pub fn circuit_breaker_policy(spec: &CircuitBreakerPolicySpec) -> Result<(), Str
             "Envoy needs a positive interval between ejection sweeps",
         )?;
     }
+    // The agents refuse a configuration whose breaker they cannot run, and every agent has
+    // every breaker: one such policy would stop every agent's updates.
+    if let Some(breaker) = &spec.breaker {
+        positive(
+            "breaker.openDuration",
+            Some(&breaker.open_duration),
+            "an OPEN breaker would let probes through at once, so it would never reject a call",
+        )?;
+        positive(
+            "breaker.slidingWindow.duration",
+            breaker.sliding_window.duration.as_ref(),
+            "a Time window of no time holds no calls to judge",
+        )?;
+        positive(
+            "breaker.slowCall.duration",
+            breaker.slow_call.as_ref().map(|s| &s.duration),
+            "every call would be slow; omit slowCall for no slow-call rule",
+        )?;
+    }
     Ok(())
 }

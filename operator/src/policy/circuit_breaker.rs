@@ -82,6 +82,14 @@ fn validate(spec: &CircuitBreakerPolicySpec) -> Result<(), Verdict> {
             spec.outlier_detection.as_ref().and_then(|o| o.base_ejection_time.as_ref()),
         ),
         ("breaker.openDuration", spec.breaker.as_ref().map(|b| &b.open_duration)),
+        (
+            "breaker.slidingWindow.duration",
+            spec.breaker.as_ref().and_then(|b| b.sliding_window.duration.as_ref()),
+        ),
+        (
+            "breaker.slowCall.duration",
+            spec.breaker.as_ref().and_then(|b| b.slow_call.as_ref()).map(|s| &s.duration),
+        ),
     ];
     for (field, duration) in durations {
         if let Some(Err(err)) = duration.map(|d| d.to_std()) {

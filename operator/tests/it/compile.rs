@@ -6,7 +6,10 @@
 
 use std::collections::BTreeSet;
 
-use breakwater_api::agent::{AgentConfig, LIMIT_KEY, LeaseRule, RateLimitRule};
+use breakwater_api::{
+    agent::{AgentConfig, BreakerRule, LIMIT_KEY, LeaseRule, RateLimitRule},
+    circuit_breaker::{BreakerFallback, WindowKind},
+};
 use breakwater_operator::{
     compile::{self, Compiled, PolicyVersion, Proxy, Snapshot, names, type_url},
     inventory::{Inventory, ObjectName},
@@ -14,8 +17,9 @@ use breakwater_operator::{
 };
 use envoy_types::pb::envoy::{
     config::{
+        accesslog::v3::{access_log, access_log_filter, extension_filter},
         cluster::v3::{Cluster, OutlierDetection, circuit_breakers::Thresholds},
-        core::v3::{address, socket_address},
+        core::v3::{ApiVersion, GrpcService, address, grpc_service, socket_address},
         endpoint::v3::{ClusterLoadAssignment, lb_endpoint},
         listener::v3::Listener,
         route::v3::{
@@ -24,6 +28,7 @@ use envoy_types::pb::envoy::{
         },
     },
     extensions::{
+        access_loggers::{filters::cel::v3::ExpressionFilter, grpc::v3::HttpGrpcAccessLogConfig},
         common::ratelimit::v3::LocalRateLimitDescriptor,
         filters::{
             http::{local_ratelimit::v3::LocalRateLimit, ratelimit::v3::RateLimit as RateLimitFilter},
@@ -375,18 +380,168 @@ fn timeout() {
     assert_eq!(api_route(&s).timeout.map(|d| d.seconds), Some(120));
 }
 
-// ---- breaker: agent-side, not compiled yet ----------------------------------------------
+// ---- breaker: named route + descriptor, the listener's check and log, every agent's rule --
+
+const BREAKER: &str =
+    "  breaker: {failureRateThreshold: 50, slidingWindow: {type: Count, size: 10}, openDuration: 30s}";
+
+fn outbound_hcm(s: &Snapshot) -> HttpConnectionManager {
+    let listener: Listener = decode(s, type_url::LISTENER, names::OUTBOUND_HTTP);
+    let Some(envoy_types::pb::envoy::config::listener::v3::filter::ConfigType::TypedConfig(any)) =
+        listener.filter_chains[0].filters[0].config_type.clone()
+    else {
+        panic!("no HCM")
+    };
+    HttpConnectionManager::decode(any.value.as_slice()).expect("hcm")
+}
 
 #[test]
-fn breaker_is_not_compiled_and_not_claimed() {
-    let spec =
-        "  breaker: {failureRateThreshold: 50, slidingWindow: {type: Count, size: 10}, openDuration: 30s}";
-    let s = snapshot(&cbp(spec), API_POD);
-    assert!(s.policies.keys().all(|p| p.kind != compile::CIRCUIT_BREAKER_POLICY), "{:?}", s.policies);
+fn breaker_names_the_route_and_sends_its_descriptor() {
+    // Every caller's routes, in the Service's namespace (short names) and elsewhere.
+    for caller in [API_POD, "lab/api-1", "shop/unknown"] {
+        let s = snapshot(&cbp(BREAKER), caller);
+        let host = virtual_host(&s, "api.shop.svc.cluster.local:80");
+        assert_eq!(host.routes[0].name, "shop/api:80", "the breaker id, with the port's number");
+        assert_eq!(
+            descriptors(&route_action(&host).rate_limits),
+            [[format!("{}=shop/api:80", breakwater_api::agent::BREAKER_KEY)]]
+        );
+        // sectionName: http — the other port has no breaker, so no name and no descriptor.
+        let admin = virtual_host(&s, "api.shop.svc.cluster.local:9000");
+        assert_eq!(admin.routes[0].name, "", "only breaker routes are named");
+        assert!(route_action(&admin).rate_limits.is_empty());
+    }
+    let none = snapshot("", API_POD);
+    let routes: RouteConfiguration = decode(&none, type_url::ROUTE, names::OUTBOUND_HTTP);
+    assert!(routes.virtual_hosts.iter().all(|v| v.routes[0].name.is_empty()));
+}
+
+#[test]
+fn the_outbound_listener_asks_the_agent_and_logs_breaker_calls_to_it() {
+    let s = snapshot(&cbp(BREAKER), API_POD);
+    let hcm = outbound_hcm(&s);
+    let filters: Vec<&str> = hcm.http_filters.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(filters, [names::RATELIMIT_FILTER, "envoy.filters.http.router"]);
+    let Some(http_filter::ConfigType::TypedConfig(any)) = hcm.http_filters[0].config_type.clone() else {
+        panic!("no config")
+    };
+    let check = RateLimitFilter::decode(any.value.as_slice()).expect("ratelimit");
+    assert_eq!(check.domain, breakwater_api::agent::DOMAIN);
+    assert!(!check.failure_mode_deny, "an agent that does not answer must not stop the calls");
+    assert_eq!(check.timeout.map(|t| t.nanos), Some(compile::RLS_TIMEOUT_MS as i32 * 1_000_000));
+    assert_eq!(check.rate_limited_status.map(|s| s.code), Some(503));
+    assert!(!check.rate_limited_as_resource_exhausted, "gRPC callers get UNAVAILABLE");
+    assert_eq!(check.enable_x_ratelimit_headers, 0, "no X-RateLimit-* headers");
+    assert!(check.disable_x_envoy_ratelimited_header);
+    let service = check.rate_limit_service.expect("service");
+    assert_eq!(service.transport_api_version, ApiVersion::V3 as i32);
+    assert_eq!(agent_cluster(service.grpc_service), names::AGENT_CLUSTER);
+
+    assert_eq!(hcm.access_log.len(), 1);
+    let log = &hcm.access_log[0];
+    assert_eq!(log.name, "envoy.access_loggers.http_grpc");
+    let Some(access_log::ConfigType::TypedConfig(any)) = log.config_type.clone() else { panic!("no config") };
+    let common = HttpGrpcAccessLogConfig::decode(any.value.as_slice()).expect("grpc log").common_config;
+    let common = common.expect("common config");
+    assert_eq!(common.log_name, breakwater_api::agent::BREAKER_LOG_NAME);
+    assert_eq!(common.transport_api_version, ApiVersion::V3 as i32);
+    assert_eq!(agent_cluster(common.grpc_service), names::AGENT_CLUSTER);
+    assert_eq!(common.buffer_flush_interval.map(|d| (d.seconds, d.nanos)), Some((0, 10_000_000)));
+    assert_eq!(common.buffer_size_bytes.map(|v| v.value), Some(16_384));
+    let Some(access_log_filter::FilterSpecifier::ExtensionFilter(filter)) =
+        log.filter.clone().and_then(|f| f.filter_specifier)
+    else {
+        panic!("no extension filter")
+    };
+    assert_eq!(filter.name, "envoy.access_loggers.extension_filters.cel");
+    let Some(extension_filter::ConfigType::TypedConfig(any)) = filter.config_type else { panic!("no CEL") };
+    let cel = ExpressionFilter::decode(any.value.as_slice()).expect("CEL filter");
+    assert_eq!(cel.expression, "xds.route_name != ''");
+    assert_eq!(cel.expression, compile::BREAKER_LOG_FILTER);
+
+    // The listener is the same with or without breakers: they come and go in RDS only.
+    let listener = |s: &Snapshot| s.resources[type_url::LISTENER][names::OUTBOUND_HTTP].clone();
+    assert_eq!(listener(&s), listener(&snapshot("", API_POD)));
+}
+
+fn agent_cluster(service: Option<GrpcService>) -> String {
+    match service.and_then(|s| s.target_specifier) {
+        Some(grpc_service::TargetSpecifier::EnvoyGrpc(envoy)) => envoy.cluster_name,
+        other => panic!("not Envoy's gRPC client: {other:?}"),
+    }
+}
+
+#[test]
+fn every_agent_gets_every_breaker_with_its_defaults() {
+    let expected = BreakerRule {
+        id: "shop/api:80".into(),
+        policy: "shop/cb".into(),
+        failure_rate_threshold: 50,
+        slow_call_ms: 0,
+        slow_call_rate_threshold: 0,
+        window: WindowKind::Count,
+        window_size: 10,
+        window_ms: 0,
+        minimum_calls: 10,
+        open_ms: 30_000,
+        half_open_calls: compile::DEFAULT_HALF_OPEN_CALLS,
+        fallback: BreakerFallback::Admit,
+    };
+    // The callers of every namespace, the pods behind the Service, and a pod the inventory
+    // does not know (its Envoy has the outbound routes that ask about the breaker).
+    for pod in [API_POD, "shop/web-1", "lab/api-1", "shop/unknown"] {
+        assert_eq!(agent(&snapshot(&cbp(BREAKER), pod)).breakers, std::slice::from_ref(&expected), "{pod}");
+    }
+    assert!(agent(&snapshot("", API_POD)).breakers.is_empty());
+}
+
+#[test]
+fn a_breaker_rule_carries_every_field_in_milliseconds() {
+    let spec = "  breaker:\n    failureRateThreshold: 40\n    slowCall: {duration: 1s500ms, rateThreshold: 70}\n    slidingWindow: {type: Time, duration: 1m}\n    minimumCalls: 5\n    openDuration: 45s\n    halfOpenCalls: 2\n    fallback: Reject";
+    let rules = agent(&snapshot(&cbp(spec), API_POD)).breakers;
     assert_eq!(
-        s,
-        snapshot("", API_POD),
-        "a breaker-only policy changes nothing until the agent has a breaker"
+        rules,
+        [BreakerRule {
+            id: "shop/api:80".into(),
+            policy: "shop/cb".into(),
+            failure_rate_threshold: 40,
+            slow_call_ms: 1_500,
+            slow_call_rate_threshold: 70,
+            window: WindowKind::Time,
+            window_size: 0,
+            window_ms: 60_000,
+            minimum_calls: 5,
+            open_ms: 45_000,
+            half_open_calls: 2,
+            fallback: BreakerFallback::Reject,
+        }]
+    );
+    // minimumCalls defaults to 100: as it is for a Time window, capped by a Count window.
+    let time =
+        "  breaker: {failureRateThreshold: 50, slidingWindow: {type: Time, duration: 10s}, openDuration: 1s}";
+    let count =
+        "  breaker: {failureRateThreshold: 50, slidingWindow: {type: Count, size: 500}, openDuration: 1s}";
+    for (spec, minimum) in [(time, 100), (count, 100), (BREAKER, 10)] {
+        assert_eq!(agent(&snapshot(&cbp(spec), API_POD)).breakers[0].minimum_calls, minimum, "{spec}");
+    }
+    assert_eq!(compile::DEFAULT_MINIMUM_CALLS, 100);
+}
+
+#[test]
+fn breakers_are_sorted_by_id_and_name_the_policy_their_section_came_from() {
+    // A root Default breaker for every production Service port, the namespace's own on api:80.
+    let root = "apiVersion: breakwater.dev/v1alpha1\nkind: CircuitBreakerPolicy\nmetadata: {name: root-breaker, namespace: breakwater-system}\nspec:\n  namespaceSelector: {matchLabels: {tier: production}}\n  mode: Default\n  breaker: {failureRateThreshold: 90, slidingWindow: {type: Count, size: 20}, openDuration: 5s}\n";
+    let policies = format!("{root}---\n{}", cbp(BREAKER));
+    let rules = agent(&snapshot(&policies, "lab/api-1")).breakers;
+    let ids: Vec<(&str, &str, u32)> =
+        rules.iter().map(|r| (r.id.as_str(), r.policy.as_str(), r.failure_rate_threshold)).collect();
+    assert_eq!(
+        ids,
+        [
+            ("shop/api:80", "shop/cb", 50),
+            ("shop/api:9000", "breakwater-system/root-breaker", 90),
+            ("shop/web:8080", "breakwater-system/root-breaker", 90),
+        ]
     );
 }
 
@@ -898,6 +1053,13 @@ fn a_policy_is_carried_by_the_types_that_hold_it() {
     let local = snapshot(&rlp("  limits: [{name: own, rate: {requests: 10, per: 1s}, scope: Pod}]"), API_POD);
     let (_, types) = local.policies.iter().next().expect("the limit is carried");
     assert_eq!(types, &BTreeSet::from(inbound));
+    // A breaker: the outbound listener (its check and log), the route (its name and
+    // descriptor) and the agent (its rule) — of every pod, a caller or not, known or not.
+    for pod in [API_POD, "lab/api-1", "shop/unknown"] {
+        let breaker = snapshot(&cbp(BREAKER), pod);
+        let (_, types) = breaker.policies.iter().next().expect("the breaker is carried");
+        assert_eq!(types, &BTreeSet::from([type_url::LISTENER, type_url::ROUTE, type_url::AGENT]), "{pod}");
+    }
 }
 
 /// The pods that carry each policy, connected or not: every pod the shared part carries,
@@ -925,6 +1087,31 @@ fn carriers_are_the_pods_whose_configuration_holds_the_policy() {
     assert!(pods(compile::LOCK_LEASE, "shop", "nothing").is_empty());
 }
 
+/// A breaker is carried by every pod — its agent has the rule whichever Services the pod
+/// backs — and the carriers agree with what each pod's snapshot claims.
+#[test]
+fn every_pod_carries_a_breaker() {
+    let inventory = world(&cbp(BREAKER));
+    let compiled = Compiled::new(&inventory);
+    let carriers = compiled.carriers();
+    let name = ObjectName::new("shop", "cb");
+    let pods: Vec<String> = carriers
+        .pods(compile::CIRCUIT_BREAKER_POLICY, &name)
+        .into_iter()
+        .flatten()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(pods, ["lab/api-1", "shop/api-1", "shop/web-1"]);
+    for pod in inventory.pods.keys() {
+        let snapshot = compiled.snapshot(&Proxy { pod: pod.clone() });
+        assert!(snapshot.policies.keys().any(|p| p.name == name), "{pod} claims the breaker");
+        assert_eq!(agent(&snapshot).breakers.len(), 1, "{pod}'s agent has its rule");
+    }
+    // The shared part claims it, for the types every pod's snapshot has.
+    let shared = compiled.shared().policies.iter().find(|(p, _)| p.name == name).expect("shared");
+    assert!(shared.1.contains(type_url::AGENT));
+}
+
 #[test]
 fn refused_policies_are_neither_compiled_nor_claimed() {
     let refused = cbp("  outlierDetection: {interval: 0s}");
@@ -947,6 +1134,24 @@ fn checks_name_the_field_and_the_reason() {
         (
             cbp("  retry: {attempts: 1, backoff: {base: 0s, max: 1s}}"),
             "spec.retry.backoff.base: must be longer than 0s",
+        ),
+        (
+            cbp(
+                "  breaker: {failureRateThreshold: 50, slidingWindow: {type: Count, size: 10}, openDuration: 0s}",
+            ),
+            "spec.breaker.openDuration: must be longer than 0s",
+        ),
+        (
+            cbp(
+                "  breaker: {failureRateThreshold: 50, slidingWindow: {type: Time, duration: 0ms}, openDuration: 1s}",
+            ),
+            "spec.breaker.slidingWindow.duration: must be longer than 0s",
+        ),
+        (
+            cbp(
+                "  breaker: {failureRateThreshold: 50, slowCall: {duration: 0s, rateThreshold: 50}, slidingWindow: {type: Count, size: 10}, openDuration: 1s}",
+            ),
+            "spec.breaker.slowCall.duration: must be longer than 0s",
         ),
         (
             rlp("  limits: [{name: a, key: [{remoteAddress: false}], rate: {requests: 1, per: 1s}}]"),

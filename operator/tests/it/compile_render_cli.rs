@@ -56,6 +56,66 @@ fn one_proxy_as_json_is_a_discovery_like_document() {
     assert_eq!(doc["bootstrap"]["node"]["id"], API_POD);
 }
 
+/// The resources of one type in a rendered proxy.
+fn resources<'a>(doc: &'a serde_json::Value, type_url: &str) -> &'a Vec<serde_json::Value> {
+    let response = doc["discovery"].as_array().expect("discovery").iter().find(|r| r["type_url"] == type_url);
+    response.and_then(|r| r["resources"].as_array()).unwrap_or_else(|| panic!("no {type_url}"))
+}
+
+/// The payments example's breaker as a user reads it in `render`: the route named after it
+/// with its descriptor, the outbound listener's check and access log, the agent's rule.
+#[test]
+fn the_payments_breaker_is_rendered_in_routes_listener_and_agent() {
+    let (code, stdout, stderr) = render(&["--proxy", API_POD, "-o", "json"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let doc: serde_json::Value = serde_json::from_str(&stdout).expect("one JSON object");
+
+    let routes = resources(&doc, "type.googleapis.com/envoy.config.route.v3.RouteConfiguration");
+    let outbound = routes.iter().find(|r| r["name"] == "outbound_http").expect("outbound_http");
+    let hosts = outbound["virtual_hosts"].as_array().expect("virtual hosts");
+    let payments =
+        hosts.iter().find(|h| h["name"] == "payments.shop.svc.cluster.local:80").expect("payments");
+    let route = &payments["routes"][0];
+    assert_eq!(route["name"], "shop/payments:80");
+    assert_eq!(
+        route["route"]["rate_limits"],
+        serde_json::json!([{ "actions": [{ "generic_key": {
+            "descriptor_key": "breakwater.breaker", "descriptor_value": "shop/payments:80" } }] }])
+    );
+    let named: Vec<&serde_json::Value> =
+        hosts.iter().filter(|h| h["routes"][0].get("name").is_some()).collect();
+    assert_eq!(named.len(), 1, "only the breaker's route is named");
+
+    let listeners = resources(&doc, "type.googleapis.com/envoy.config.listener.v3.Listener");
+    let listener = listeners.iter().find(|l| l["name"] == "outbound_http").expect("outbound_http");
+    let hcm = &listener["filter_chains"][0]["filters"][0]["typed_config"];
+    let filters: Vec<&str> =
+        hcm["http_filters"].as_array().expect("filters").iter().filter_map(|f| f["name"].as_str()).collect();
+    assert_eq!(filters, ["envoy.filters.http.ratelimit", "envoy.filters.http.router"]);
+    let check = &hcm["http_filters"][0]["typed_config"];
+    assert_eq!(check["domain"], "breakwater");
+    assert_eq!(check["rate_limited_status"]["code"], "ServiceUnavailable");
+    assert!(check.get("failure_mode_deny").is_none(), "false: the call goes on when the agent is silent");
+    let log = &hcm["access_log"][0];
+    assert_eq!(log["name"], "envoy.access_loggers.http_grpc");
+    assert_eq!(log["filter"]["extension_filter"]["typed_config"]["expression"], "xds.route_name != ''");
+    assert_eq!(log["typed_config"]["common_config"]["log_name"], "breakwater_breaker");
+    assert_eq!(
+        log["typed_config"]["common_config"]["grpc_service"]["envoy_grpc"]["cluster_name"],
+        "breakwater_agent"
+    );
+
+    let agent = &resources(&doc, "type.googleapis.com/breakwater.agent.v1alpha1.AgentConfig")[0];
+    assert_eq!(
+        agent["breakers"],
+        serde_json::json!([{
+            "id": "shop/payments:80", "policy": "shop/payments", "failureRateThreshold": 50,
+            "slowCallMs": 2000, "slowCallRateThreshold": 80, "window": "Count", "windowSize": 100,
+            "windowMs": 0, "minimumCalls": 20, "openMs": 30000, "halfOpenCalls": 3, "fallback": "Admit",
+        }])
+    );
+}
+
 #[test]
 fn every_pod_as_yaml_documents() {
     let (code, stdout, stderr) = render(&[]);
@@ -83,6 +143,10 @@ fn an_unknown_pod_gets_the_outbound_side_with_a_note() {
     let listeners = &doc["discovery"][0]["resources"];
     assert_eq!(listeners.as_array().map(Vec::len), Some(1));
     assert_eq!(listeners[0]["name"], "outbound_http");
+    // Its Envoy asks about the breakers on the outbound routes, so its agent has them.
+    let agent = &resources(&doc, "type.googleapis.com/breakwater.agent.v1alpha1.AgentConfig")[0];
+    assert_eq!(agent["breakers"][0]["id"], "shop/payments:80");
+    assert!(agent.get("rateLimits").is_none_or(|r| r.as_array().is_some_and(Vec::is_empty)));
 }
 
 #[test]
