@@ -13,28 +13,14 @@
 //! returns ends when the connection drops, and the subscriber resubscribes and then re-reads
 //! every lease (what the operator does, besides its periodic reconciliation).
 
-use std::time::Duration;
+use futures::Stream;
 
-use futures::{Stream, StreamExt};
-
-use crate::connection::open;
+pub use crate::pubsub::events_url;
 use crate::{Error, RedisTopology};
-
-/// How long subscribing may take (connect and `SUBSCRIBE`).
-const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The channel leases under `prefix` are published on.
 pub fn channel(prefix: &str) -> String {
     format!("{prefix}:lease-events")
-}
-
-/// Where to subscribe: the server, or the first Cluster seed (a Cluster delivers a
-/// `PUBLISH` to the subscribers of every node).
-pub fn events_url(topology: &RedisTopology) -> Result<&str, Error> {
-    match topology {
-        RedisTopology::Standalone(url) => Ok(url),
-        RedisTopology::Cluster(seeds) => seeds.first().map(String::as_str).ok_or(Error::NoSeeds),
-    }
 }
 
 /// Subscribes to the lease events under `prefix` on the Redis of `topology`: a stream of
@@ -43,37 +29,5 @@ pub async fn subscribe(
     topology: &RedisTopology,
     prefix: &str,
 ) -> Result<impl Stream<Item = String> + Send + 'static, Error> {
-    let client = open(events_url(topology)?)?;
-    let channel = channel(prefix);
-    let subscribed = async {
-        let mut pubsub = client.get_async_pubsub().await?;
-        pubsub.subscribe(&channel).await?;
-        Ok::<_, redis::RedisError>(pubsub)
-    };
-    let pubsub = tokio::time::timeout(SUBSCRIBE_TIMEOUT, subscribed)
-        .await
-        .map_err(|_| Error::Timeout { call: "SUBSCRIBE", deadline: SUBSCRIBE_TIMEOUT })??;
-    Ok(pubsub.into_on_message().filter_map(|message| async move {
-        match message.get_payload::<String>() {
-            Ok(id) => Some(id),
-            Err(error) => {
-                tracing::warn!(%error, "ignoring a lease event that is not a UTF-8 lease id");
-                None
-            }
-        }
-    }))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn subscribes_on_the_server_or_the_first_seed() {
-        let standalone = RedisTopology::Standalone("redis://a:1".into());
-        assert_eq!(events_url(&standalone).unwrap(), "redis://a:1");
-        let cluster = RedisTopology::Cluster(vec!["redis://b:1".into(), "redis://c:1".into()]);
-        assert_eq!(events_url(&cluster).unwrap(), "redis://b:1");
-        assert!(matches!(events_url(&RedisTopology::Cluster(vec![])), Err(Error::NoSeeds)));
-    }
+    crate::pubsub::subscribe(topology, &channel(prefix), |id| Some(id.to_string())).await
 }

@@ -1,15 +1,15 @@
 //! Leases in this process: the Redis scripts' semantics over a map, for one agent alone
-//! (standalone mode) and tests. The clock is `tokio::time::Instant`, mapped to µs since the
-//! Unix epoch at creation, so tests under tokio's paused clock control expiry.
+//! (standalone mode) and tests. The clock is a [`TokioClock`] (`tokio::time::Instant`,
+//! mapped to µs since the Unix epoch at creation), so tests under tokio's paused clock
+//! control expiry.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-use tokio::time::Instant;
+use std::time::Duration;
 
 use super::{Attempt, Grant, LeaseState, LeaseStore, not_holder};
 use crate::Error;
+use crate::clock::{Clock, TokioClock, micros};
 
 /// Leases in memory. Clones share the leases.
 #[derive(Debug, Clone, Default)]
@@ -17,21 +17,10 @@ pub struct MemoryLeases {
     inner: Arc<Inner>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Inner {
     leases: Mutex<HashMap<String, Lease>>,
-    origin: Instant,
-    origin_us: i64,
-}
-
-impl Default for Inner {
-    fn default() -> Self {
-        let origin_us = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
-            .unwrap_or(0);
-        Inner { leases: Mutex::default(), origin: Instant::now(), origin_us }
-    }
+    clock: TokioClock,
 }
 
 /// One lease: its live grants and its newest token (kept for the process's life, unlike the
@@ -49,8 +38,7 @@ impl MemoryLeases {
 
     /// The store's clock, µs since the Unix epoch.
     pub fn now_us(&self) -> i64 {
-        let elapsed = Instant::now().saturating_duration_since(self.inner.origin);
-        self.inner.origin_us.saturating_add(micros(elapsed))
+        self.inner.clock.now_us()
     }
 
     fn leases(&self) -> MutexGuard<'_, HashMap<String, Lease>> {
@@ -68,10 +56,6 @@ impl MemoryLeases {
         entry.drop_expired(now);
         f(entry, now)
     }
-}
-
-fn micros(d: Duration) -> i64 {
-    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }
 
 impl Lease {

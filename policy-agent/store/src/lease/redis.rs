@@ -26,7 +26,9 @@ use std::time::Duration;
 use redis::{Script, ScriptInvocation, Value};
 
 use super::{Attempt, Grant, LeaseState, LeaseStore, not_holder};
+use crate::clock::micros;
 use crate::key::escape_into;
+use crate::reply::{ints, unexpected};
 use crate::{Error, RedisConnection};
 
 /// The deadline of one lease call when the caller has no reason to pick another. Lease
@@ -146,10 +148,6 @@ impl RedisLeases {
     }
 }
 
-fn micros(d: Duration) -> i64 {
-    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
-}
-
 impl LeaseStore for RedisLeases {
     async fn try_acquire(
         &self,
@@ -198,28 +196,6 @@ impl LeaseStore for RedisLeases {
         let reply = self.run(&invocation).await?;
         parse_state(&reply)
     }
-}
-
-fn unexpected(script: &'static str, reply: &[Value]) -> Error {
-    Error::UnexpectedReply { script, reply: format!("{reply:?}") }
-}
-
-fn int(value: &Value) -> Option<i64> {
-    match value {
-        Value::Int(i) => Some(*i),
-        _ => None,
-    }
-}
-
-fn ints<const N: usize>(values: &[Value]) -> Option<[i64; N]> {
-    if values.len() != N {
-        return None;
-    }
-    let mut out = [0; N];
-    for (slot, value) in out.iter_mut().zip(values) {
-        *slot = int(value)?;
-    }
-    Some(out)
 }
 
 fn grant(holder: &str, [token, acquired, renewed, expires]: [i64; 4]) -> Grant {
