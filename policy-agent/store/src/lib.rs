@@ -1,9 +1,9 @@
 //! `breakwater-store`: what Breakwater keeps in Redis, for the two processes that read it.
-//! The agent (`breakwater-agent`) grants leases, counts requests and steps the shared
-//! circuit breakers here; the operator (`breakwater-operator`) reads who holds each lease
-//! and each breaker's state. Both link this crate and nothing of each other, so the
-//! operator never links the rate-limit server, the lease HTTP API or the ADS client, and
-//! the two can never disagree on the key layout.
+//! The agent (`breakwater-agent`) grants leases, counts requests, steps the shared circuit
+//! breakers and counts shadow-mode rejections here; the operator (`breakwater-operator`)
+//! reads who holds each lease, each breaker's state and the shadow counts. Both link this
+//! crate and nothing of each other, so the operator never links the rate-limit server, the
+//! lease HTTP API or the ADS client, and the two can never disagree on the key layout.
 //!
 //! - [`connection`]: [`RedisTopology`] (standalone or Cluster) and [`RedisConnection`], the
 //!   shared multiplexed connections kept alive by a background task;
@@ -14,6 +14,7 @@
 //!   Service port, a Lua script on Redis's clock ([`breaker::RedisBreakers`]) and its pure
 //!   twin ([`breaker::Machine`], run by [`breaker::MemoryBreakers`]), with its transitions
 //!   published as [`breaker::Event`]s;
+//! - [`shadow`]: per-minute counts of what a shadow-mode rate-limit rule would have rejected;
 //! - [`relay`]: an outbox relay's live facts;
 //! - [`pubsub`]: subscribing to the channels the scripts publish on (leases, breakers);
 //! - [`clock`]: the clock of the in-memory stores (Redis `TIME`'s stand-in);
@@ -29,6 +30,7 @@ pub mod lease;
 pub mod pubsub;
 pub mod relay;
 mod reply;
+pub mod shadow;
 
 pub use connection::{RedisConnection, RedisSettings, RedisTopology, redact};
 pub use error::{Error, ErrorKind, Result};
