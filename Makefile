@@ -129,6 +129,15 @@ bench: bench-lease
 
 .PHONY: bench-lease
 
+## bench-breaker: the shared breaker on four agents and one Redis: CLOSED-state checks beside
+## the in-memory rate-limit check, access-log ingestion, failure-to-OPEN propagation, memory
+bench-breaker:
+	$(CARGO) bench -q -p breakwater-agent --bench breaker
+
+bench: bench-breaker
+
+.PHONY: bench-breaker
+
 ## bench-outbox: the outbox relay (release binary) against PostgreSQL, Redis and NATS, beside
 ## plain loops doing the same SQL and broker calls: rows/s, lag at 2,000 rows/s, peak RSS
 bench-outbox:

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::breaker::BreakerSettings;
 use crate::lease::leader::LeaderSettings;
 use crate::limiter::LimiterSettings;
 use crate::source::ConfigSource;
@@ -91,6 +92,14 @@ pub struct Cli {
     /// Prefix of every counter key.
     #[arg(long, default_value = "bw")]
     pub key_prefix: String,
+    /// How often the calls Envoy logged are added to the breakers' windows in Redis: bounds
+    /// how late a failure counts.
+    #[arg(long, default_value = "20ms", value_parser = parse_duration)]
+    pub breaker_flush_interval: Duration,
+    /// How long breakers keep their last known state while Redis is unreachable, before
+    /// each answers by its policy's fallback.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub breaker_hold: Duration,
     /// Over-limit counters remembered locally (0 disables the cache).
     #[arg(long, default_value_t = 65_536)]
     pub over_limit_cache: usize,
@@ -141,6 +150,12 @@ pub fn settings(cli: &Cli) -> Result<Settings> {
             leaders: cli.leaders.clone(),
             leader: LeaderSettings { dir: cli.leader_dir.clone(), ..LeaderSettings::default() },
             deadline: cli.lease_deadline,
+        },
+        breakers: BreakerSettings {
+            flush_interval: cli.breaker_flush_interval,
+            deadline: cli.deadline,
+            hold: cli.breaker_hold,
+            ..BreakerSettings::default()
         },
     })
 }

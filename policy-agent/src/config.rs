@@ -19,10 +19,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
-use breakwater_api::agent::{AgentConfig, LeaseRule, RateLimitRule};
+use breakwater_api::agent::{AgentConfig, BreakerRule, LeaseRule, RateLimitRule};
 use breakwater_api::rate_limit::FailureMode;
 
 use crate::algorithm::Limit;
+use crate::breaker::{self, CompiledBreaker};
 use crate::metrics::{Metrics, RuleCounters};
 use crate::{Error, Result};
 
@@ -43,6 +44,8 @@ pub struct RuleSet {
     pub all_fail_open: bool,
     /// The leases this pod may take, validated, in the configuration's order (by id).
     pub leases: Vec<LeaseRule>,
+    /// The breakers of every Service that has one, validated (the board keeps their state).
+    pub breakers: Vec<CompiledBreaker>,
     /// Set by [`RuleHolder::store`]: distinct for every rule set published.
     pub generation: u64,
 }
@@ -123,8 +126,28 @@ impl RuleSet {
         }
         validate_leases(&config.leases)?;
         let all_fail_open = config.rate_limits.iter().all(|r| r.failure_mode == FailureMode::Open);
-        Ok(RuleSet { rules, all_fail_open, leases: config.leases.clone(), generation: 0 })
+        let breakers = compile_breakers(&config.breakers)?;
+        Ok(RuleSet { rules, all_fail_open, leases: config.leases.clone(), breakers, generation: 0 })
     }
+}
+
+/// Checks and converts the breakers of one configuration: ids present and unique, numbers
+/// the state machine can run ([`crate::breaker::params`]).
+fn compile_breakers(breakers: &[BreakerRule]) -> Result<Vec<CompiledBreaker>> {
+    let mut ids = HashSet::with_capacity(breakers.len());
+    breakers
+        .iter()
+        .map(|rule| {
+            let refuse = |problem: String| Error::InvalidBreaker { id: rule.id.clone(), problem };
+            if rule.id.is_empty() {
+                return Err(refuse("empty id".into()));
+            }
+            if !ids.insert(rule.id.as_str()) {
+                return Err(refuse("the id appears twice".into()));
+            }
+            Ok(CompiledBreaker { rule: rule.clone(), params: breaker::params(rule).map_err(refuse)? })
+        })
+        .collect()
 }
 
 /// The current rule set; empty until a first configuration arrives.

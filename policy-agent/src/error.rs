@@ -45,6 +45,9 @@ pub enum Error {
     /// A lease of the configuration the agent cannot grant.
     #[error("lease {name:?} (id {id:?}): {problem}")]
     InvalidLease { id: String, name: String, problem: String },
+    /// A breaker of the configuration the agent cannot run.
+    #[error("breaker {id:?}: {problem}")]
+    InvalidBreaker { id: String, problem: String },
 
     /// No `LockLease` of that name selects this pod (HTTP 404).
     #[error("no lease {0:?} for this pod: no LockLease of that name in its namespace selects it")]
@@ -123,7 +126,8 @@ impl Error {
             Error::InvalidRule { .. }
             | Error::DuplicateRule(_)
             | Error::EmptyRuleId
-            | Error::InvalidLease { .. } => "config",
+            | Error::InvalidLease { .. }
+            | Error::InvalidBreaker { .. } => "config",
             Error::UnknownLease(_) => "unknown_lease",
             Error::LeaseBusy { .. } => "lease_busy",
             Error::Store(breakwater_store::Error::NotHolder { .. }) => "not_holder",

@@ -23,6 +23,7 @@
 pub mod ads;
 pub mod ads_proxy;
 pub mod algorithm;
+pub mod breaker;
 pub mod cache;
 pub mod capture;
 pub mod cli;

@@ -14,7 +14,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use breakwater_api::agent::{DOMAIN, LIMIT_KEY};
+use breakwater_api::agent::{BREAKER_HEADER, BREAKER_KEY, DOMAIN, LIMIT_KEY};
 use breakwater_api::rate_limit::FailureMode;
 use breakwater_store::key::escape_into;
 use envoy_types::pb::envoy::config::core::v3::HeaderValue;
@@ -27,6 +27,7 @@ use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimit
 use envoy_types::pb::google::protobuf::Duration as PbDuration;
 
 use crate::algorithm::Verdict;
+use crate::breaker::{Board, Decision};
 use crate::cache::OverLimitCache;
 use crate::config::{CompiledRule, RuleHolder};
 use crate::metrics::Metrics;
@@ -79,18 +80,35 @@ pub struct Limiter<S> {
     cache: OverLimitCache,
     metrics: Arc<Metrics>,
     settings: LimiterSettings,
+    /// The breakers, when this agent runs them: descriptors whose first entry is
+    /// `BREAKER_KEY` are theirs.
+    breakers: Option<Arc<Board>>,
 }
 
 /// What happened to one descriptor.
 enum Outcome {
     Unknown,
+    Breaker(Decision),
     Decided { rule: Arc<CompiledRule>, verdict: Verdict, cached: bool },
     Failed { rule: Arc<CompiledRule> },
 }
 
 impl<S: CounterStore> Limiter<S> {
     pub fn new(store: S, rules: Arc<RuleHolder>, metrics: Arc<Metrics>, settings: LimiterSettings) -> Self {
-        Limiter { cache: OverLimitCache::new(settings.cache_capacity), store, rules, metrics, settings }
+        Limiter {
+            cache: OverLimitCache::new(settings.cache_capacity),
+            store,
+            rules,
+            metrics,
+            settings,
+            breakers: None,
+        }
+    }
+
+    /// Also answers breaker descriptors, from `board`.
+    pub fn with_breakers(mut self, board: Arc<Board>) -> Self {
+        self.breakers = Some(board);
+        self
     }
 
     pub fn store(&self) -> &S {
@@ -151,6 +169,17 @@ impl<S: CounterStore> Limiter<S> {
             self.metrics.unknown_descriptor("no_limit_key");
             return Outcome::Unknown;
         };
+        if first.key == BREAKER_KEY
+            && let Some(board) = &self.breakers
+        {
+            return match board.decide(&first.value).await {
+                Decision::Unknown => {
+                    self.metrics.unknown_descriptor("unknown_breaker");
+                    Outcome::Unknown
+                }
+                decision => Outcome::Breaker(decision),
+            };
+        }
         if first.key != LIMIT_KEY {
             self.metrics.unknown_descriptor("no_limit_key");
             return Outcome::Unknown;
@@ -271,9 +300,18 @@ fn respond(outcomes: &[Outcome]) -> RateLimitResponse {
     // frees up last, else the one with the least left.
     let mut binding: Option<(&CompiledRule, &Verdict)> = None;
     let mut statuses = Vec::with_capacity(outcomes.len());
+    // Envoy adds these to its 503: which policy's breaker refused the call.
+    let mut breaker_headers = Vec::new();
     for outcome in outcomes {
         let status = match outcome {
-            Outcome::Unknown => DescriptorStatus { code: Code::Ok as i32, ..Default::default() },
+            Outcome::Unknown | Outcome::Breaker(Decision::Unknown | Decision::Admit(_)) => {
+                DescriptorStatus { code: Code::Ok as i32, ..Default::default() }
+            }
+            Outcome::Breaker(Decision::Reject(breaker)) => {
+                over = true;
+                breaker_headers.push(header(BREAKER_HEADER, breaker.rule.policy.clone()));
+                DescriptorStatus { code: Code::OverLimit as i32, ..Default::default() }
+            }
             Outcome::Decided { rule, verdict, cached } => {
                 let shadow = rule.rule.shadow;
                 let code = match (verdict.admitted, shadow) {
@@ -354,6 +392,7 @@ fn respond(outcomes: &[Outcome]) -> RateLimitResponse {
             headers.push(header("retry-after", ceil_secs(verdict.retry_after).max(1).to_string()));
         }
     }
+    headers.append(&mut breaker_headers);
     if over && failed_closed && !headers.iter().any(|h| h.key == "retry-after") {
         headers.push(header("retry-after", "1".into()));
     }

@@ -26,6 +26,28 @@ struct KindLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BreakerLabels {
+    breaker: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BreakerResultLabels {
+    breaker: String,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallKindLabels {
+    call: &'static str,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct LeaseLabels {
     lease: String,
 }
@@ -59,6 +81,22 @@ pub struct RuleCounters {
     pub failure_closed: Counter,
 }
 
+/// One breaker's metrics, resolved when its rule is put in force.
+#[derive(Clone, Debug, Default)]
+pub struct BreakerCounters {
+    /// The state this agent answers from: 0 CLOSED, 1 OPEN, 2 HALF_OPEN.
+    pub state: Gauge,
+    /// Calls admitted, and rejected (OPEN, or HALF_OPEN without a probe for this call).
+    pub admitted: Counter,
+    pub rejected: Counter,
+    /// Probes asked of the store (HALF_OPEN, or OPEN once its duration has passed).
+    pub probes: Counter,
+    /// Calls answered by the policy's fallback while Redis was away for longer than the hold.
+    pub fallback: Counter,
+    /// Outcomes the store did not take (dropped, not retried).
+    pub dropped: Counter,
+}
+
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
@@ -75,6 +113,13 @@ pub struct Metrics {
     lease_busy: Family<LeaseLabels, Counter>,
     lease_not_holder: Family<LeaseOpLabels, Counter>,
     lease_store_errors: Family<LeaseKindLabels, Counter>,
+    breaker_decisions: Family<BreakerResultLabels, Counter>,
+    breaker_state: Family<BreakerLabels, Gauge>,
+    breaker_dropped: Family<BreakerLabels, Counter>,
+    breaker_store_errors: Family<CallKindLabels, Counter>,
+    access_log_entries: Family<ResultLabels, Counter>,
+    /// 1 while every breaker answers by its fallback (Redis away for longer than the hold).
+    pub breaker_fallback: Gauge,
 }
 
 impl Default for Metrics {
@@ -89,7 +134,7 @@ impl Default for Metrics {
         let unknown = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "rate_limit_unknown_descriptors",
-            "Descriptors admitted because no rule matched them (reason: no_limit_key, unknown_rule, other_domain)",
+            "Descriptors admitted because no rule matched them (reason: no_limit_key, unknown_rule, unknown_breaker, other_domain)",
             unknown.clone(),
         );
         let store_errors = Family::<KindLabels, Counter>::default();
@@ -142,8 +187,50 @@ impl Default for Metrics {
             "Lease calls the store failed, by lease id (kind: transient, permanent)",
             lease_store_errors.clone(),
         );
+        let breaker_decisions = Family::<BreakerResultLabels, Counter>::default();
+        registry.register(
+            "breaker_decisions",
+            "Breaker decisions by breaker id and result (admitted, rejected, probe: asked the store for a probe, fallback: answered by the fallback)",
+            breaker_decisions.clone(),
+        );
+        let breaker_state = Family::<BreakerLabels, Gauge>::default();
+        registry.register(
+            "breaker_state",
+            "The state this agent answers a breaker from: 0 CLOSED, 1 OPEN, 2 HALF_OPEN",
+            breaker_state.clone(),
+        );
+        let breaker_dropped = Family::<BreakerLabels, Counter>::default();
+        registry.register(
+            "breaker_dropped_outcomes",
+            "Call outcomes the store did not take (Redis away or slow), by breaker id",
+            breaker_dropped.clone(),
+        );
+        let breaker_store_errors = Family::<CallKindLabels, Counter>::default();
+        registry.register(
+            "breaker_store_errors",
+            "Breaker calls to the store that failed (call: report, probe, read; kind: timeout, transient, permanent)",
+            breaker_store_errors.clone(),
+        );
+        let access_log_entries = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "access_log_entries",
+            "Access-log entries received (result: counted, ignored: refused by Envoy itself, unknown_route: no breaker of that route)",
+            access_log_entries.clone(),
+        );
+        let breaker_fallback = Gauge::default();
+        registry.register(
+            "breaker_fallback",
+            "1 while every breaker answers by its fallback because Redis has been away for longer than the hold",
+            breaker_fallback.clone(),
+        );
         Metrics {
             registry,
+            breaker_decisions,
+            breaker_state,
+            breaker_dropped,
+            breaker_store_errors,
+            access_log_entries,
+            breaker_fallback,
             decisions,
             unknown,
             store_errors,
@@ -237,6 +324,50 @@ impl Metrics {
 
     pub fn lease_store_errors(&self, lease: &str, kind: &'static str) -> u64 {
         self.lease_store_errors.get_or_create(&LeaseKindLabels { lease: lease.into(), kind }).get()
+    }
+
+    pub fn breaker_counters(&self, breaker: &str) -> BreakerCounters {
+        let get = |result| {
+            self.breaker_decisions
+                .get_or_create(&BreakerResultLabels { breaker: breaker.to_string(), result })
+                .clone()
+        };
+        let labels = BreakerLabels { breaker: breaker.to_string() };
+        BreakerCounters {
+            state: self.breaker_state.get_or_create(&labels).clone(),
+            admitted: get("admitted"),
+            rejected: get("rejected"),
+            probes: get("probe"),
+            fallback: get("fallback"),
+            dropped: self.breaker_dropped.get_or_create(&labels).clone(),
+        }
+    }
+
+    /// Drops a removed breaker's series, so a scrape does not show a state nobody keeps.
+    pub fn forget_breaker(&self, breaker: &str) {
+        let labels = BreakerLabels { breaker: breaker.to_string() };
+        self.breaker_state.remove(&labels);
+    }
+
+    /// `call`: report, probe, read; `kind`: timeout, transient, permanent.
+    pub fn breaker_store_error(&self, call: &'static str, kind: &'static str) {
+        self.breaker_store_errors.get_or_create(&CallKindLabels { call, kind }).inc();
+    }
+
+    pub fn breaker_store_errors(&self, call: &'static str, kind: &'static str) -> u64 {
+        self.breaker_store_errors.get_or_create(&CallKindLabels { call, kind }).get()
+    }
+
+    pub fn access_log_entries(&self, counted: u64, ignored: u64, unknown: u64) {
+        for (result, n) in [("counted", counted), ("ignored", ignored), ("unknown_route", unknown)] {
+            if n > 0 {
+                self.access_log_entries.get_or_create(&ResultLabels { result }).inc_by(n);
+            }
+        }
+    }
+
+    pub fn access_log_entry_count(&self, result: &'static str) -> u64 {
+        self.access_log_entries.get_or_create(&ResultLabels { result }).get()
     }
 
     /// The Prometheus text exposition.

@@ -10,11 +10,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use breakwater_store::breaker::{MemoryBreakers, RedisBreakers};
+use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_server::AccessLogServiceServer;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::ads_proxy::{self, AdsProxy};
+use crate::breaker::{self, Board, BreakerSettings, access_log::AccessLogGrpc};
 use crate::config::{self, RuleHolder};
 use crate::lease::leader::{LeaderElection, LeaderSettings};
 use crate::lease::{LeaseManager, LeaseStore, MemoryLeases, RedisLeases, api};
@@ -27,7 +30,7 @@ use crate::{Error, Result, grpc, http};
 /// The sockets the agent serves on, bound by the caller.
 #[derive(Debug)]
 pub struct Listeners {
-    /// The rate-limit service (Envoy connects here; loopback in a pod).
+    /// The rate-limit and access-log services (Envoy connects here; loopback in a pod).
     pub grpc: TcpListener,
     /// `/healthz`, `/readyz`, `/metrics` (the kubelet and Prometheus connect here).
     pub http: TcpListener,
@@ -76,6 +79,7 @@ pub struct Settings {
     pub store: StoreSettings,
     pub limiter: LimiterSettings,
     pub leases: LeaseSettings,
+    pub breakers: BreakerSettings,
 }
 
 /// Leases: which ones the agent keeps for leader election, and how long a call may take.
@@ -144,52 +148,86 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     check(&settings)?;
-    let Settings { pod, config, store, limiter, leases } = settings;
+    let Settings { pod, config, store, limiter, leases, breakers } = settings;
+    let metrics = Arc::new(Metrics::default());
     match store {
         StoreSettings::Memory => {
             tracing::warn!(
-                "no Redis: counters and leases are kept in memory and are not shared between agents"
+                "no Redis: counters, leases and breakers are kept in memory and are not shared between agents"
             );
-            let stores = (MemoryStore::new(), MemoryLeases::new());
-            serve(listeners, stores, pod, config, limiter, leases, shutdown).await
+            let board = Board::new(Arc::new(MemoryBreakers::default()), metrics.clone(), breakers);
+            let stores =
+                Stores { counters: MemoryStore::new(), leases: MemoryLeases::new(), board, redis: None };
+            serve(listeners, stores, metrics, pod, config, limiter, leases, shutdown).await
         }
         StoreSettings::Redis(redis) => {
             let connection = RedisConnection::start(redis).await?;
-            let lease_store =
-                RedisLeases::new(connection.clone(), limiter.key_prefix.clone(), leases.deadline);
-            let stores = (connection, lease_store);
-            serve(listeners, stores, pod, config, limiter, leases, shutdown).await
+            let prefix = limiter.key_prefix.clone();
+            let lease_store = RedisLeases::new(connection.clone(), prefix.clone(), leases.deadline);
+            let breaker_store = RedisBreakers::new(connection.clone(), prefix, breakers.deadline);
+            let board = Board::new(Arc::new(breaker_store), metrics.clone(), breakers);
+            let stores =
+                Stores { counters: connection.clone(), leases: lease_store, board, redis: Some(connection) };
+            serve(listeners, stores, metrics, pod, config, limiter, leases, shutdown).await
         }
     }
 }
 
-/// [`run`] on the stores it chose: counters and leases.
+/// What [`run`] chose: counters, leases and the breakers' board on one backend, and the
+/// Redis connection when that backend is Redis (breaker events and health follow it).
+struct Stores<S, L> {
+    counters: S,
+    leases: L,
+    board: Board,
+    redis: Option<RedisConnection>,
+}
+
+/// [`run`] on the stores it chose.
+#[allow(clippy::too_many_arguments)]
 async fn serve<S: CounterStore, L: LeaseStore>(
     listeners: Listeners,
-    (store, leases): (S, L),
+    stores: Stores<S, L>,
+    metrics: Arc<Metrics>,
     pod: String,
     source: ConfigSource,
     limiter_settings: LimiterSettings,
     lease_settings: LeaseSettings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    tracing::info!(backend = store.backend(), up = store.is_up(), "counter store opened");
-    let metrics = Arc::new(Metrics::default());
+    let Stores { counters, leases, board, redis } = stores;
+    tracing::info!(backend = counters.backend(), up = counters.is_up(), "counter store opened");
     let rules = Arc::new(RuleHolder::default());
-    let limiter = Arc::new(Limiter::new(store, rules.clone(), metrics.clone(), limiter_settings));
+    let board = Arc::new(board);
+    let prefix = limiter_settings.key_prefix.clone();
+    let limiter = Arc::new(
+        Limiter::new(counters, rules.clone(), metrics.clone(), limiter_settings).with_breakers(board.clone()),
+    );
     let manager = Arc::new(LeaseManager::new(leases, pod.clone(), metrics.clone()));
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let on_swap: Arc<config::OnSwap> = {
-        let (limiter, manager) = (limiter.clone(), manager.clone());
+        let (limiter, manager, board) = (limiter.clone(), manager.clone(), board.clone());
         Arc::new(move |rules: &config::RuleSet| {
             limiter.clear_cache();
             manager.set_leases(&rules.leases);
+            board.set_rules(&rules.breakers);
         })
     };
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
+    let mut breaker_tasks = vec![
+        tokio::spawn(breaker::watch::flush(board.clone(), stop_rx.clone())),
+        tokio::spawn(breaker::watch::follow(
+            board.clone(),
+            redis.as_ref().map(|r| r.topology().clone()),
+            prefix,
+            stop_rx.clone(),
+        )),
+    ];
+    if let Some(connection) = redis {
+        breaker_tasks.push(tokio::spawn(breaker::watch::health(board.clone(), connection, stop_rx.clone())));
+    }
     // Envoy's ADS stream goes to the operator through the agent, with the pod's token.
     let ads_proxy = match (listeners.xds_proxy, &source) {
         (Some(listener), ConfigSource::Xds { endpoint, token_file }) => {
@@ -233,6 +271,7 @@ async fn serve<S: CounterStore, L: LeaseStore>(
     });
     let grpc = tonic::transport::Server::builder()
         .add_service(RateLimitServiceServer::from_arc(Arc::new(grpc::RateLimitGrpc::new(limiter.clone()))))
+        .add_service(AccessLogServiceServer::new(AccessLogGrpc::new(board.clone(), stop_rx.clone())))
         .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()));
     let http = axum::serve(listeners.http, http::router(limiter.clone()))
         .with_graceful_shutdown(stopped(stop_rx.clone()));
@@ -254,6 +293,9 @@ async fn serve<S: CounterStore, L: LeaseStore>(
     let http_result = http.await;
     let lease_result = lease_api.await;
     let _ = config_task.await;
+    for task in breaker_tasks {
+        let _ = task.await;
+    }
     if let Some(task) = ads_proxy {
         let _ = task.await;
     }

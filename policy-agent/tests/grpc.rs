@@ -94,6 +94,7 @@ async fn over_loopback_with_config_pushed_on_a_channel() {
         store: StoreSettings::Memory,
         limiter: exact_settings(unique_prefix("loopback")),
         leases: Default::default(),
+        breakers: Default::default(),
     })
     .await;
     wait_until("healthz", Duration::from_secs(5), || async { get(agent.http, "/healthz").await.0 == 200 })
@@ -196,6 +197,7 @@ async fn run_on_redis_with_a_config_file_that_changes() {
         store: StoreSettings::Redis(redis),
         limiter: exact_settings(unique_prefix("file")),
         leases: Default::default(),
+        breakers: Default::default(),
     })
     .await;
     wait_until("ready", Duration::from_secs(5), || async { get(agent.http, "/readyz").await.0 == 200 }).await;

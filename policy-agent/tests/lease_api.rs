@@ -62,6 +62,7 @@ impl Agent {
                 leader: LeaderSettings { dir: leader.1.map(Path::to_path_buf), ..LeaderSettings::default() },
                 deadline: Duration::from_secs(2),
             },
+            breakers: Default::default(),
         };
         let running = Running::start(settings).await;
         let (http, lease) = (running.http, running.lease);

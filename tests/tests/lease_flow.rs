@@ -54,6 +54,7 @@ async fn agent(endpoint: &str, pod: &str) -> Agent {
         store: StoreSettings::Memory,
         limiter: Default::default(),
         leases: Default::default(),
+        breakers: Default::default(),
     };
     tokio::spawn(breakwater_agent::run(listeners, settings, std::future::pending()));
     Agent { http, lease }
