@@ -35,6 +35,7 @@ pub mod lease;
 pub mod limiter;
 pub mod metrics;
 pub mod run;
+pub mod shadow;
 pub mod source;
 pub mod store;
 

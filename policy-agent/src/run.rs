@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use breakwater_store::breaker::{MemoryBreakers, RedisBreakers};
+use breakwater_store::shadow::RedisShadow;
 use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_server::AccessLogServiceServer;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use tokio::net::TcpListener;
@@ -25,7 +26,7 @@ use crate::limiter::{Limiter, LimiterSettings};
 use crate::metrics::Metrics;
 use crate::source::{self, ConfigSource};
 use crate::store::{CounterStore, MemoryStore, RedisConnection, RedisSettings};
-use crate::{Error, Result, grpc, http};
+use crate::{Error, Result, grpc, http, shadow};
 
 /// The sockets the agent serves on, bound by the caller.
 #[derive(Debug)]
@@ -216,17 +217,19 @@ async fn serve<S: CounterStore, L: LeaseStore>(
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
-    let mut breaker_tasks = vec![
+    let mut background = vec![
         tokio::spawn(breaker::watch::flush(board.clone(), stop_rx.clone())),
         tokio::spawn(breaker::watch::follow(
             board.clone(),
             redis.as_ref().map(|r| r.topology().clone()),
-            prefix,
+            prefix.clone(),
             stop_rx.clone(),
         )),
     ];
     if let Some(connection) = redis {
-        breaker_tasks.push(tokio::spawn(breaker::watch::health(board.clone(), connection, stop_rx.clone())));
+        let shadow = RedisShadow::new(connection.clone(), prefix.clone(), Duration::from_secs(1));
+        background.push(tokio::spawn(shadow::report(rules.clone(), shadow, stop_rx.clone())));
+        background.push(tokio::spawn(breaker::watch::health(board.clone(), connection, stop_rx.clone())));
     }
     // Envoy's ADS stream goes to the operator through the agent, with the pod's token.
     let ads_proxy = match (listeners.xds_proxy, &source) {
@@ -293,7 +296,7 @@ async fn serve<S: CounterStore, L: LeaseStore>(
     let http_result = http.await;
     let lease_result = lease_api.await;
     let _ = config_task.await;
-    for task in breaker_tasks {
+    for task in background {
         let _ = task.await;
     }
     if let Some(task) = ads_proxy {

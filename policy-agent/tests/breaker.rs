@@ -1,6 +1,7 @@
 //! The shared breaker across agents: two whole agents (`breakwater_agent::run`) on one real
 //! Redis, fed real gRPC access-log streams (Envoy's `AccessLogService` protos) and asked
-//! over real gRPC (Envoy's `RateLimitService`), as each pod's Envoy would.
+//! over real gRPC (Envoy's `RateLimitService`), as each pod's Envoy would. And the other
+//! live fact agents share the same way: what shadow-mode limits would have rejected.
 
 // Helpers outside #[test] fns unwrap too, as the tests themselves may (clippy.toml).
 #![allow(clippy::unwrap_used)]
@@ -16,6 +17,7 @@ use breakwater_agent::{Settings, StoreSettings};
 use breakwater_api::agent::{AgentConfig, BREAKER_HEADER, BREAKER_KEY, BreakerRule, DOMAIN};
 use breakwater_api::circuit_breaker::BreakerFallback;
 use breakwater_api::circuit_breaker::WindowKind;
+use breakwater_api::rate_limit::Algorithm;
 use breakwater_store::breaker::{BreakerState, BreakerStore, RedisBreakers, State};
 use envoy_types::pb::envoy::data::accesslog::v3::{
     AccessLogCommon, HttpAccessLogEntry, HttpResponseProperties, ResponseFlags,
@@ -406,4 +408,43 @@ async fn redis_away_keeps_the_last_state_for_the_hold_then_each_policy_falls_bac
     a.wait_for(REJECTING, true, "Redis back").await;
     assert!(a.admits(ID).await);
     a.agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shadow_rejections_of_every_agent_add_up_in_redis() {
+    let redis = RedisServer::start();
+    let prefix = unique_prefix("shadow");
+    let mut limit =
+        support::rule("shop/api/per-minute", Algorithm::FixedWindow, 2, Duration::from_secs(3600));
+    limit.shadow = true;
+    let shadowed = Some(AgentConfig { rate_limits: vec![limit], ..Default::default() });
+    let (_configs, rx) = watch::channel(shadowed);
+    let (mut a, mut b) =
+        (Pod::start(&redis, &prefix, rx.clone()).await, Pod::start(&redis, &prefix, rx).await);
+    // Ten requests on one shared counter with a limit of two: all admitted (shadow mode),
+    // eight would have been rejected, whichever agent answered them.
+    for pod in [&mut a, &mut b] {
+        for _ in 0..5 {
+            let response = pod
+                .rls
+                .should_rate_limit(support::request(vec![descriptor("shop/api/per-minute", &[])], 1))
+                .await
+                .unwrap();
+            assert_eq!(response.get_ref().overall_code, Code::Ok as i32);
+        }
+    }
+    let key = breakwater_store::shadow::shadow_key(&prefix, "shop/api/per-minute");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let counted: u64 =
+            redis.cli(&["HVALS", &key]).split_whitespace().filter_map(|n| n.parse::<u64>().ok()).sum();
+        if counted == 8 {
+            break;
+        }
+        assert!(counted < 8, "counted {counted} would-be rejections, at most 8 happened");
+        assert!(Instant::now() < deadline, "Redis holds {counted} of 8 would-be rejections");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    a.agent.stop().await;
+    b.agent.stop().await;
 }
