@@ -354,7 +354,7 @@ impl Triggers {
 
     /// The LockLeases the agents' lease events name, and all of them on each resubscription.
     pub fn from_leases(triggers: lease::Triggers) -> Self {
-        let objects = triggers.leases.filter_map(|id| async move {
+        let objects = triggers.events.filter_map(|id| async move {
             let parsed = lease::parse_id(&id).map(|(namespace, name)| ObjectName::new(namespace, name));
             if parsed.is_none() {
                 tracing::debug!(id, "lease event names no LockLease");
@@ -450,7 +450,7 @@ mod tests {
         let (ids, ids_rx) = tokio::sync::mpsc::channel(8);
         let (all, all_rx) = tokio::sync::mpsc::channel(1);
         let triggers = Triggers::from_leases(lease::Triggers {
-            leases: tokio_stream::wrappers::ReceiverStream::new(ids_rx),
+            events: tokio_stream::wrappers::ReceiverStream::new(ids_rx),
             resubscribed: tokio_stream::wrappers::ReceiverStream::new(all_rx),
         });
         for id in ["billing/invoice-run", "not-a-lease-id", "shop/a/b", "shop/reindex"] {

@@ -6,6 +6,7 @@
 pub mod compile;
 pub mod controller;
 pub mod error;
+pub mod follow;
 pub mod http;
 pub mod inject;
 pub mod inventory;

@@ -324,9 +324,9 @@ async fn lease_events_trigger_reconciles_and_a_resubscription_resyncs_all() {
 
     let agent = agent_store(&redis, &prefix).await;
     let granted = grant(&agent, ID, HOLDER, Duration::from_secs(30), 1).await;
-    assert_eq!(next(&mut triggers.leases, "grant event").await, ID);
+    assert_eq!(next(&mut triggers.events, "grant event").await, ID);
     agent.release(ID, HOLDER, granted.fencing_token).await.expect("release");
-    assert_eq!(next(&mut triggers.leases, "release event").await, ID);
+    assert_eq!(next(&mut triggers.events, "release event").await, ID);
 
     // Redis restarts: the subscription ends, is made again once Redis answers, and asks for
     // a full resync (events published meanwhile are lost).
@@ -334,7 +334,7 @@ async fn lease_events_trigger_reconciles_and_a_resubscription_resyncs_all() {
     next(&mut triggers.resubscribed, "resync after the restart").await;
     let agent = agent_store(&redis, &prefix).await;
     grant(&agent, ID, HOLDER, Duration::from_secs(30), 1).await;
-    assert_eq!(next(&mut triggers.leases, "grant event after the restart").await, ID);
+    assert_eq!(next(&mut triggers.events, "grant event after the restart").await, ID);
 }
 
 #[tokio::test]
@@ -357,7 +357,7 @@ async fn agents_on_a_redis_cluster_are_read_and_followed_through_its_seeds() {
     let connection = RedisConnection::start(RedisSettings::new(topology)).await.expect("cluster connection");
     let agent = RedisLeases::new(connection, prefix.as_str(), Duration::from_secs(2));
     let granted = grant(&agent, &id, HOLDER, Duration::from_secs(30), 1).await;
-    assert_eq!(next(&mut triggers.leases, "grant event").await, id);
+    assert_eq!(next(&mut triggers.events, "grant event").await, id);
     let lease = world.reconcile().await;
     assert_eq!(held_is(&lease), ("True".into(), "Held".into()));
     let status = lease.status.clone().expect("status");
