@@ -1,12 +1,16 @@
 //! The controllers: one kube-runtime `Controller` per kind, all sharing one [`Context`] and
 //! treating every kind alike through [`Policy`]. A reconcile reads an [`Inventory`] from the
 //! shared stores, gathers what a status is made of — the evaluation, the proxies'
-//! acknowledgements, a LockLease's holders, an OutboxRelay's Deployment and facts — and
-//! writes what [`status::assemble`] makes of it by server-side apply, only when it changed.
+//! acknowledgements, a LockLease's holders, an OutboxRelay's Deployment and facts, a
+//! CircuitBreakerPolicy's breakers, a RateLimitPolicy's shadow counts — and writes what
+//! [`status::assemble`] makes of it by server-side apply, only when it changed.
 //! An accepted OutboxRelay's reconcile also applies the Deployment that runs its relay
 //! (`relay`), and deletes it once the resource is no longer accepted. A controller's
 //! triggers are subscriptions to the shared reflectors (one watch per kind), whose stores the
 //! reconcile reads, so a reconcile a Service or Namespace triggers always sees that change.
+//! A breaker's transitions, as the agents' Redis publishes them, trigger the reconcile of
+//! the policy whose `breaker` section it runs, and each is announced by an Event there
+//! ([`Triggers::from_breakers`]).
 
 use std::{
     collections::HashMap,
@@ -16,10 +20,11 @@ use std::{
 };
 
 use breakwater_api::{LockLease, OutboxRelay, common::condition_type};
-use futures::{StreamExt, stream::BoxStream};
+use breakwater_store::breaker::Event as Transition;
+use futures::{StreamExt, TryStreamExt, future::BoxFuture, stream::BoxStream};
 use k8s_openapi::{api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::Time};
 use kube::{
-    Api, Client,
+    Api, Client, Resource,
     api::{Patch, PatchParams},
     runtime::{
         Controller,
@@ -31,14 +36,17 @@ use kube::{
 
 use crate::{
     error::{Error, Report, Result},
+    follow::Followed,
     http::State,
     inventory::{Inventory, ObjectName},
     lease::{self, LeaseReader},
+    live::{self, BreakerReader, ShadowReader},
     metrics::{ErrorLabels, KindLabel},
     policy::{
-        Verdict,
+        Verdict, breaker,
         lock_lease::{self, LeaseFields, Observation},
         outbox_relay::{self, Known, RedisSecret, RelayFields},
+        shadow,
     },
     reflectors::{Reflector, Reflectors},
     relay::{self, RelayReader},
@@ -61,6 +69,14 @@ pub const LEASE_RESYNC: Duration = Duration::from_secs(30);
 /// How often an OutboxRelay is read again without an event: its relay reports every 5 s,
 /// and `Ready` must turn stale within a report's staleness (30 s) of the last one.
 pub const RELAY_RESYNC: Duration = Duration::from_secs(10);
+
+/// How often the live facts of a CircuitBreakerPolicy's breakers (their windows' calls and
+/// rates, which change without a transition) and of a RateLimitPolicy's shadow limits (a
+/// count per minute) are read without an event.
+pub const LIVE_RESYNC: Duration = Duration::from_secs(30);
+
+/// How many breakers or shadow counts of one policy are read from Redis at once.
+const READS_IN_FLIGHT: usize = 16;
 
 /// How long after a grant's expiry (by Redis's clock) its lease is read again, so that the
 /// read sees it gone despite the time the reconcile itself takes to start.
@@ -96,6 +112,14 @@ pub struct Relays {
     pub facts: Option<Arc<dyn RelayReader>>,
 }
 
+/// Where the breakers' state and the shadow limits' counts are read; None each when the
+/// operator runs without Redis.
+#[derive(Clone, Debug, Default)]
+pub struct Live {
+    pub breakers: Option<Arc<dyn BreakerReader>>,
+    pub shadow: Option<Arc<dyn ShadowReader>>,
+}
+
 /// What a reconcile needs, shared by the four controllers. The client and the stores are
 /// injected, so tests reconcile against stores they fill themselves.
 pub struct Context {
@@ -104,6 +128,7 @@ pub struct Context {
     recorder: Recorder,
     options: Options,
     relays: Relays,
+    live: Live,
     /// Consecutive failures per object, for exponential backoff.
     failures: Mutex<HashMap<(&'static str, ObjectName), u32>>,
 }
@@ -113,6 +138,7 @@ impl Debug for Context {
         f.debug_struct("Context")
             .field("options", &self.options)
             .field("relays", &self.relays)
+            .field("live", &self.live)
             .finish_non_exhaustive()
     }
 }
@@ -120,12 +146,27 @@ impl Debug for Context {
 impl Context {
     pub fn new(client: Client, reflectors: Reflectors, options: Options) -> Self {
         let recorder = Recorder::new(client.clone(), options.reporter.clone());
-        Self { client, reflectors, recorder, options, relays: Relays::default(), failures: Mutex::default() }
+        Self {
+            client,
+            reflectors,
+            recorder,
+            options,
+            relays: Relays::default(),
+            live: Live::default(),
+            failures: Mutex::default(),
+        }
     }
 
     /// Runs relays with `relays` (otherwise: the default settings, and no facts read).
     pub fn with_relays(mut self, relays: Relays) -> Self {
         self.relays = relays;
+        self
+    }
+
+    /// Reads the breakers' state and the shadow counts from `live` (otherwise: the status
+    /// says the operator runs without Redis).
+    pub fn with_live(mut self, live: Live) -> Self {
+        self.live = live;
         self
     }
 
@@ -191,10 +232,85 @@ impl Context {
         })
     }
 
+    /// What the store says about the breakers whose `breaker` section `policy` supplies.
+    /// One failed read leaves them all out: a status shows a state Redis holds, or none.
+    async fn read_breakers(&self, policy: &ObjectName, inventory: &Inventory) -> breaker::Report {
+        let targets = breaker::targets(policy, inventory);
+        let Some(reader) = self.live.breakers.as_ref().filter(|_| !targets.is_empty()) else {
+            return breaker::report(&targets, breaker::Observation::NoStore);
+        };
+        let ids = targets.iter().map(|target| target.id.clone()).collect();
+        match read_all(reader, ids, |reader, id| reader.state(id)).await {
+            Ok(states) => breaker::report(&targets, breaker::Observation::Read(&states)),
+            Err(error) => {
+                let error = Report(&error).to_string();
+                tracing::warn!(policy = %policy, error, "cannot read breakers from Redis");
+                breaker::report(&targets, breaker::Observation::Unavailable(&error))
+            }
+        }
+    }
+
+    /// What the store says about the shadow limits of `policy` in effect.
+    async fn read_shadow(&self, policy: &ObjectName, inventory: &Inventory) -> shadow::Report {
+        let limits = shadow::limits(policy, inventory);
+        let Some(reader) = self.live.shadow.as_ref().filter(|_| !limits.is_empty()) else {
+            return shadow::report(&limits, shadow::Observation::NoStore);
+        };
+        let rules = limits.iter().map(|limit| limit.rule.clone()).collect();
+        match read_all(reader, rules, |reader, rule| reader.last_minute(rule)).await {
+            Ok(counts) => shadow::report(&limits, shadow::Observation::Read(&counts)),
+            Err(error) => {
+                let error = Report(&error).to_string();
+                tracing::warn!(policy = %policy, error, "cannot read shadow counts from Redis");
+                shadow::report(&limits, shadow::Observation::Unavailable(&error))
+            }
+        }
+    }
+
+    /// Announces `transition` with an Event on the CircuitBreakerPolicy whose `breaker`
+    /// section the breaker runs, and names that policy to reconcile; None when no policy's
+    /// section makes that breaker (any more).
+    async fn breaker_transition(&self, transition: &Transition) -> Option<ObjectName> {
+        let inventory = self.reflectors.evaluation_inventory(&self.options.root_namespace);
+        let Some(target) = breaker::breakers(&inventory).remove(&transition.id) else {
+            tracing::debug!(id = transition.id, "breaker transition of no policy's breaker");
+            return None;
+        };
+        let reference = ObjectRef::new(&target.policy.name).within(&target.policy.namespace);
+        let policy = self.reflectors.circuit_breakers.store().get(&reference)?;
+        // Read again for the rates: the event carries the state alone.
+        let read = match &self.live.breakers {
+            Some(reader) => reader.state(&transition.id).await.ok().flatten(),
+            None => None,
+        };
+        let announcement = live::announce(&target, transition, read.as_ref());
+        tracing::info!(id = transition.id, state = %transition.state, policy = %target.policy, "breaker transition");
+        let event = Event {
+            type_: if announcement.warning { EventType::Warning } else { EventType::Normal },
+            reason: announcement.reason.into(),
+            note: Some(announcement.note),
+            action: "BreakerTransition".into(),
+            secondary: None,
+        };
+        if let Err(err) = self.recorder.publish(&event, &policy.object_ref(&())).await {
+            tracing::warn!(error = %Report(&err), "could not publish event");
+        }
+        Some(target.policy)
+    }
+
     /// What the status of `policy` is made of, and when to look again without an event.
     async fn findings(&self, policy: &Policy) -> Result<(Findings, Duration)> {
         let inventory = self.inventory(policy).await?;
         let assessment = policy.assess(&inventory);
+        let name = policy.name();
+        let breakers = match policy.breaker_section() {
+            Some(_) => Some(self.read_breakers(&name, &inventory).await),
+            None => None,
+        };
+        let shadow = match policy.shadow_limits() {
+            Some(_) => Some(self.read_shadow(&name, &inventory).await),
+            None => None,
+        };
         let lease = match policy.lease() {
             Some(lease) => Some(self.read_lease(lease).await),
             None => None,
@@ -206,6 +322,7 @@ impl Context {
         let requeue = match (&lease, &relay) {
             (Some(lease), _) => lease_requeue(lease),
             (None, Some(_)) => RELAY_RESYNC,
+            (None, None) if breakers.is_some() || shadow.is_some() => LIVE_RESYNC,
             (None, None) => RESYNC,
         };
         let generation = policy.meta().generation.unwrap_or(1);
@@ -218,9 +335,27 @@ impl Context {
                 .map(|cache| cache.acknowledgements(policy.kind(), &policy.name(), generation)),
             lease,
             relay,
+            breakers,
+            shadow,
         };
         Ok((findings, requeue))
     }
+}
+
+/// Reads every key with `read`, a few at a time, in order; the first failure fails all.
+async fn read_all<R: ?Sized + Sync + Send, T>(
+    reader: &Arc<R>,
+    keys: Vec<String>,
+    read: for<'a> fn(&'a R, &'a str) -> BoxFuture<'a, std::result::Result<T, lease::StoreError>>,
+) -> std::result::Result<Vec<T>, lease::StoreError> {
+    futures::stream::iter(keys)
+        .map(|key| {
+            let reader = reader.clone();
+            async move { read(&reader, &key).await }
+        })
+        .buffered(READS_IN_FLIGHT)
+        .try_collect()
+        .await
 }
 
 /// Reconciles one resource: gathers its findings, then writes its status and Events if
@@ -270,6 +405,8 @@ fn status_changed(policy: &Policy, status: &OwnedStatus) -> bool {
         || policy.targets() != status.targets
         || policy.lease_fields() != status.lease
         || policy.relay_fields() != status.relay
+        || policy.breakers() != status.breakers.as_slice()
+        || policy.shadow() != status.shadow.as_slice()
 }
 
 async fn publish_events(
@@ -284,6 +421,12 @@ async fn publish_events(
         }
         if condition.type_ == lock_lease::held::TYPE {
             continue; // A lease changes hands as often as the application likes: status only.
+        }
+        if condition.type_ == breaker::tripped::TYPE {
+            continue; // Each breaker transition is an Event of its own, as it is published.
+        }
+        if condition.type_ == shadow::would_reject::TYPE {
+            continue; // It follows the traffic minute by minute: status only.
         }
         let event = Event {
             type_: if condition.status == "True" { EventType::Normal } else { EventType::Warning },
@@ -362,6 +505,28 @@ impl Triggers {
             parsed
         });
         Self { objects: objects.boxed(), all: triggers.resubscribed.boxed() }
+    }
+
+    /// The CircuitBreakerPolicies whose breakers the published transitions name, each
+    /// transition announced by an Event on its policy first (by `ctx`'s recorder: only the
+    /// leader follows transitions, as only it reconciles), and all of them on each
+    /// resubscription (transitions published meanwhile are lost, and make no Event).
+    pub fn from_breakers(ctx: Arc<Context>, transitions: Followed<Transition>) -> Self {
+        let (objects, objects_rx) = tokio::sync::mpsc::channel(256);
+        let mut events = transitions.events;
+        tokio::spawn(async move {
+            while let Some(transition) = events.next().await {
+                if let Some(policy) = ctx.breaker_transition(&transition).await
+                    && objects.send(policy).await.is_err()
+                {
+                    return;
+                }
+            }
+        });
+        Self {
+            objects: tokio_stream::wrappers::ReceiverStream::new(objects_rx).boxed(),
+            all: transitions.resubscribed.boxed(),
+        }
     }
 }
 

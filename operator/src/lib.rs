@@ -12,6 +12,7 @@ pub mod inject;
 pub mod inventory;
 pub mod leader;
 pub mod lease;
+pub mod live;
 pub mod metrics;
 pub mod policy;
 pub mod rbac;

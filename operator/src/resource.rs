@@ -1,11 +1,15 @@
 //! The four Breakwater kinds behind one type, [`Policy`]: the one place that says how the
 //! kinds differ — how each is evaluated, what it refers to, which changes of other objects
-//! concern it, what its status carries (a lease's holders, a relay's facts). The
+//! concern it, what its status carries (a lease's holders, a relay's facts, the breakers'
+//! state, the shadow limits' counts). The
 //! controllers, standalone mode and status writing treat every kind alike through it.
 
 use std::{fmt::Debug, sync::Arc};
 
-use breakwater_api::{Attachment, CircuitBreakerPolicy, LockLease, OutboxRelay, RateLimitPolicy};
+use breakwater_api::{
+    Attachment, CircuitBreakerPolicy, LockLease, OutboxRelay, RateLimitPolicy,
+    circuit_breaker::BreakerStatus, rate_limit::ShadowStatus,
+};
 use k8s_openapi::{
     NamespaceResourceScope,
     apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta},
@@ -15,7 +19,7 @@ use serde::{Serialize, de::DeserializeOwned};
 
 use crate::{
     inventory::{Inventory, ObjectName},
-    policy::{self, Assessment, lock_lease::LeaseFields, outbox_relay::RelayFields},
+    policy::{self, Assessment, lock_lease::LeaseFields, outbox_relay::RelayFields, shadow},
 };
 
 #[derive(Clone, Debug)]
@@ -172,6 +176,40 @@ impl Policy {
         match self {
             Self::OutboxRelay(relay) => Some(relay),
             _ => None,
+        }
+    }
+
+    /// The CircuitBreakerPolicy whose status shows the state of its shared breakers: one with
+    /// a `breaker` section.
+    pub fn breaker_section(&self) -> Option<&CircuitBreakerPolicy> {
+        match self {
+            Self::CircuitBreaker(policy) if policy.spec.breaker.is_some() => Some(policy),
+            _ => None,
+        }
+    }
+
+    /// The RateLimitPolicy whose status shows what its shadow limits would have rejected:
+    /// one with a shadow limit of scope Cluster (counted in Redis).
+    pub fn shadow_limits(&self) -> Option<&RateLimitPolicy> {
+        match self {
+            Self::RateLimit(policy) if shadow::has_shadow_limits(&policy.spec) => Some(policy),
+            _ => None,
+        }
+    }
+
+    /// The `status.breakers` the resource carries now (empty for other kinds).
+    pub fn breakers(&self) -> &[BreakerStatus] {
+        match self {
+            Self::CircuitBreaker(p) => p.status.as_ref().map(|s| s.breakers.as_slice()).unwrap_or_default(),
+            _ => &[],
+        }
+    }
+
+    /// The `status.shadow` the resource carries now (empty for other kinds).
+    pub fn shadow(&self) -> &[ShadowStatus] {
+        match self {
+            Self::RateLimit(p) => p.status.as_ref().map(|s| s.shadow.as_slice()).unwrap_or_default(),
+            _ => &[],
         }
     }
 

@@ -5,9 +5,11 @@
 //! controllers, so the replica that writes `Programmed` is the one that sees every proxy's
 //! ACKs. The leader labels its own pod `breakwater.dev/serving-xds` so that the chart's xDS
 //! Service sends the proxies to it alone (`serving`). With Redis, the LockLease controller
-//! reads who holds each lease and follows the agents' lease events, and the OutboxRelay
-//! controller reads how each relay goes; it runs every accepted relay as a Deployment
-//! (`relay`), Redis or not.
+//! reads who holds each lease and follows the agents' lease events, the OutboxRelay
+//! controller reads how each relay goes, the CircuitBreakerPolicy controller reads each
+//! shared breaker and follows its transitions (an Event each), and the RateLimitPolicy
+//! controller reads what shadow limits would have rejected; every accepted relay runs as a
+//! Deployment (`relay`), Redis or not.
 
 use std::{
     net::SocketAddr,
@@ -23,13 +25,14 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    controller::{self, Context, Triggers},
+    controller::{self, Context, Live, Triggers},
     error::{Error, Report, Result},
     http::{self, State},
     inject,
     inventory::ObjectName,
     leader::{self, LeaderElector},
     lease::{self, LeaseReader, RedisOptions},
+    live::{self, BreakerReader, ShadowReader},
     reflectors::Reflectors,
     relay::{self, RelayReader},
     serving,
@@ -84,18 +87,29 @@ pub async fn run(
     let store = match &options.redis {
         Some(redis) => {
             let store = lease::open(redis).await.map_err(Error::Redis)?;
-            tracing::info!(?redis, "reading LockLeases and the outbox relays' facts from Redis");
+            tracing::info!(
+                ?redis,
+                "reading LockLeases, the outbox relays' facts, the breakers and the shadow counts from Redis"
+            );
             Some(store)
         }
         None => {
             tracing::info!(
-                "no --redis-url: LockLease holders and relay facts are not shown (Held and Ready are Unknown)"
+                "no --redis-url: LockLease holders, relay facts, breakers and shadow counts are not shown \
+                 (Held, Ready, Tripped and WouldReject are Unknown)"
             );
             None
         }
     };
     let leases = store.clone().map(|store| store as Arc<dyn LeaseReader>);
-    let facts = store.map(|store| store as Arc<dyn RelayReader>);
+    let facts = store.clone().map(|store| store as Arc<dyn RelayReader>);
+    let live = match store.as_deref().map(live::open) {
+        Some((breakers, shadow)) => Live {
+            breakers: Some(breakers as Arc<dyn BreakerReader>),
+            shadow: Some(shadow as Arc<dyn ShadowReader>),
+        },
+        None => Live::default(),
+    };
     tracing::info!(image = relays.image, redis_secret = relays.redis_secret, "running OutboxRelays");
     let electing = options.leader_election_namespace.is_some();
     // A replica that restarts after losing the lease may still carry the label; a standby
@@ -188,14 +202,23 @@ pub async fn run(
                 leases,
             },
         )
-        .with_relays(controller::Relays { settings: relays, facts }),
+        .with_relays(controller::Relays { settings: relays, facts })
+        .with_live(live),
     );
+    // Only the leader follows the breakers' transitions: each is an Event.
+    let breaker_triggers = match &options.redis {
+        Some(redis) => Triggers::from_breakers(
+            ctx.clone(),
+            live::follow_redis(redis, lease::Backoff::default(), stop.child_token()),
+        ),
+        None => Triggers::none(),
+    };
     let controllers = {
         let stop = stop.clone();
         let stopped = move || stop.clone().cancelled_owned();
         async move {
             tokio::join!(
-                controller::run(ctx.clone(), &reflectors.circuit_breakers, Triggers::none(), stopped()),
+                controller::run(ctx.clone(), &reflectors.circuit_breakers, breaker_triggers, stopped()),
                 controller::run(ctx.clone(), &reflectors.rate_limits, Triggers::none(), stopped()),
                 controller::run(ctx.clone(), &reflectors.lock_leases, lease_triggers, stopped()),
                 controller::run(ctx, &reflectors.outbox_relays, Triggers::none(), stopped()),

@@ -2,24 +2,27 @@
 //! holds: `metav1.Condition`s with `observedGeneration`, whose `lastTransitionTime` moves only
 //! when the status flips. [`assemble`] is the one place a status is put together, for the
 //! controllers and standalone mode alike; [`programmed`] words what the proxies reported; a
-//! lease's holders (`Held`) and a relay's facts (`Ready`) come worded from `policy`.
+//! lease's holders (`Held`), a relay's facts (`Ready`), a CircuitBreakerPolicy's breakers
+//! (`Tripped`) and a RateLimitPolicy's shadow counts (`WouldReject`) come worded from
+//! `policy`.
 
-use breakwater_api::common::condition_type;
+use breakwater_api::{circuit_breaker::BreakerStatus, common::condition_type, rate_limit::ShadowStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use serde::Serialize;
 
 use crate::{
     policy::{
-        Assessment, Verdict,
+        Assessment, Verdict, breaker,
         lock_lease::{self, LeaseFields},
         outbox_relay::{self, RelayFields},
-        reason,
+        reason, shadow,
     },
     xds::Acknowledgements,
 };
 
 /// The part of a resource's status the operator owns: conditions, and per kind `targets`,
-/// a lease's holders or a relay's facts (both read from Redis).
+/// a lease's holders, a relay's facts, the breakers or the shadow counts (all read from
+/// Redis).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct OwnedStatus {
@@ -31,6 +34,12 @@ pub struct OwnedStatus {
     /// OutboxRelay only.
     #[serde(flatten)]
     pub relay: Option<RelayFields>,
+    /// CircuitBreakerPolicy only: its breakers, as read from Redis (left out otherwise).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub breakers: Vec<BreakerStatus>,
+    /// RateLimitPolicy only: its shadow limits' counts, as read from Redis.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub shadow: Vec<ShadowStatus>,
     pub conditions: Vec<Condition>,
 }
 
@@ -47,11 +56,19 @@ pub struct Findings {
     /// An OutboxRelay's facts and `Ready`; None for the other kinds, and in standalone mode,
     /// which runs no relay.
     pub relay: Option<outbox_relay::Report>,
+    /// A CircuitBreakerPolicy's breakers and `Tripped`; None for the other kinds and for a
+    /// policy without a `breaker` section.
+    pub breakers: Option<breaker::Report>,
+    /// A RateLimitPolicy's shadow counts and `WouldReject`; None for the other kinds and for
+    /// a policy without a shadow limit of scope Cluster.
+    pub shadow: Option<shadow::Report>,
 }
 
 /// The status of a resource at `generation`: `Accepted`, `ResolvedRefs` (for kinds with
-/// references), `Programmed` once accepted, for a LockLease `Held` and its holders, and for
-/// an OutboxRelay `Ready` and its relay's facts.
+/// references), `Programmed` once accepted, for a LockLease `Held` and its holders, for an
+/// OutboxRelay `Ready` and its relay's facts, for a CircuitBreakerPolicy with a breaker
+/// `Tripped` and its breakers, for a RateLimitPolicy with shadow limits `WouldReject` and
+/// their counts.
 /// Each condition keeps the transition time it has in `existing` unless its status flips.
 pub fn assemble(
     findings: Findings,
@@ -59,7 +76,7 @@ pub fn assemble(
     existing: &[Condition],
     now: &Time,
 ) -> OwnedStatus {
-    let Findings { assessment, acknowledgements, lease, relay } = findings;
+    let Findings { assessment, acknowledgements, lease, relay, breakers, shadow } = findings;
     let programmed = if assessment.accepted.ok {
         programmed(acknowledgements.as_ref())
     } else {
@@ -81,6 +98,32 @@ pub fn assemble(
             now,
         ));
         status.relay = Some(report.fields);
+    }
+    if let Some(report) = breakers {
+        let tripped = report.tripped;
+        status.conditions.push(condition(
+            breaker::tripped::TYPE,
+            tripped.status.as_str(),
+            tripped.reason,
+            tripped.message,
+            generation,
+            existing,
+            now,
+        ));
+        status.breakers = report.breakers;
+    }
+    if let Some(report) = shadow {
+        let would_reject = report.would_reject;
+        status.conditions.push(condition(
+            shadow::would_reject::TYPE,
+            would_reject.status.as_str(),
+            would_reject.reason,
+            would_reject.message,
+            generation,
+            existing,
+            now,
+        ));
+        status.shadow = report.shadow;
     }
     status
 }
@@ -141,7 +184,14 @@ fn owned_status(
             condition(type_, status, verdict.reason, verdict.message, generation, existing, now)
         })
         .collect();
-    OwnedStatus { targets: assessment.targets, lease: None, relay: None, conditions }
+    OwnedStatus {
+        targets: assessment.targets,
+        lease: None,
+        relay: None,
+        breakers: Vec::new(),
+        shadow: Vec::new(),
+        conditions,
+    }
 }
 
 /// Adds what a lease read produced: the holder fields and the `Held` condition.
@@ -216,7 +266,14 @@ mod tests {
     }
 
     fn findings(ok: bool) -> Findings {
-        Findings { assessment: assessment(ok), acknowledgements: None, lease: None, relay: None }
+        Findings {
+            assessment: assessment(ok),
+            acknowledgements: None,
+            lease: None,
+            relay: None,
+            breakers: None,
+            shadow: None,
+        }
     }
 
     fn acks(connected: usize, acknowledged: usize, not_connected: usize) -> Acknowledgements {
@@ -344,6 +401,65 @@ mod tests {
             transitions(&first.conditions, &relaying.conditions).iter().map(|c| c.reason.as_str()).collect();
         assert_eq!(changed, ["Relaying"], "a Ready transition is news (an Event)");
         assert_eq!(relaying.conditions.last().map(|c| c.last_transition_time.clone()), Some(at(7)));
+    }
+
+    #[test]
+    fn tripped_and_the_breakers_are_added_for_a_breaker_section() {
+        use breakwater_api::circuit_breaker::BreakerState;
+        use lock_lease::Status;
+        let report = |status, reason, shown: Vec<BreakerStatus>| breaker::Report {
+            breakers: shown,
+            tripped: breaker::Summary { status, reason, message: "m".into() },
+        };
+        let open = BreakerStatus {
+            service: "shop/payments".into(),
+            port: 8080,
+            state: BreakerState::Open,
+            failure_rate: None,
+            slow_call_rate: None,
+            calls: 0,
+            last_transition_time: Some(at(3)),
+        };
+        let tripping = |r| Findings { breakers: Some(r), ..findings(true) };
+        let first = assemble(tripping(report(Status::True, "Open", vec![open])), Some(1), &[], &at(4));
+        let tripped = first.conditions.last().expect("Tripped");
+        assert_eq!(
+            (tripped.type_.as_str(), tripped.status.as_str(), tripped.reason.as_str()),
+            ("Tripped", "True", "Open")
+        );
+        let json = serde_json::to_value(&first).expect("serializes");
+        assert_eq!(json["breakers"][0]["state"], "Open", "{json}");
+        assert!(json.get("shadow").is_none(), "{json}");
+        let unknown =
+            assemble(tripping(report(Status::Unknown, "StoreUnavailable", vec![])), Some(1), &[], &at(5));
+        let json = serde_json::to_value(&unknown).expect("serializes");
+        assert!(json.get("breakers").is_none(), "left out when Redis was not read: {json}");
+    }
+
+    #[test]
+    fn would_reject_and_the_counts_are_added_for_shadow_limits() {
+        use breakwater_api::rate_limit::ShadowStatus;
+        use lock_lease::Status;
+        let counted = Findings {
+            shadow: Some(shadow::Report {
+                shadow: vec![ShadowStatus {
+                    limit: "per-user".into(),
+                    would_reject: 7,
+                    window_start: at(60),
+                }],
+                would_reject: breaker::Summary {
+                    status: Status::True,
+                    reason: "WouldReject",
+                    message: "m".into(),
+                },
+            }),
+            ..findings(true)
+        };
+        let status = assemble(counted, Some(1), &[], &at(130));
+        let condition = status.conditions.last().expect("WouldReject");
+        assert_eq!((condition.type_.as_str(), condition.status.as_str()), ("WouldReject", "True"));
+        let json = serde_json::to_value(&status).expect("serializes");
+        assert_eq!(json["shadow"][0]["wouldReject"], 7, "{json}");
     }
 
     #[test]

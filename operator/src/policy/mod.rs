@@ -4,11 +4,13 @@
 //! [`Inventory`](crate::inventory::Inventory); the controllers and standalone mode share them.
 
 pub mod attachment;
+pub mod breaker;
 pub mod check;
 pub mod circuit_breaker;
 pub mod lock_lease;
 pub mod outbox_relay;
 pub mod rate_limit;
+pub mod shadow;
 
 use std::cmp::Ordering;
 

@@ -25,9 +25,9 @@ use crate::{
     http::State,
     inventory::ObjectName,
     policy::{
-        Assessment, Verdict,
+        Assessment, Verdict, breaker,
         lock_lease::{self, LeaseFields, Observation},
-        reason,
+        reason, shadow,
     },
     resource::Policy,
     status::{self, Findings, OwnedStatus},
@@ -94,6 +94,13 @@ pub fn evaluate(loaded: &Loaded, cache: Option<&SnapshotCache>, previous: &Previ
             // Nor does it run relays: an OutboxRelay has no Deployment whose readiness to
             // report, so it has no Ready condition here.
             relay: None,
+            // Nor the breakers' state, nor what shadow limits would have rejected.
+            breakers: policy.breaker_section().map(|_| {
+                breaker::report(&breaker::targets(&policy.name(), inventory), breaker::Observation::NoStore)
+            }),
+            shadow: policy.shadow_limits().map(|_| {
+                shadow::report(&shadow::limits(&policy.name(), inventory), shadow::Observation::NoStore)
+            }),
         };
         (policy.kind().to_string(), policy.name(), policy.to_json(), findings, generation)
     });
@@ -104,7 +111,14 @@ pub fn evaluate(loaded: &Loaded, cache: Option<&SnapshotCache>, previous: &Previ
             resolved_refs: None,
             targets: None,
         };
-        let findings = Findings { assessment, acknowledgements: None, lease: None, relay: None };
+        let findings = Findings {
+            assessment,
+            acknowledgements: None,
+            lease: None,
+            relay: None,
+            breakers: None,
+            shadow: None,
+        };
         (rejected.kind.clone(), rejected.name.clone(), rejected.object.clone(), findings, None)
     });
     let mut rows: Vec<Row> = policies
