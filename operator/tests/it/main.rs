@@ -11,6 +11,7 @@ mod compile_render_cli;
 mod descriptors;
 mod kube;
 mod lease_programmed;
+mod live;
 mod merge;
 mod programmed;
 mod standalone_cli;

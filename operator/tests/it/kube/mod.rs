@@ -17,6 +17,7 @@ mod identity;
 mod inject;
 mod leader;
 mod lease_status;
+mod live_status;
 mod outbox;
 mod rbac;
 mod validation;
