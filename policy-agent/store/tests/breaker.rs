@@ -100,6 +100,11 @@ fn calls(calls: u32, failures: u32, slow: u32) -> Outcomes {
     Outcomes { calls, failures, slow, bad: failures.max(slow) }
 }
 
+/// The window totals a breaker holds: calls, failures, slow.
+fn totals(state: &BreakerState) -> (u64, u64, u64) {
+    (state.calls, state.failures, state.slow)
+}
+
 #[derive(Clone, Copy, Debug)]
 enum Op {
     Report(Outcomes),
@@ -272,9 +277,13 @@ async fn count_window_and_every_transition(pair: &mut Pair) {
     let closed = pair.report(&p, calls(6, 0, 0)).await;
     assert_eq!((closed.state, closed.calls), (State::Closed, 10));
     assert!(pair.window().await.len() >= 2, "trimmed, not emptied");
-    // More failures claimed than calls: all 6 failed.
+    // More failures claimed than calls: all 6 failed. Opening drops the window's entries and
+    // keeps its totals: 10 calls, the 6 failures, no slow call left.
     let open = pair.report(&p, calls(6, 9, 0)).await;
-    assert_eq!((open.state, open.generation, open.calls), (State::Open, 1, 0));
+    assert_eq!(
+        (open.state, open.generation, open.calls, open.failures, open.slow),
+        (State::Open, 1, 10, 6, 0)
+    );
     assert!(pair.window().await.is_empty());
     assert!(!pair.probe(&p).await.0, "OPEN refuses");
     assert_eq!(pair.report(&p, calls(2, 0, 0)).await, open, "OPEN ignores outcomes");
@@ -283,13 +292,16 @@ async fn count_window_and_every_transition(pair: &mut Pair) {
     let (admitted, half_open) = pair.probe(&p).await;
     assert!(admitted);
     assert_eq!((half_open.state, half_open.generation, half_open.probes_granted), (State::HalfOpen, 2, 1));
+    assert_eq!(totals(&half_open), totals(&open), "HALF_OPEN shows the window that opened it");
     assert!(pair.probe(&p).await.0);
     let (admitted, exhausted) = pair.probe(&p).await;
     assert!(!admitted, "half_open_calls probes, then none");
     assert_eq!(exhausted.probes_granted, 2);
-    assert_eq!(pair.report(&p, calls(1, 0, 0)).await.probes_ok, 1);
+    let probed = pair.report(&p, calls(1, 0, 0)).await;
+    assert_eq!((probed.probes_ok, totals(&probed)), (1, totals(&open)), "probes count apart");
     let closed = pair.report(&p, calls(1, 0, 0)).await;
-    assert_eq!((closed.state, closed.generation), (State::Closed, 3));
+    assert_eq!((closed.state, closed.generation, totals(&closed)), (State::Closed, 3, (0, 0, 0)));
+    assert!(pair.window().await.is_empty(), "a fresh window");
 }
 
 /// The slow-call rule, reopening from HALF_OPEN, and re-arming a HALF_OPEN left waiting.
@@ -297,16 +309,18 @@ async fn slow_calls_reopening_and_re_arming(pair: &mut Pair) {
     let p = params(Window::Count { size: 10 });
     assert_eq!(pair.report(&p, calls(4, 0, 3)).await.state, State::Closed, "75 % slow < 80 %");
     let open = pair.report(&p, calls(1, 0, 1)).await;
-    assert_eq!((open.state, open.generation), (State::Open, 1), "80 % slow");
+    assert_eq!((open.state, open.generation, totals(&open)), (State::Open, 1, (5, 0, 4)), "80 % slow");
 
     pair.wait_open(&p).await;
     // One step: OPEN → HALF_OPEN (advance), then a slow call → OPEN.
     let reopened = pair.report(&p, calls(1, 0, 1)).await;
-    assert_eq!((reopened.state, reopened.generation), (State::Open, 3));
+    assert_eq!((reopened.state, reopened.generation, totals(&reopened)), (State::Open, 3, (5, 0, 4)));
 
     pair.wait_open(&p).await;
     assert!(pair.probe(&p).await.0);
-    assert_eq!(pair.report(&p, calls(2, 1, 0)).await.state, State::Open, "a failed probe reopens");
+    let failed_probe = pair.report(&p, calls(2, 1, 0)).await;
+    assert_eq!(failed_probe.state, State::Open, "a failed probe reopens");
+    assert_eq!(totals(&failed_probe), (5, 0, 4), "with the totals of the window that opened it");
 
     pair.wait_open(&p).await;
     assert!(pair.probe(&p).await.0);
@@ -318,10 +332,11 @@ async fn slow_calls_reopening_and_re_arming(pair: &mut Pair) {
     let (admitted, rearmed) = pair.probe(&p).await;
     assert!(admitted);
     assert_eq!(
-        (rearmed.state, rearmed.generation, rearmed.probes_granted),
-        (State::HalfOpen, generation + 1, 1)
+        (rearmed.state, rearmed.generation, rearmed.probes_granted, totals(&rearmed)),
+        (State::HalfOpen, generation + 1, 1, (5, 0, 4))
     );
-    assert_eq!(pair.report(&p, calls(2, 0, 0)).await.state, State::Closed);
+    let closed = pair.report(&p, calls(2, 0, 0)).await;
+    assert_eq!((closed.state, totals(&closed)), (State::Closed, (0, 0, 0)));
 
     let no_rule = Params { slow_call_us: None, ..p };
     let all_slow = pair.report(&no_rule, calls(10, 0, 10)).await;
@@ -352,7 +367,9 @@ async fn time_window_slots(pair: &mut Pair) {
     let reloaded = pair.report(&wider, calls(1, 1, 0)).await;
     assert_eq!((reloaded.calls, reloaded.failures), (1, 1), "only the new slot size's calls");
     let judged = Params { minimum_calls: 4, ..wider };
-    assert_eq!(pair.report(&judged, calls(3, 1, 0)).await.state, State::Open, "2 of 4 failed");
+    let open = pair.report(&judged, calls(3, 1, 0)).await;
+    assert_eq!((open.state, totals(&open)), (State::Open, (4, 2, 0)), "2 of 4 failed, kept as it opened");
+    assert!(pair.window().await.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

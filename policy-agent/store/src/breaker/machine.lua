@@ -2,7 +2,8 @@
 -- Redis's clock (TIME). Its pure twin is memory::Machine (Rust); the conformance tests hold
 -- them to the same replies and the same stored window, so change both or neither.
 --   KEYS[1] hash: state (0 CLOSED, 1 OPEN, 2 HALF_OPEN), since (µs), generation, calls,
---           failures, slow (window totals), granted, ok (HALF_OPEN probes);
+--           failures, slow (window totals; while OPEN or HALF_OPEN, those of the window that
+--           opened it), granted, ok (HALF_OPEN probes);
 --   KEYS[2] list: the window's entries "slot:calls:failures:slow", oldest first.
 -- ARGV: op ('report' | 'probe' | 'state'), breaker id, channel, calls, failures, slow, then
 --   params_args: failure_rate, slow_call_us (-1: no slow-call rule), slow_rate, window kind
@@ -79,8 +80,12 @@ local function transition(state)
   events[#events + 1] = int(b.generation) .. ' ' .. int(state) .. ' ' .. int(now) .. ' ' .. id
 end
 
-local function clear_window()
+local function clear_totals()
   b.calls, b.failures, b.slow = 0, 0, 0
+end
+
+local function clear_window()
+  clear_totals()
   redis.call('DEL', window)
 end
 
@@ -110,11 +115,12 @@ end
 
 -- The front entry, or nil when the list is empty. An empty list holds no calls: whatever
 -- the totals say then (the list was evicted without the hash) is dropped, so they can never
--- stay above what the list holds.
+-- stay above what the list holds. Only CLOSED adds to the window, so only CLOSED gets here:
+-- the totals OPEN and HALF_OPEN keep beside an empty list are never dropped.
 local function front()
   local raw = redis.call('LINDEX', window, 0)
   if not raw then
-    b.calls, b.failures, b.slow = 0, 0, 0
+    clear_totals()
     return nil
   end
   return parse_entry(raw)
@@ -126,7 +132,7 @@ end
 local function add_count(size)
   local length = redis.call('RPUSH', window, format_entry({slot = 0, calls = calls, failures = failures, slow = slow}))
   if length == 1 then
-    b.calls, b.failures, b.slow = 0, 0, 0
+    clear_totals()
   end
   b.calls, b.failures, b.slow = b.calls + calls, b.failures + failures, b.slow + slow
   local e = front()
@@ -192,12 +198,16 @@ local function report_closed()
   else
     add_count(rules.size)
   end
+  -- Opening empties the list but keeps the totals: OPEN and HALF_OPEN show the window that
+  -- opened it, and never add to it.
   if trips() then
-    clear_window()
+    redis.call('DEL', window)
     transition(OPEN)
   end
 end
 
+-- Probe outcomes count in granted and ok alone: a failed probe reopens it with the totals
+-- of the window that opened it, and closing starts a fresh window.
 local function report_half_open()
   if failures > 0 or (rules.slow_rule and slow > 0) then
     transition(OPEN)

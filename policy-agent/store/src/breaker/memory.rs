@@ -139,9 +139,13 @@ impl<'a> Run<'a> {
         self.transitions.push(Transition { state, since_us: self.now, generation: b.generation });
     }
 
-    fn clear_window(&mut self) {
+    fn clear_totals(&mut self) {
         let b = &mut self.m.state;
         (b.calls, b.failures, b.slow) = (0, 0, 0);
+    }
+
+    fn clear_window(&mut self) {
+        self.clear_totals();
         self.m.window.clear();
     }
 
@@ -178,12 +182,16 @@ impl<'a> Run<'a> {
             Window::Count { size } => self.add_count(entry, u64::from(size)),
             Window::Time { slot_us } => self.add_time(entry, slot_us),
         }
+        // Opening empties the window but keeps its totals: OPEN and HALF_OPEN show the
+        // window that opened it, and never add to it.
         if self.trips() {
-            self.clear_window();
+            self.m.window.clear();
             self.transition(State::Open);
         }
     }
 
+    /// Probe outcomes count in `probes_ok` alone: a failed probe reopens it with the totals
+    /// of the window that opened it, and closing starts a fresh window.
     fn report_half_open(&mut self, o: Outcomes) {
         if o.failures > 0 || (self.rules.slow_rule() && o.slow > 0) {
             self.transition(State::Open);
@@ -213,11 +221,13 @@ impl<'a> Run<'a> {
     }
 
     /// The front entry; an empty window holds no calls, whatever the totals say (as in the
-    /// script, where the list may be evicted without the hash).
+    /// script, where the list may be evicted without the hash). Only CLOSED adds to the
+    /// window, so only CLOSED gets here: the totals OPEN and HALF_OPEN keep beside an empty
+    /// window are never dropped.
     fn front(&mut self) -> Option<Entry> {
         let front = self.m.window.front().copied();
         if front.is_none() {
-            self.clear_window();
+            self.clear_totals();
         }
         front
     }
@@ -226,7 +236,7 @@ impl<'a> Run<'a> {
     /// fill the window, then the front one loses its share of the excess.
     fn add_count(&mut self, entry: Entry, size: u64) {
         if self.m.window.is_empty() {
-            self.clear_window();
+            self.clear_totals();
         }
         self.m.window.push_back(entry);
         self.add_totals(&entry);
@@ -466,10 +476,18 @@ mod tests {
         let step = m.report(T0 + 1, &p, calls(1, 1, 0));
         assert_eq!(
             step.reply,
-            BreakerState { state: State::Open, since_us: T0 + 1, generation: 1, ..BreakerState::default() }
+            BreakerState {
+                state: State::Open,
+                since_us: T0 + 1,
+                generation: 1,
+                calls: 4,
+                failures: 2,
+                ..BreakerState::default()
+            },
+            "the totals of the window that opened it"
         );
         assert_eq!(step.transitions, [Transition { state: State::Open, since_us: T0 + 1, generation: 1 }]);
-        assert!(m.window().is_empty(), "the window is cleared on opening");
+        assert!(m.window().is_empty(), "the window's entries are dropped on opening");
     }
 
     #[test]
@@ -499,6 +517,7 @@ mod tests {
         assert_eq!(m.report(T0, &p, calls(4, 0, 3)).reply.state, State::Closed);
         // 4 slow of 5: 80 %.
         assert_eq!(m.report(T0, &p, calls(1, 0, 1)).reply.state, State::Open);
+        assert_eq!(totals(&m), (5, 0, 4));
 
         let no_rule = Params { slow_call_us: None, ..p };
         let mut m = Machine::new();
@@ -516,6 +535,7 @@ mod tests {
         let step = m.report(T0 + OPEN_US - 1, &p, calls(5, 5, 5));
         assert!(!step.wrote);
         assert_eq!(m, before, "an OPEN breaker's outcomes change nothing");
+        assert_eq!(totals(&m), (4, 4, 0), "not even its totals");
     }
 
     #[test]
@@ -530,6 +550,8 @@ mod tests {
                 state: State::HalfOpen,
                 since_us: T0 + OPEN_US + 7,
                 generation: 2,
+                calls: 4,
+                failures: 4,
                 probes_granted: 1,
                 ..BreakerState::default()
             }
@@ -558,6 +580,7 @@ mod tests {
         let t = T0 + OPEN_US + 1;
         let step = m.report(t, &p, calls(1, 0, 0));
         assert_eq!((step.reply.state, step.reply.probes_ok), (State::HalfOpen, 1));
+        assert_eq!(totals(&m), (4, 4, 0), "probes count apart from the totals");
         let step = m.report(t + 1, &p, calls(1, 0, 0));
         assert_eq!(
             step.reply,
@@ -565,6 +588,7 @@ mod tests {
         );
         // Closed again, with an empty window: one failure does not reopen it.
         assert_eq!(m.report(t + 2, &p, calls(1, 1, 0)).reply.state, State::Closed);
+        assert_eq!(totals(&m), (1, 1, 0), "a fresh window");
     }
 
     #[test]
@@ -576,8 +600,17 @@ mod tests {
         let step = m.report(t + 1, &p, calls(3, 1, 0));
         assert_eq!(
             step.reply,
-            BreakerState { state: State::Open, since_us: t + 1, generation: 3, ..BreakerState::default() }
+            BreakerState {
+                state: State::Open,
+                since_us: t + 1,
+                generation: 3,
+                calls: 4,
+                failures: 4,
+                ..BreakerState::default()
+            },
+            "reopened with the totals of the window that opened it, the probes not added"
         );
+        assert!(m.window().is_empty());
 
         let mut m = half_open(&p);
         assert_eq!(m.report(t, &p, calls(1, 0, 1)).reply.state, State::Open);
@@ -605,6 +638,8 @@ mod tests {
                 state: State::HalfOpen,
                 since_us: since + OPEN_US,
                 generation: 3,
+                calls: 4,
+                failures: 4,
                 probes_granted: 1,
                 ..BreakerState::default()
             }
@@ -706,6 +741,33 @@ mod tests {
         m.report(T0, &p, calls(2, 1, 0));
         assert_eq!(m.report(T0 + 60_000, &p, calls(2, 1, 0)).reply.state, State::Open);
         assert!(m.window().is_empty());
+        assert_eq!(totals(&m), (4, 2, 0), "the totals of the window that opened it");
+    }
+
+    #[test]
+    fn an_empty_window_drops_the_totals_only_while_closed() {
+        // OPEN and HALF_OPEN keep their totals beside an empty window, through every step.
+        for p in [count(10), params(Window::Time { slot_us: 50_000 })] {
+            let mut m = opened(&p);
+            assert!(m.window().is_empty());
+            m.report(T0 + 1, &p, calls(3, 0, 0));
+            m.probe(T0 + OPEN_US, &p);
+            m.report(T0 + OPEN_US, &p, calls(1, 0, 0));
+            m.report(T0 + OPEN_US + 1, &p, calls(1, 1, 0));
+            assert_eq!(m.state().state, State::Open, "{p:?}");
+            assert_eq!(totals(&m), (4, 4, 0), "{p:?}");
+            let t = T0 + 2 * OPEN_US + 1;
+            m.probe(t, &p);
+            m.report(t + OPEN_US, &p, Outcomes::default());
+            assert_eq!((m.state().state, totals(&m)), (State::HalfOpen, (4, 4, 0)), "re-armed: {p:?}");
+        }
+        // CLOSED: a window evicted without the hash holds no calls, whatever the totals said.
+        let p = Params { minimum_calls: 100, ..count(10) };
+        let mut m = Machine::new();
+        m.report(T0, &p, calls(5, 2, 1));
+        m.window.clear();
+        m.report(T0, &p, calls(1, 0, 0));
+        assert_eq!(totals(&m), (1, 0, 0));
     }
 
     #[test]

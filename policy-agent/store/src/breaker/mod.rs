@@ -17,6 +17,8 @@
 //! [`BreakerStore::probe`] asks to make a call (CLOSED admits, OPEN refuses, HALF_OPEN admits
 //! until `half_open_calls` probes were granted cluster-wide). Every transition bumps the
 //! generation and is published on [`channel`] as an [`Event`], from inside the script.
+//! Opening empties the window but keeps its totals, so an OPEN or HALF_OPEN breaker reads
+//! the rates that opened it; closing starts a fresh window.
 //!
 //! Both backends clamp parameters outside their documented ranges into them
 //! ([`params_args`]) and outcomes to `failures, slow <= calls`, so no input can make the
@@ -157,7 +159,8 @@ pub struct BreakerState {
     pub since_us: i64,
     /// Transitions so far (a missing breaker is generation 0).
     pub generation: u64,
-    /// Window totals while CLOSED; zero otherwise.
+    /// Window totals; while OPEN or HALF_OPEN, those of the window that opened it (kept as
+    /// it opened, probes not added: they count in `probes_ok`). Zero again once it closes.
     pub calls: u64,
     pub failures: u64,
     pub slow: u64,

@@ -6,7 +6,8 @@
 //! percent-escaped as every key part is), so a breaker lives in one Cluster slot:
 //!
 //! - `{…}`: hash — `state` (0 CLOSED, 1 OPEN, 2 HALF_OPEN), `since` (µs), `generation`,
-//!   the window totals `calls`, `failures`, `slow`, and HALF_OPEN's `granted` and `ok`;
+//!   the window totals `calls`, `failures`, `slow` (while OPEN or HALF_OPEN, those of the
+//!   window that opened it), and HALF_OPEN's `granted` and `ok`;
 //! - `{…}:window`: list of entries `slot:calls:failures:slow`, oldest first.
 //!
 //! Both expire [`TTL`](super::TTL) after the script last changed them; a missing hash reads
