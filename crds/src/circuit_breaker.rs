@@ -310,14 +310,17 @@ pub struct BreakerStatus {
     /// Closed: calls pass. Open: calls are answered 503 without reaching the Service.
     /// HalfOpen: a few probe calls pass, cluster-wide.
     pub state: BreakerState,
-    /// Percentage of the window's calls that failed (while Closed; absent before any call).
+    /// Percentage of the window's calls that failed; while Open or HalfOpen, of the window
+    /// that opened it (absent while the window holds no call).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure_rate: Option<u32>,
-    /// Percentage of the window's calls slower than slowCall.duration (while Closed, with a
-    /// slowCall rule; absent otherwise).
+    /// Percentage of the window's calls slower than slowCall.duration; while Open or
+    /// HalfOpen, of the window that opened it (absent while the window holds no call, or
+    /// without a slowCall rule).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slow_call_rate: Option<u32>,
-    /// Calls in the window, from every caller pod.
+    /// Calls in the window, from every caller pod; while Open or HalfOpen, those of the
+    /// window that opened it.
     #[serde(default)]
     pub calls: u64,
     /// When the breaker last changed state (Redis's clock); absent if it never did.
