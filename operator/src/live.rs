@@ -92,9 +92,9 @@ pub struct Announcement {
 }
 
 /// The Event for `event`, a transition of `target`'s breaker. `read` is the breaker as read
-/// after the event: the window that opened it is cleared as it opens, so the rates it
-/// opened at are named only while a read still shows a window, and otherwise the
-/// thresholds it opens at.
+/// after the event: an OPEN breaker keeps the totals of the window that opened it, so the
+/// rates it opened at are named; a read that shows no OPEN window (none, or the breaker has
+/// moved on) names the thresholds it opens at.
 pub fn announce(target: &Target, event: &Event, read: Option<&BreakerState>) -> Announcement {
     let breaker = &target.breaker;
     let what = target.describe();
@@ -184,7 +184,7 @@ mod tests {
             "breaker shop/payments:8080 of Service shop/payments port 8080 opened: its failure rate reached 50% \
              or its slow-call rate 80% (slower than 2s); every caller answers 503 for 30s, then probes decide"
         );
-        // A read that still shows the window names the rates measured.
+        // A read of the OPEN breaker shows the window that opened it: its rates are named.
         let read =
             BreakerState { state: State::Open, calls: 40, failures: 22, slow: 3, ..Default::default() };
         let measured = announce(&payments, &event(State::Open), Some(&read));

@@ -216,8 +216,9 @@ fn named(ids: &[&str]) -> String {
 
 /// One breaker as `status.breakers` shows it. The rates are whole percentages rounded down,
 /// so a rate shown at a threshold has reached it (the machine opens when
-/// `failures * 100 >= threshold * calls`); None while the window holds no call, and the
-/// slow-call rate None without a `slowCall` rule.
+/// `failures * 100 >= threshold * calls`); while OPEN or HALF_OPEN, those of the window that
+/// opened it (the store keeps its totals until it closes). None while the window holds no
+/// call, and the slow-call rate None without a `slowCall` rule.
 pub fn shown(target: &Target, state: &BreakerState) -> BreakerStatus {
     BreakerStatus {
         service: target.service.to_string(),
@@ -306,6 +307,12 @@ mod tests {
         );
         assert_eq!((shown.failure_rate, shown.slow_call_rate, shown.calls), (Some(25), Some(17), 40));
         assert_eq!(shown.last_transition_time, Some(time(SINCE)), "whole seconds of Redis's clock");
+        // OPEN (and HALF_OPEN) reads the totals of the window that opened it.
+        let open = super::shown(&targets[0], &state(State::Open, 40, 22, 3));
+        assert_eq!(
+            (open.state, open.failure_rate, open.slow_call_rate, open.calls),
+            (ShownState::Open, Some(55), Some(7), 40)
+        );
         assert_eq!(
             said(&report),
             (Status::False, tripped::CLOSED, "the breaker of Service shop/payments port 8080 is CLOSED")

@@ -250,12 +250,12 @@ async fn breaker_status_follows_the_window_the_transitions_and_redis_outages() {
     let again = world.reconcile_breaker().await;
     assert_eq!(again.resource_version(), windowed.resource_version(), "no write without a change");
 
-    // 10 of 18 calls failed: OPEN, since Redis's time of the report. The window that opened
-    // it is cleared as it opens, so no rate is shown while OPEN.
+    // 10 of 18 calls failed: OPEN, since Redis's time of the report. It shows the rates of
+    // the window that opened it (55 %, 1 slow of 18 → 5 %) while OPEN and HALF_OPEN.
     let opened = agent.report(&id, &params(), failures(10, 8, 0)).await.expect("report");
     assert_eq!(opened.state, Machine::Open);
     let open = world.reconcile_breaker().await;
-    assert_eq!(breakers(&open)[0], status(&ns, 8080, Shown::Open, (None, None), 0, opened.since_us));
+    assert_eq!(breakers(&open)[0], status(&ns, 8080, Shown::Open, (Some(55), Some(5)), 18, opened.since_us));
     assert_eq!(breakers(&open)[1], status(&ns, 9090, Shown::Closed, (None, None), 0, 0), "its own breaker");
     assert_eq!(
         tripped(&open),
@@ -272,11 +272,11 @@ async fn breaker_status_follows_the_window_the_transitions_and_redis_outages() {
     let probing = world.reconcile_breaker().await;
     assert_eq!(
         breakers(&probing)[0],
-        status(&ns, 8080, Shown::HalfOpen, (None, None), 0, half_open.since_us)
+        status(&ns, 8080, Shown::HalfOpen, (Some(55), Some(5)), 18, half_open.since_us)
     );
     assert_eq!(tripped(&probing).1, "HalfOpen");
 
-    // Both probes succeed: CLOSED again.
+    // Both probes succeed: CLOSED again, with a fresh window.
     let (admitted, _) = agent.probe(&id, &params()).await.expect("probe");
     assert!(admitted, "the second probe of two");
     let recovered =
@@ -388,7 +388,7 @@ async fn an_operator_follows_transitions_into_the_status_and_announces_each_with
     let (type_, note) = event(&client, &ns, "BreakerOpened").await;
     assert_eq!(type_, "Warning");
     assert!(note.starts_with(&format!("breaker {id} of Service {ns}/payments port 8080 opened: ")), "{note}");
-    assert!(note.contains("failure rate reached 50% or its slow-call rate 80%"), "{note}");
+    assert!(note.contains("opened: 60% of 20 calls failed, 0% slow;"), "the rates that opened it: {note}");
 
     probe_until_admitted(&agent, &id).await;
     assert!(agent.probe(&id, &params()).await.expect("probe").0, "the second probe of two");
