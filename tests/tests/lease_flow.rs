@@ -6,69 +6,20 @@
 //! select refuses it. Counters and leases are in memory here; the Redis side has its own
 //! suites in policy-agent/tests.
 
-use std::path::Path;
-use std::sync::Arc;
+mod support;
+
 use std::time::Duration;
 
-use breakwater_agent::source::ConfigSource;
-use breakwater_agent::{Listeners, Settings, StoreSettings};
-use breakwater_operator::compile::Compiled;
-use breakwater_operator::http::State;
+use breakwater_agent::StoreSettings;
 use breakwater_operator::inventory::ObjectName;
 use breakwater_operator::policy::Verdict;
-use breakwater_operator::standalone::load;
 use breakwater_operator::status;
-use breakwater_operator::xds::{AdsServer, SnapshotCache};
+use breakwater_operator::xds::SnapshotCache;
 use serde_json::Value;
-use tokio::net::TcpListener;
+use support::{Agent, DEADLINE, configured, settings};
 
-const DEADLINE: Duration = Duration::from_secs(20);
-
-async fn operator() -> (String, Arc<SnapshotCache>) {
-    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
-    let loaded = load::load_dir(&examples, "breakwater-system").expect("examples load");
-    let cache = Arc::new(SnapshotCache::default());
-    cache.publish(Compiled::new(&loaded.inventory));
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
-    let ads = AdsServer::unauthenticated(cache.clone(), Arc::new(State::default()));
-    tokio::spawn(breakwater_operator::xds::serve(listener, ads, std::future::pending()));
-    (endpoint, cache)
-}
-
-/// One pod's agent: its HTTP and lease API addresses.
-struct Agent {
-    http: String,
-    lease: String,
-}
-
-/// The agent of `pod`, configured over ADS from `endpoint`.
 async fn agent(endpoint: &str, pod: &str) -> Agent {
-    let loopback = "127.0.0.1:0".parse().expect("address");
-    let listeners = Listeners::bind(loopback, loopback, loopback).await.expect("bind");
-    let http = listeners.http.local_addr().expect("addr").to_string();
-    let lease = listeners.lease.local_addr().expect("addr").to_string();
-    let settings = Settings {
-        pod: pod.to_string(),
-        config: ConfigSource::Xds { endpoint: endpoint.to_string(), token_file: None },
-        store: StoreSettings::Memory,
-        limiter: Default::default(),
-        leases: Default::default(),
-        breakers: Default::default(),
-    };
-    tokio::spawn(breakwater_agent::run(listeners, settings, std::future::pending()));
-    Agent { http, lease }
-}
-
-/// Waits until the agent has a configuration (`/readyz`; memory store, so nothing else).
-async fn configured(agent: &Agent) {
-    let give_up = tokio::time::Instant::now() + DEADLINE;
-    while reqwest::get(format!("http://{}/readyz", agent.http)).await.map(|r| r.status().as_u16()).ok()
-        != Some(200)
-    {
-        assert!(tokio::time::Instant::now() < give_up, "agent not configured within {DEADLINE:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    support::agent(endpoint, pod, StoreSettings::Memory, settings()).await
 }
 
 async fn acquire(agent: &Agent, lease: &str) -> (u16, Value) {
@@ -85,7 +36,7 @@ async fn acquire(agent: &Agent, lease: &str) -> (u16, Value) {
 
 #[tokio::test]
 async fn an_example_lease_reaches_the_agents_of_the_pods_it_selects() {
-    let (endpoint, cache) = operator().await;
+    let (endpoint, cache, _) = support::operator().await;
     let lease = ObjectName::new("billing", "invoice-run");
     let programmed = |cache: &SnapshotCache| -> Verdict {
         status::programmed(Some(&cache.acknowledgements("LockLease", &lease, 1)))
