@@ -48,13 +48,16 @@ use crate::store::StoreError;
 /// How long a refused probe keeps this agent from asking again, at least: bounds the calls
 /// to Redis when this pod's clock runs ahead of Redis's.
 const PROBE_BACKOFF: Duration = Duration::from_millis(5);
+/// The least a flush or a re-read waits for Redis.
+const BACKGROUND_DEADLINE: Duration = Duration::from_millis(100);
 
 /// Timing of the breakers' background work.
 #[derive(Clone, Debug)]
 pub struct BreakerSettings {
     /// How often pending outcomes are added to Redis: bounds how late a failure is counted.
     pub flush_interval: Duration,
-    /// How long one Redis call (a flush, a probe, a read) may take.
+    /// How long a probe may wait for Redis (`--deadline`); flushes and re-reads, off the
+    /// request path, wait at least 100 ms.
     pub deadline: Duration,
     /// How long the local copy is trusted while Redis is unreachable, before the fallback.
     pub hold: Duration,
@@ -404,6 +407,11 @@ impl Board {
         }
     }
 
+    /// Reports and reads are off the request path: they may wait longer than a decision.
+    fn background_deadline(&self) -> Duration {
+        self.settings.deadline.max(BACKGROUND_DEADLINE)
+    }
+
     /// Adds the calls `entries` record to their breakers' pending outcomes (entries on
     /// routes without a known breaker, and calls Envoy refused itself, are counted apart).
     pub fn record(&self, entries: &[HttpAccessLogEntry]) {
@@ -433,8 +441,7 @@ impl Board {
             let outcomes = breaker.pending.take()?;
             Some(async move {
                 let call = self.backend.report(&breaker.rule.id, &breaker.params, outcomes);
-                match tokio::time::timeout(self.settings.deadline.max(Duration::from_millis(100)), call).await
-                {
+                match tokio::time::timeout(self.background_deadline(), call).await {
                     Ok(Ok(state)) => breaker.adopt(&state),
                     Ok(Err(error)) => {
                         self.metrics.breaker_store_error("report", error.kind().label());
@@ -455,7 +462,7 @@ impl Board {
         let breakers = self.breakers.load_full();
         let reads = breakers.values().map(|breaker| async move {
             let read = self.backend.state(&breaker.rule.id);
-            match tokio::time::timeout(self.settings.deadline.max(Duration::from_millis(100)), read).await {
+            match tokio::time::timeout(self.background_deadline(), read).await {
                 Ok(Ok(state)) => {
                     breaker.adopt(&state.unwrap_or_default());
                     true
@@ -504,5 +511,140 @@ impl Board {
     /// The state this agent answers from, for tests and `/debug`.
     pub fn state_of(&self, id: &str) -> Option<State> {
         self.get(id).map(|b| b.local().state)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use breakwater_api::circuit_breaker::WindowKind;
+    use breakwater_store::breaker::MemoryBreakers;
+    use envoy_types::pb::envoy::data::accesslog::v3::{AccessLogCommon, HttpResponseProperties};
+    use envoy_types::pb::google::protobuf::UInt32Value;
+
+    use super::*;
+
+    const ID: &str = "shop/payments:80";
+
+    fn rule(failure_rate_threshold: u32, fallback: BreakerFallback) -> CompiledBreaker {
+        let rule = BreakerRule {
+            id: ID.into(),
+            policy: "shop/payments".into(),
+            failure_rate_threshold,
+            slow_call_ms: 0,
+            slow_call_rate_threshold: 0,
+            window: WindowKind::Count,
+            window_size: 4,
+            window_ms: 0,
+            minimum_calls: 4,
+            open_ms: 3_600_000,
+            half_open_calls: 1,
+            fallback,
+        };
+        CompiledBreaker { params: params(&rule).expect("valid"), rule }
+    }
+
+    fn board(compiled: &CompiledBreaker) -> (Board, Arc<Metrics>) {
+        let metrics = Arc::new(Metrics::default());
+        let board =
+            Board::new(Arc::new(MemoryBreakers::default()), metrics.clone(), BreakerSettings::default());
+        board.set_rules(std::slice::from_ref(compiled));
+        (board, metrics)
+    }
+
+    fn failed_call() -> HttpAccessLogEntry {
+        HttpAccessLogEntry {
+            common_properties: Some(AccessLogCommon { route_name: ID.into(), ..Default::default() }),
+            response: Some(HttpResponseProperties {
+                response_code: Some(UInt32Value { value: 503 }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// A transition at `at_us` past now (by the wall clock, as Redis's would be).
+    fn event(state: State, at_us: i64, generation: u64) -> Event {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64);
+        Event { id: ID.into(), state, since_us: now + at_us, generation }
+    }
+
+    fn probes(metrics: &Metrics) -> bool {
+        metrics.encode().lines().any(|l| l.contains("result=\"probe\"") && !l.ends_with(" 0"))
+    }
+
+    #[tokio::test]
+    async fn closed_answers_without_asking_the_store() {
+        let (board, metrics) = board(&rule(50, BreakerFallback::Admit));
+        for _ in 0..100 {
+            assert!(matches!(board.decide(ID).await, Decision::Admit(_)));
+        }
+        assert!(!probes(&metrics), "{}", metrics.encode());
+        assert!(matches!(board.decide("shop/other:80").await, Decision::Unknown));
+    }
+
+    #[tokio::test]
+    async fn recorded_failures_open_it_at_the_flush() {
+        let (board, _) = board(&rule(50, BreakerFallback::Admit));
+        board.record(&[failed_call(), failed_call(), failed_call()]);
+        board.flush().await;
+        assert_eq!(board.state_of(ID), Some(State::Closed), "3 calls < minimumCalls 4");
+        board.record(&[failed_call()]);
+        board.flush().await;
+        assert_eq!(board.state_of(ID), Some(State::Open));
+        assert!(matches!(board.decide(ID).await, Decision::Reject(_)));
+    }
+
+    #[tokio::test]
+    async fn a_late_message_never_takes_the_copy_back_but_a_store_that_lost_its_data_does() {
+        let (board, _) = board(&rule(50, BreakerFallback::Admit));
+        board.apply(&event(State::Open, 2_000, 2));
+        board.apply(&event(State::Closed, 1_000, 1));
+        assert_eq!(board.state_of(ID), Some(State::Open), "an older transition arrived late");
+        board.apply(&event(State::HalfOpen, 2_000, 3));
+        assert_eq!(board.state_of(ID), Some(State::HalfOpen), "same instant, later generation");
+        // A store that lost its keys reads as a breaker that never moved.
+        let breaker = board.get(ID).expect("configured");
+        breaker.adopt(&BreakerState::default());
+        assert_eq!(board.state_of(ID), Some(State::Closed));
+    }
+
+    #[tokio::test]
+    async fn a_changed_rule_keeps_the_state_and_pending_outcomes_and_a_removed_one_admits() {
+        let strict = rule(50, BreakerFallback::Admit);
+        let (board, _) = board(&rule(100, BreakerFallback::Admit));
+        board.apply(&event(State::Open, 2_000, 1));
+        board.record(&[failed_call()]);
+        board.set_rules(std::slice::from_ref(&strict));
+        let breaker = board.get(ID).expect("kept");
+        assert_eq!(breaker.rule, strict.rule);
+        assert_eq!(board.state_of(ID), Some(State::Open));
+        assert_eq!(breaker.pending.take().map(|o| (o.calls, o.failures)), Some((1, 1)));
+        board.set_rules(&[]);
+        assert!(matches!(board.decide(ID).await, Decision::Unknown));
+    }
+
+    #[tokio::test]
+    async fn the_fallback_answers_once_switched_on() {
+        for (fallback, admitted) in [(BreakerFallback::Admit, true), (BreakerFallback::Reject, false)] {
+            let (board, _) = board(&rule(50, fallback));
+            board.apply(&event(State::Open, 2_000, 1));
+            board.set_fallback(true);
+            assert_eq!(matches!(board.decide(ID).await, Decision::Admit(_)), admitted, "{fallback:?}");
+            board.set_fallback(false);
+            assert!(matches!(board.decide(ID).await, Decision::Reject(_)), "OPEN again once Redis is back");
+        }
+    }
+
+    #[test]
+    fn rules_the_machine_cannot_run_are_refused() {
+        let mut bad = rule(50, BreakerFallback::Admit).rule;
+        bad.failure_rate_threshold = 0;
+        assert!(params(&bad).unwrap_err().contains("failureRateThreshold"));
+        let mut bad = rule(50, BreakerFallback::Admit).rule;
+        bad.window_size = 0;
+        assert!(params(&bad).unwrap_err().contains("Count"));
+        let mut bad = rule(50, BreakerFallback::Admit).rule;
+        bad.open_ms = 0;
+        assert!(params(&bad).unwrap_err().contains("openMs"));
     }
 }
