@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::{CounterStore, StoreError};
-use crate::algorithm::{CounterState, Limit, Verdict, apply};
+use crate::algorithm::{CounterState, Limit, Reservation, Verdict, apply, give_back, reserve};
 
 const SHARDS: usize = 16;
 
@@ -82,16 +82,23 @@ impl MemoryStore {
     }
 
     fn hit_now(&self, key: &str, limit: &Limit, hits: u32) -> Verdict {
+        self.update(key, |state, now, _| apply(limit, state, now, hits))
+    }
+
+    /// Runs `step` on the counter `key` at the store's clock (with the instant the state was
+    /// to be forgotten at), under its shard's lock, and keeps the state it leaves until the
+    /// instant it returns.
+    fn update<T>(&self, key: &str, step: impl FnOnce(&mut Option<CounterState>, i64, i64) -> (T, i64)) -> T {
         let now = (self.inner.clock)();
         let shard = &self.inner.shards[(self.inner.hasher.hash_one(key) as usize) % SHARDS];
         // A panic while holding the lock cannot leave a counter half-updated: the new state
         // is computed first and stored last.
         let mut shard = shard.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let mut state = match shard.counters.get(key) {
-            Some((state, expires)) if *expires > now => Some(state.clone()),
-            _ => None,
+        let (mut state, expired) = match shard.counters.get(key) {
+            Some((state, expires)) if *expires > now => (Some(state.clone()), *expires),
+            _ => (None, now),
         };
-        let (verdict, expires) = apply(limit, &mut state, now, hits);
+        let (verdict, expires) = step(&mut state, now, expired);
         match state {
             Some(state) if expires > now => {
                 shard.counters.insert(key.into(), (state, expires));
@@ -111,6 +118,22 @@ impl MemoryStore {
 impl CounterStore for MemoryStore {
     async fn hit(&self, key: &str, limit: &Limit, hits: u32) -> Result<Verdict, StoreError> {
         Ok(self.hit_now(key, limit, hits))
+    }
+
+    async fn reserve(
+        &self,
+        key: &str,
+        limit: &Limit,
+        want: u32,
+        horizon: std::time::Duration,
+    ) -> Result<Reservation, StoreError> {
+        let horizon_us = i64::try_from(horizon.as_micros()).unwrap_or(i64::MAX);
+        Ok(self.update(key, |state, now, _| reserve(limit, state, now, want, horizon_us)))
+    }
+
+    async fn give_back(&self, key: &str, limit: &Limit, mark: i64, hits: u32) -> Result<u32, StoreError> {
+        // The expiry does not move (as in Redis): a lowered TAT or count only ends sooner.
+        Ok(self.update(key, |state, now, expires| (give_back(limit, state, now, mark, hits), expires)))
     }
 
     fn is_up(&self) -> bool {
