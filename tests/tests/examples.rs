@@ -18,8 +18,9 @@ fn every_example_is_accepted_and_resolved() {
         assert!(rows.iter().any(|r| r.kind == kind), "no example of {kind}");
     }
     for row in &rows {
-        // Programmed needs proxies and Held needs Redis: standalone mode has neither.
-        let data_plane = ["Programmed", "Held"];
+        // Programmed needs proxies; Held, Tripped and WouldReject read Redis: standalone mode
+        // has neither.
+        let data_plane = ["Programmed", "Held", "Tripped", "WouldReject"];
         for condition in row.status.conditions.iter().filter(|c| !data_plane.contains(&c.type_.as_str())) {
             assert_eq!(
                 condition.status, "True",
