@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::batch::BatchSettings;
 use crate::breaker::BreakerSettings;
 use crate::lease::leader::LeaderSettings;
 use crate::limiter::LimiterSettings;
@@ -103,6 +104,14 @@ pub struct Cli {
     /// Over-limit counters remembered locally (0 disables the cache).
     #[arg(long, default_value_t = 65_536)]
     pub over_limit_cache: usize,
+    /// The most hits one quota batch may reserve from Redis for a counter under load
+    /// (1 to 1000000); 1 turns batches off: every decision is one Redis call.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub quota_batch: u32,
+    /// The window a counter's local rate is measured over to size its batches, and the
+    /// longest a batch lives (1ms to 1m).
+    #[arg(long, default_value = "100ms", value_parser = parse_horizon)]
+    pub quota_horizon: Duration,
     /// Worker threads (default: one per core).
     #[arg(long)]
     pub worker_threads: Option<usize>,
@@ -116,6 +125,16 @@ pub struct Cli {
 /// A flag's duration, in the grammar of [`breakwater_api::duration`].
 fn parse_duration(text: &str) -> Result<Duration, breakwater_api::duration::InvalidDuration> {
     breakwater_api::duration::parse(text)
+}
+
+/// `--quota-horizon`: a duration from 1 ms to a minute, which keeps every product the batch
+/// scripts compute (hits wanted × life in µs) exact in Lua's doubles.
+fn parse_horizon(text: &str) -> Result<Duration, String> {
+    let horizon = parse_duration(text).map_err(|e| e.to_string())?;
+    if horizon < Duration::from_millis(1) || horizon > Duration::from_secs(60) {
+        return Err(format!("{text} is not between 1ms and 1m"));
+    }
+    Ok(horizon)
 }
 
 /// The settings the flags describe.
@@ -145,6 +164,11 @@ pub fn settings(cli: &Cli) -> Result<Settings> {
             deadline: cli.deadline,
             key_prefix: cli.key_prefix.clone(),
             cache_capacity: cli.over_limit_cache,
+            batch: BatchSettings {
+                max_hits: cli.quota_batch,
+                horizon: cli.quota_horizon,
+                ..BatchSettings::default()
+            },
         },
         leases: LeaseSettings {
             leaders: cli.leaders.clone(),
@@ -217,6 +241,29 @@ mod tests {
         let bad =
             Cli::try_parse_from(["breakwater-agent", "--config", "a.yaml", "--pod-name", "a/b"]).unwrap();
         assert!(settings(&bad).unwrap_err().to_string().contains("without '/'"));
+    }
+
+    #[test]
+    fn quota_batch_flags() {
+        let parse =
+            |args: &[&str]| Cli::try_parse_from([&["breakwater-agent", "--config", "a.yaml"], args].concat());
+        let defaults = settings(&parse(&[]).unwrap()).unwrap().limiter.batch;
+        assert_eq!((defaults.max_hits, defaults.horizon), (256, Duration::from_millis(100)));
+        assert!(defaults.enabled());
+        let off = settings(&parse(&["--quota-batch", "1"]).unwrap()).unwrap().limiter.batch;
+        assert!(!off.enabled(), "--quota-batch 1 is the per-request path");
+        let set = parse(&["--quota-batch", "1000", "--quota-horizon", "250ms"]).unwrap();
+        assert_eq!((set.quota_batch, set.quota_horizon), (1000, Duration::from_millis(250)));
+        for bad in [
+            ["--quota-batch", "0"],
+            ["--quota-batch", "1000001"],
+            ["--quota-horizon", "0ms"],
+            ["--quota-horizon", "2m"],
+        ] {
+            assert!(parse(&bad).is_err(), "{bad:?}");
+        }
+        let error = parse(&["--quota-horizon", "100us"]).unwrap_err().to_string();
+        assert!(error.contains("is not a duration"), "{error}");
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! - [`store`]: the [`store::CounterStore`] trait with the Redis (standalone, Cluster; the
 //!   connection is `breakwater-store`'s) and in-memory backends;
 //! - [`limiter`]: descriptors → counters → a `RateLimitResponse`, with deadlines, failure
-//!   modes and the over-limit cache ([`cache`]);
+//!   modes, the over-limit cache ([`cache`]) and quota batches ([`batch`]);
 //! - [`config`]: the rules in force, swapped atomically, fed from a file or a channel;
 //! - [`lease`]: leases (locks and semaphores) with fencing tokens, in Redis or in memory
 //!   (the store is `breakwater-store`'s, shared with the operator), granted to the pod over
@@ -23,6 +23,7 @@
 pub mod ads;
 pub mod ads_proxy;
 pub mod algorithm;
+pub mod batch;
 pub mod breaker;
 pub mod cache;
 pub mod capture;

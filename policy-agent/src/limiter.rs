@@ -10,6 +10,12 @@
 //! Hits are applied to each counter on its own (the counters of one request may live on
 //! different Redis Cluster nodes), so a request rejected by one rule still consumes from
 //! the rules that admitted it — as in envoyproxy/ratelimit. That can only under-admit.
+//!
+//! With quota batches on ([`crate::batch`]), a single-hit descriptor is admitted from the
+//! batch this agent holds for its counter when it has one, and otherwise reserves the next
+//! batch (one reservation per counter in flight; requests arriving meanwhile wait for it,
+//! within the same deadline) or takes the per-request script (cold counters, counters near
+//! their limit, several hits).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,6 +33,7 @@ use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimit
 use envoy_types::pb::google::protobuf::Duration as PbDuration;
 
 use crate::algorithm::Verdict;
+use crate::batch::{BatchSettings, Batches, Leftover, Plan};
 use crate::breaker::{Board, Decision};
 use crate::cache::OverLimitCache;
 use crate::config::{CompiledRule, RuleHolder};
@@ -42,6 +49,9 @@ pub struct LimiterSettings {
     pub key_prefix: String,
     /// How many over-limit counters to remember (0 disables the cache).
     pub cache_capacity: usize,
+    /// Quota batches (`--quota-batch`, `--quota-horizon`); [`BatchSettings::off`] keeps
+    /// every decision on the per-request script.
+    pub batch: BatchSettings,
 }
 
 impl Default for LimiterSettings {
@@ -50,9 +60,14 @@ impl Default for LimiterSettings {
             deadline: Duration::from_millis(5),
             key_prefix: "bw".into(),
             cache_capacity: 65_536,
+            batch: BatchSettings::default(),
         }
     }
 }
+
+/// How long a give-back may take: it runs in the background (the sweep, shutdown), and
+/// an unanswered one only leaves its hits stranded.
+const GIVE_BACK_DEADLINE: Duration = Duration::from_secs(1);
 
 /// Why a request gets a gRPC error instead of a decision. Envoy then applies its own
 /// `failure_mode_deny`.
@@ -83,6 +98,19 @@ pub struct Limiter<S> {
     /// The breakers, when this agent runs them: descriptors whose first entry is
     /// `BREAKER_KEY` are theirs.
     breakers: Option<Arc<Board>>,
+    /// The quota batches in hand, when batches are on.
+    batches: Option<Batches>,
+}
+
+/// How a counter's hit went to the store.
+enum Counted {
+    Verdict(Verdict),
+    /// The store failed or missed the deadline (label for `store_errors`, if a call of this
+    /// request's own failed).
+    Failed(StoreError, &'static str),
+    /// The reservation this request waited for failed: answered by the failure mode, no
+    /// call of its own.
+    FlightFailed,
 }
 
 /// What happened to one descriptor.
@@ -97,12 +125,56 @@ impl<S: CounterStore> Limiter<S> {
     pub fn new(store: S, rules: Arc<RuleHolder>, metrics: Arc<Metrics>, settings: LimiterSettings) -> Self {
         Limiter {
             cache: OverLimitCache::new(settings.cache_capacity),
+            batches: settings.batch.enabled().then(|| Batches::new(settings.batch)),
             store,
             rules,
             metrics,
             settings,
             breakers: None,
         }
+    }
+
+    /// The quota batches, when they are on.
+    pub fn batches(&self) -> Option<&Batches> {
+        self.batches.as_ref()
+    }
+
+    /// Ends batches whose life is over, gives their unused hits back where the algorithm
+    /// allows and counts the rest as stranded, and forgets idle counters. `run` calls it
+    /// every horizon.
+    pub async fn sweep(&self) {
+        if let Some(batches) = &self.batches {
+            self.give_back(batches.take_leftovers(Instant::now())).await;
+        }
+    }
+
+    /// Gives every batch in hand back (shutdown: no decision will use them).
+    pub async fn give_back_all(&self) {
+        if let Some(batches) = &self.batches {
+            self.give_back(batches.take_all()).await;
+        }
+    }
+
+    async fn give_back(&self, leftovers: Vec<Leftover>) {
+        let one = |leftover: Leftover| async move {
+            let counters = &leftover.rule.counters;
+            let back = if leftover.returnable {
+                let call = self.store.give_back(&leftover.key, &leftover.limit, leftover.mark, leftover.hits);
+                match tokio::time::timeout(GIVE_BACK_DEADLINE, call).await {
+                    Ok(Ok(back)) => back.min(leftover.hits),
+                    Ok(Err(error)) => {
+                        tracing::debug!(rule = %leftover.rule.rule.id, %error, "give-back failed; hits stranded");
+                        0
+                    }
+                    Err(_) => 0,
+                }
+            } else {
+                0
+            };
+            counters.batch_returned.inc_by(u64::from(back));
+            counters.batch_stranded.inc_by(u64::from(leftover.hits - back));
+        };
+        futures::future::join_all(leftovers.into_iter().map(one)).await;
     }
 
     /// Also answers breaker descriptors, from `board`.
@@ -195,45 +267,106 @@ impl<S: CounterStore> Limiter<S> {
             (None, false) => default_hits,
         };
         let key = counter_key(&self.settings.key_prefix, rule, parts);
-        let now = Instant::now();
-        if hits > 0
-            && let Some(hit) = self.cache.get(&key, now, rules.generation)
-        {
-            let verdict = Verdict {
-                admitted: false,
-                remaining: 0,
-                reset: hit.reset_at.saturating_duration_since(now),
-                retry_after: hit.until.saturating_duration_since(now),
+        let generation = rules.generation;
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::from_std(started + self.settings.deadline);
+        let batches = self.batches.as_ref().filter(|_| hits == 1);
+        let mut counted = false;
+        let result = loop {
+            let plan = match batches {
+                Some(batches) => batches.plan(&key, rule, Instant::now(), counted),
+                None => Plan::Single,
             };
-            return Outcome::Decided { rule: rule.clone(), verdict, cached: true };
-        }
-        // Boxed: the store's future is large, and the decision's own future is moved whole
-        // into the gRPC task; keeping it small saves a memmove per request.
-        let hit = Box::pin(self.store.hit(&key, &rule.limit, hits));
-        let (result, error_label) = match tokio::time::timeout(self.settings.deadline, hit).await {
-            Ok(Ok(verdict)) => (Ok(verdict), ""),
-            Ok(Err(error)) => {
-                let label = error.kind().label();
-                (Err(error), label)
+            counted = true;
+            if let Plan::Served(verdict) = plan {
+                return Outcome::Decided { rule: rule.clone(), verdict, cached: false };
             }
-            Err(_) => (
-                Err(StoreError::Timeout { call: "the decision", deadline: self.settings.deadline }),
-                "timeout",
-            ),
+            let now = Instant::now();
+            if hits > 0
+                && let Some(hit) = self.cache.get(&key, now, generation)
+            {
+                // A flight claimed by this request is released (and its waiters woken) as
+                // the plan is dropped here.
+                let verdict = Verdict {
+                    admitted: false,
+                    remaining: 0,
+                    reset: hit.reset_at.saturating_duration_since(now),
+                    retry_after: hit.until.saturating_duration_since(now),
+                };
+                return Outcome::Decided { rule: rule.clone(), verdict, cached: true };
+            }
+            match plan {
+                Plan::Served(_) | Plan::Single => {
+                    // Boxed: the store's future is large, and the decision's own future is
+                    // moved whole into the gRPC task; keeping it small saves a memmove per
+                    // request.
+                    let hit = Box::pin(self.store.hit(&key, &rule.limit, hits));
+                    let result = self.within(deadline, hit).await;
+                    if let (Some(batches), Counted::Verdict(verdict)) = (batches, &result) {
+                        batches.observe(&key, verdict.remaining);
+                    }
+                    break result;
+                }
+                Plan::Reserve(ticket) => {
+                    let horizon = self.settings.batch.horizon;
+                    let sent = Instant::now();
+                    let reserve = Box::pin(self.store.reserve(&key, &ticket.limit, ticket.want, horizon));
+                    match tokio::time::timeout_at(deadline, reserve).await {
+                        Ok(Ok(reservation)) => break Counted::Verdict(ticket.complete(sent, &reservation)),
+                        // The ticket, dropped unfinished, fails the flight for its waiters.
+                        Ok(Err(error)) => {
+                            let label = error.kind().label();
+                            break Counted::Failed(error, label);
+                        }
+                        Err(_) => break self.timed_out(),
+                    }
+                }
+                Plan::Wait(wait) => {
+                    let Some(batches) = batches else { break Counted::FlightFailed };
+                    match tokio::time::timeout_at(deadline, wait.wait(batches, &key)).await {
+                        Ok(false) => continue,
+                        Ok(true) | Err(_) => break Counted::FlightFailed,
+                    }
+                }
+            }
         };
         match result {
-            Ok(verdict) => {
+            Counted::Verdict(verdict) => {
                 if !verdict.admitted {
-                    self.cache.insert(&key, now, verdict.retry_after, verdict.reset, rules.generation);
+                    self.cache.insert(&key, started, verdict.retry_after, verdict.reset, generation);
                 }
                 Outcome::Decided { rule: rule.clone(), verdict, cached: false }
             }
-            Err(error) => {
-                self.metrics.store_error(error_label);
+            Counted::Failed(error, label) => {
+                self.metrics.store_error(label);
                 tracing::debug!(rule = %rule.rule.id, %error, "store failed; answering by failure mode");
                 Outcome::Failed { rule: rule.clone() }
             }
+            Counted::FlightFailed => Outcome::Failed { rule: rule.clone() },
         }
+    }
+
+    /// A per-request store call bounded by the decision's deadline.
+    async fn within(
+        &self,
+        deadline: tokio::time::Instant,
+        call: impl Future<Output = Result<Verdict, StoreError>>,
+    ) -> Counted {
+        match tokio::time::timeout_at(deadline, call).await {
+            Ok(Ok(verdict)) => Counted::Verdict(verdict),
+            Ok(Err(error)) => {
+                let label = error.kind().label();
+                Counted::Failed(error, label)
+            }
+            Err(_) => self.timed_out(),
+        }
+    }
+
+    fn timed_out(&self) -> Counted {
+        Counted::Failed(
+            StoreError::Timeout { call: "the decision", deadline: self.settings.deadline },
+            "timeout",
+        )
     }
 }
 

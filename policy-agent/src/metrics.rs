@@ -16,6 +16,17 @@ struct DecisionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RuleLabels {
+    rule: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RuleOutcomeLabels {
+    rule: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {
     reason: &'static str,
 }
@@ -79,6 +90,16 @@ pub struct RuleCounters {
     pub failure_open: Counter,
     /// The store did not answer in time or failed: rejected (failureMode Closed).
     pub failure_closed: Counter,
+    /// Quota batches reserved (batch script calls that granted hits or refused).
+    pub batches: Counter,
+    /// Hits Redis granted to this agent's batches.
+    pub batch_reserved: Counter,
+    /// Hits admitted from batches (the reserving request's own included).
+    pub batch_served: Counter,
+    /// Unused batch hits given back to Redis.
+    pub batch_returned: Counter,
+    /// Unused batch hits that could not be given back: counted in Redis, never admitted.
+    pub batch_stranded: Counter,
 }
 
 /// One breaker's metrics, resolved when its rule is put in force.
@@ -101,6 +122,8 @@ pub struct BreakerCounters {
 pub struct Metrics {
     registry: Registry,
     decisions: Family<DecisionLabels, Counter>,
+    quota_batches: Family<RuleLabels, Counter>,
+    quota_batch_hits: Family<RuleOutcomeLabels, Counter>,
     unknown: Family<ReasonLabels, Counter>,
     store_errors: Family<KindLabels, Counter>,
     pub requests: Counter,
@@ -130,6 +153,18 @@ impl Default for Metrics {
             "rate_limit_decisions",
             "Descriptor decisions by rule and result (ok, over_limit, over_limit_cached, shadow_over_limit, failure_open, failure_closed)",
             decisions.clone(),
+        );
+        let quota_batches = Family::<RuleLabels, Counter>::default();
+        registry.register(
+            "quota_batches",
+            "Quota batches reserved from the counter store, by rule (batch script calls)",
+            quota_batches.clone(),
+        );
+        let quota_batch_hits = Family::<RuleOutcomeLabels, Counter>::default();
+        registry.register(
+            "quota_batch_hits",
+            "Quota-batch hits by rule and outcome (reserved: granted by Redis, served: admitted from a batch, returned: given back, stranded: unused and not given back)",
+            quota_batch_hits.clone(),
         );
         let unknown = Family::<ReasonLabels, Counter>::default();
         registry.register(
@@ -232,6 +267,8 @@ impl Default for Metrics {
             access_log_entries,
             breaker_fallback,
             decisions,
+            quota_batches,
+            quota_batch_hits,
             unknown,
             store_errors,
             requests,
@@ -259,7 +296,16 @@ impl Metrics {
             shadow_over_limit: get("shadow_over_limit"),
             failure_open: get("failure_open"),
             failure_closed: get("failure_closed"),
+            batches: self.quota_batches.get_or_create(&RuleLabels { rule: rule.to_string() }).clone(),
+            batch_reserved: self.quota_batch_hit_counter(rule, "reserved"),
+            batch_served: self.quota_batch_hit_counter(rule, "served"),
+            batch_returned: self.quota_batch_hit_counter(rule, "returned"),
+            batch_stranded: self.quota_batch_hit_counter(rule, "stranded"),
         }
+    }
+
+    fn quota_batch_hit_counter(&self, rule: &str, outcome: &'static str) -> Counter {
+        self.quota_batch_hits.get_or_create(&RuleOutcomeLabels { rule: rule.to_string(), outcome }).clone()
     }
 
     pub fn unknown_descriptor(&self, reason: &'static str) {

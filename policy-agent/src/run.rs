@@ -18,6 +18,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::ads_proxy::{self, AdsProxy};
+use crate::batch::BatchSettings;
 use crate::breaker::{self, Board, BreakerSettings, access_log::AccessLogGrpc};
 use crate::config::{self, RuleHolder};
 use crate::lease::leader::{LeaderElection, LeaderSettings};
@@ -149,13 +150,15 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     check(&settings)?;
-    let Settings { pod, config, store, limiter, leases, breakers } = settings;
+    let Settings { pod, config, store, mut limiter, leases, breakers } = settings;
     let metrics = Arc::new(Metrics::default());
     match store {
         StoreSettings::Memory => {
             tracing::warn!(
                 "no Redis: counters, leases and breakers are kept in memory and are not shared between agents"
             );
+            // A batch saves a round trip to Redis; in memory there is none to save.
+            limiter.batch = BatchSettings::off();
             let board = Board::new(Arc::new(MemoryBreakers::default()), metrics.clone(), breakers);
             let stores =
                 Stores { counters: MemoryStore::new(), leases: MemoryLeases::new(), board, redis: None };
@@ -218,6 +221,7 @@ async fn serve<S: CounterStore, L: LeaseStore>(
         let _ = rx.wait_for(|stop| *stop).await;
     };
     let mut background = vec![
+        tokio::spawn(sweep_batches(limiter.clone(), stop_rx.clone())),
         tokio::spawn(breaker::watch::flush(board.clone(), stop_rx.clone())),
         tokio::spawn(breaker::watch::follow(
             board.clone(),
@@ -293,6 +297,8 @@ async fn serve<S: CounterStore, L: LeaseStore>(
         let _ = task.await;
     }
     let grpc_result = grpc.await;
+    // No decision will take another batch hit: give them all back while Redis is open.
+    limiter.give_back_all().await;
     let http_result = http.await;
     let lease_result = lease_api.await;
     let _ = config_task.await;
@@ -315,6 +321,21 @@ async fn serve<S: CounterStore, L: LeaseStore>(
         Err(join) => tracing::error!(error = %join, "lease API server task failed"),
     }
     Ok(())
+}
+
+/// Every horizon, ends the batches whose life is over (their unused hits given back where
+/// safe) and forgets idle counters; nothing to do with batches off.
+async fn sweep_batches<S: CounterStore>(limiter: Arc<Limiter<S>>, mut stop: watch::Receiver<bool>) {
+    let Some(batches) = limiter.batches() else { return };
+    let mut every = tokio::time::interval(batches.settings().horizon);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            // The guard `wait_for` answers is not Send: dropped inside.
+            _ = async { drop(stop.wait_for(|stop| *stop).await) } => return,
+            _ = every.tick() => limiter.sweep().await,
+        }
+    }
 }
 
 #[cfg(test)]

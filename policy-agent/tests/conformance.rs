@@ -105,6 +105,63 @@ async fn exactly_n_under_64_callers(store: impl CounterStore, algorithm: Algorit
     no_store_failures(&limiter);
 }
 
+/// With quota batches on, 64 callers race 3 N requests at one counter of N: never more than
+/// N (plus a token bucket's refills) admitted, batches did the work, and whatever was not
+/// admitted is exactly what batches hold or stranded.
+async fn batches_are_exact_under_64_callers(store: impl CounterStore, algorithm: Algorithm) {
+    let n = 2000;
+    let period = if algorithm == Algorithm::TokenBucket { 86_400 } else { 3600 };
+    let id = "shop/api/batched";
+    let limiter = limiter(
+        store,
+        vec![rule(id, algorithm, n, Duration::from_secs(period))],
+        batch_settings(unique_prefix("batched")),
+    );
+    avoid_window_edge(&limiter, id, Duration::from_secs(60)).await;
+    let total = 3 * n;
+    let sent = Arc::new(AtomicU32::new(0));
+    let admitted = Arc::new(AtomicU32::new(0));
+    let started = Instant::now();
+    let mut callers = Vec::new();
+    for _ in 0..64 {
+        let (limiter, sent, admitted) = (limiter.clone(), sent.clone(), admitted.clone());
+        callers.push(tokio::spawn(async move {
+            while sent.fetch_add(1, Ordering::SeqCst) < total {
+                if decide(&limiter, id, &[("user", "alice")], 1).await.overall_code == OK {
+                    admitted.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        }));
+    }
+    for caller in callers {
+        caller.await.unwrap();
+    }
+    let admitted = u64::from(admitted.load(Ordering::SeqCst));
+    let refills = if algorithm == Algorithm::TokenBucket {
+        started.elapsed().as_micros() as u64 / (u64::from(period as u32) * 1_000_000 / u64::from(n))
+    } else {
+        0
+    };
+    assert!(admitted <= u64::from(n) + refills, "{algorithm:?}: {admitted} admitted, limit {n} (+{refills})");
+    let rules = limiter.rules().load().unwrap();
+    let c = &rules.rules[id].counters;
+    let (reserved, served, returned, stranded) =
+        (c.batch_reserved.get(), c.batch_served.get(), c.batch_returned.get(), c.batch_stranded.get());
+    eprintln!(
+        "{algorithm:?}: admitted {admitted} of {total} at a limit of {n}; {} batches, {reserved} hits reserved, {served} served, {returned} returned, {stranded} stranded",
+        c.batches.get()
+    );
+    assert!(c.batches.get() > 0 && served > u64::from(n) / 2, "batches admitted most of it");
+    if algorithm != Algorithm::TokenBucket {
+        assert_eq!(
+            u64::from(n) - admitted,
+            reserved - served - returned,
+            "{algorithm:?}: every hit not admitted is held or stranded"
+        );
+    }
+    no_store_failures(&limiter);
+}
+
 async fn token_bucket_burst(store: impl CounterStore) {
     let mut r = rule("shop/api/burst", Algorithm::TokenBucket, 10, Duration::from_secs(3600));
     r.burst = 5;
@@ -320,6 +377,21 @@ macro_rules! conformance {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn fixed_window_admits_exactly_n_under_64_callers() {
                 exactly_n_under_64_callers(super::$backend().await, Algorithm::FixedWindow).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn token_bucket_batches_are_exact_under_64_callers() {
+                batches_are_exact_under_64_callers(super::$backend().await, Algorithm::TokenBucket).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sliding_window_batches_are_exact_under_64_callers() {
+                batches_are_exact_under_64_callers(super::$backend().await, Algorithm::SlidingWindow).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn fixed_window_batches_are_exact_under_64_callers() {
+                batches_are_exact_under_64_callers(super::$backend().await, Algorithm::FixedWindow).await;
             }
 
             #[tokio::test]

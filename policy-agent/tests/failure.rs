@@ -37,7 +37,12 @@ async fn agent(store: RedisConnection) -> Arc<Limiter<RedisConnection>> {
     limiter(
         store,
         vec![open, closed],
-        LimiterSettings { deadline: DEADLINE, key_prefix: unique_prefix("failure"), cache_capacity: 1024 },
+        LimiterSettings {
+            deadline: DEADLINE,
+            key_prefix: unique_prefix("failure"),
+            cache_capacity: 1024,
+            batch: breakwater_agent::batch::BatchSettings::off(),
+        },
     )
 }
 

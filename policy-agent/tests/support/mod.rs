@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use breakwater_agent::batch::BatchSettings;
 use breakwater_agent::config::{RuleHolder, RuleSet};
 use breakwater_agent::limiter::{Limiter, LimiterSettings};
 use breakwater_agent::metrics::Metrics;
@@ -48,9 +49,20 @@ pub fn limiter<S: CounterStore>(
     Arc::new(Limiter::new(store, holder, metrics, settings))
 }
 
-/// Settings for exactness tests: a deadline no debug build on a busy machine misses.
+/// Settings for exactness tests: a deadline no debug build on a busy machine misses; one
+/// script call per decision (`--quota-batch 1`).
 pub fn exact_settings(prefix: String) -> LimiterSettings {
-    LimiterSettings { deadline: Duration::from_secs(5), key_prefix: prefix, cache_capacity: 1024 }
+    LimiterSettings {
+        deadline: Duration::from_secs(5),
+        key_prefix: prefix,
+        cache_capacity: 1024,
+        batch: BatchSettings::off(),
+    }
+}
+
+/// [`exact_settings`] with quota batches as the flags' defaults set them.
+pub fn batch_settings(prefix: String) -> LimiterSettings {
+    LimiterSettings { batch: BatchSettings::default(), ..exact_settings(prefix) }
 }
 
 pub fn descriptor(rule: &str, parts: &[(&str, &str)]) -> RateLimitDescriptor {
