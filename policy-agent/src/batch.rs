@@ -340,6 +340,11 @@ impl Batches {
         out
     }
 
+    /// How many requests wait for the reservation in flight on `key` (0 without one).
+    pub fn waiting(&self, key: &str) -> u32 {
+        lock(self.shard(key)).get(key).filter(|e| e.in_flight).map_or(0, |e| e.waiting)
+    }
+
     /// How many counters are remembered.
     pub fn len(&self) -> usize {
         self.shards.iter().map(|s| lock(s).len()).sum()
