@@ -1,5 +1,6 @@
-//! `breakwater-agent`: the per-pod sidecar. This release carries its first capability, the
-//! Envoy global rate-limit service (`envoy.service.ratelimit.v3`) on Redis:
+//! `breakwater-agent`: the per-pod sidecar. It serves Envoy's global rate-limit service
+//! (`envoy.service.ratelimit.v3`) on Redis, runs the shared circuit breakers fed by Envoy's
+//! access-log service (`envoy.service.accesslog.v3`), and grants leases:
 //!
 //! - [`algorithm`]: TokenBucket (GCRA), SlidingWindow and FixedWindow, as Redis Lua scripts
 //!   and as their pure Rust twins;
@@ -8,6 +9,9 @@
 //! - [`limiter`]: descriptors → counters → a `RateLimitResponse`, with deadlines, failure
 //!   modes, the over-limit cache ([`cache`]) and quota batches ([`batch`]);
 //! - [`config`]: the rules in force, swapped atomically, fed from a file or a channel;
+//! - [`breaker`]: the shared breakers — outcomes in from the access log, decisions out from a
+//!   local copy of each breaker's state in Redis, transitions followed as they are published;
+//! - [`shadow`]: shadow-mode rejections reported to Redis for the operator's status;
 //! - [`lease`]: leases (locks and semaphores) with fencing tokens, in Redis or in memory
 //!   (the store is `breakwater-store`'s, shared with the operator), granted to the pod over
 //!   a loopback HTTP API, and leader election on top of them;
