@@ -300,8 +300,9 @@ local F = tonumber(ARGV[5])
 local tat = tonumber(redis.call('GET', KEYS[1]) or now)
 if tat < now then tat = now end
 -- Hits admitted up to L after now are charged as if they arrived at now + L, which keeps
--- "capacity, then one per T" exact; L <= (C - 1) T so one hit always fits a full bucket.
-local life = math.max(0, math.min(H, (C - 1) * T))
+-- "capacity, then one per T" exact; L <= (C - 1) T / 8 so one hit always fits a full bucket
+-- and a batch never prepays more than an eighth of the burst.
+local life = math.max(0, math.min(H, math.floor((C - 1) * T / 8)))
 local avail = math.floor((tau - (tat - now)) / T)
 local start = tat
 if start < now + life then start = now + life end
@@ -614,7 +615,7 @@ pub fn reserve(
                 Some(CounterState::TokenBucket { tat }) => (*tat).max(now),
                 _ => now,
             };
-            let life = (capacity - 1).saturating_mul(t).min(h).max(0);
+            let life = ((capacity - 1).saturating_mul(t) / 8).min(h).max(0);
             let avail = (tau - (tat - now)).div_euclid(t);
             let start = tat.max(now + life);
             let fit = (tau - (start - now)).div_euclid(t);
