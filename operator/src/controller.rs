@@ -10,7 +10,9 @@
 //! reconcile reads, so a reconcile a Service or Namespace triggers always sees that change.
 //! A breaker's transitions, as the agents' Redis publishes them, trigger the reconcile of
 //! the policy whose `breaker` section it runs, and each is announced by an Event there
-//! ([`Triggers::from_breakers`]).
+//! ([`Triggers::from_breakers`]). The proxies' ACKs trigger the reconcile of the policies
+//! whose acknowledgement facts they changed, as the snapshot cache reports them
+//! ([`acknowledgement_changes`]), not of every policy.
 
 use std::{
     collections::HashMap,
@@ -52,7 +54,7 @@ use crate::{
     relay::{self, RelayReader},
     resource::{Kind, Policy},
     status::{self, Findings, OwnedStatus, transitions},
-    xds::SnapshotCache,
+    xds::{Changes, SnapshotCache},
 };
 
 /// The field manager of every status write.
@@ -74,6 +76,14 @@ pub const RELAY_RESYNC: Duration = Duration::from_secs(10);
 /// rates, which change without a transition) and of a RateLimitPolicy's shadow limits (a
 /// count per minute) are read without an event.
 pub const LIVE_RESYNC: Duration = Duration::from_secs(30);
+
+/// How long the policies whose acknowledgements changed are gathered before they are
+/// handed to the controller. When a change is pushed every carrying proxy ACKs within about
+/// a second, each ACK changing the same policies' facts: gathering them turns thousands of
+/// ACKs into one request per policy per window, and the controller's debounce then runs one
+/// reconcile after the storm. Short enough that the last ACK shows in status well within a
+/// second (with the debounce).
+pub const ACK_BATCH: Duration = Duration::from_millis(150);
 
 /// How many breakers or shadow counts of one policy are read from Redis at once.
 const READS_IN_FLIGHT: usize = 16;
@@ -533,7 +543,9 @@ impl Triggers {
 /// Runs the controller of the kind `reflector` holds until `shutdown` resolves. It
 /// reconciles a resource when it changes, when a Service or Namespace it
 /// [follows](Policy::may_target) changes, when a policy it [follows](Policy::follows)
-/// changes or goes, when the proxies' ACKs change, and on `triggers`.
+/// changes or goes, when the acknowledgements of the proxies that carry it change (gathered
+/// over [`ACK_BATCH`]), every resource when the xDS feed publishes a new inventory, and on
+/// `triggers`.
 pub async fn run<K: Kind>(
     ctx: Arc<Context>,
     reflector: &Reflector<K>,
@@ -560,9 +572,22 @@ pub async fn run<K: Kind>(
             concerned(&by_policy, |policy| policy.follows(&changed, &root_p))
         });
     if let Some(cache) = &ctx.options.cache {
-        // Programmed follows the proxies' ACKs: re-evaluate when they change (debounced).
-        let acks = tokio_stream::wrappers::WatchStream::new(cache.subscribe_changes()).map(|_| ());
-        controller = controller.reconcile_all_on(acks);
+        // Programmed follows the proxies' ACKs: re-evaluate the policies whose facts changed,
+        // and every policy after a new inventory is published.
+        let everyone = reflector.store();
+        let kind = K::kind(&()).into_owned();
+        let acks = acknowledgement_changes(cache.clone(), kind).flat_map(move |changes| {
+            let refs: Vec<ObjectRef<K>> = match changes {
+                Changes::Everything => {
+                    everyone.state().iter().map(|object| ObjectRef::from_obj(object.as_ref())).collect()
+                }
+                Changes::Policies(names) => {
+                    names.iter().map(|name| ObjectRef::new(&name.name).within(&name.namespace)).collect()
+                }
+            };
+            futures::stream::iter(refs)
+        });
+        controller = controller.reconcile_on(acks);
     }
     let objects = triggers.objects.map(|name| ObjectRef::new(&name.name).within(&name.namespace));
     controller
@@ -575,6 +600,28 @@ pub async fn run<K: Kind>(
             }
         })
         .await;
+}
+
+/// The policies of `kind` whose acknowledgement facts changed, taken from `cache` once per
+/// [`ACK_BATCH`] at most, or everything after a new inventory was published.
+pub fn acknowledgement_changes(cache: Arc<SnapshotCache>, kind: String) -> BoxStream<'static, Changes> {
+    let published = cache.published();
+    let changes = cache.subscribe_changes();
+    futures::stream::unfold((cache, changes, published), move |(cache, mut changes, mut published)| {
+        let kind = kind.clone();
+        async move {
+            loop {
+                // Ends with the cache (never, while the controller runs).
+                changes.changed().await.ok()?;
+                tokio::time::sleep(ACK_BATCH).await;
+                changes.borrow_and_update();
+                if let Some(taken) = cache.take_changes(&kind, &mut published) {
+                    return Some((taken, (cache, changes, published)));
+                }
+            }
+        }
+    })
+    .boxed()
 }
 
 /// The resources of the store whose outcome `concerns` says a change may alter.
@@ -626,6 +673,58 @@ mod tests {
         let objects: Vec<ObjectName> = triggers.objects.collect().await;
         assert_eq!(objects, [ObjectName::new("billing", "invoice-run"), ObjectName::new("shop", "reindex")]);
         assert_eq!(triggers.all.count().await, 1);
+    }
+
+    /// Ten proxies connecting and ACKing a policy within one window hand it over once; a
+    /// lease's ACK is not a CircuitBreakerPolicy's change; a publish hands over everything.
+    #[tokio::test(start_paused = true)]
+    async fn acknowledgements_are_handed_over_once_per_window_and_only_for_their_policies() {
+        use crate::compile::{CIRCUIT_BREAKER_POLICY, LOCK_LEASE, PolicyVersion, Proxy, Snapshot, type_url};
+        use envoy_types::pb::google::protobuf::Any;
+        let cache = Arc::new(SnapshotCache::default());
+        let carried = |kind, name: &str, type_url: &'static str, snapshot: &mut Snapshot| {
+            let any = Any { type_url: type_url.into(), value: name.as_bytes().to_vec() };
+            snapshot.resources.entry(type_url).or_default().insert(name.into(), any);
+            snapshot
+                .carry(PolicyVersion { kind, name: ObjectName::new("shop", name), generation: 1 }, type_url);
+        };
+        cache.set_compiler(Arc::new(move |_: &Proxy| {
+            let mut snapshot = Snapshot::default();
+            carried(CIRCUIT_BREAKER_POLICY, "payments", type_url::CLUSTER, &mut snapshot);
+            carried(LOCK_LEASE, "reindex", type_url::AGENT, &mut snapshot);
+            snapshot
+        }));
+        let mut changes = acknowledgement_changes(cache.clone(), CIRCUIT_BREAKER_POLICY.into());
+        let proxies: Vec<Proxy> =
+            (0..10).filter_map(|n| Proxy::from_node_id(&format!("shop/api-{n}"))).collect();
+        let mut snapshots = Vec::new();
+        for proxy in &proxies {
+            snapshots.push(cache.connect(proxy));
+            cache.subscribe(proxy, type_url::CLUSTER, None);
+        }
+        let version = crate::xds::cache::version(&snapshots[0].borrow(), type_url::CLUSTER, None);
+        for proxy in &proxies {
+            cache.ack(proxy, type_url::CLUSTER, &version);
+        }
+        let payments = ObjectName::new("shop", "payments");
+        assert_eq!(changes.next().await, Some(Changes::Policies(vec![payments.clone()])));
+        let quiet = tokio::time::timeout(ACK_BATCH * 10, changes.next()).await;
+        assert!(quiet.is_err(), "handed over once: {quiet:?}");
+        let acks = cache.acknowledgements(CIRCUIT_BREAKER_POLICY, &payments, 1);
+        assert_eq!((acks.connected, acks.acknowledged), (10, 10));
+
+        let agent = crate::xds::cache::version(&snapshots[0].borrow(), type_url::AGENT, None);
+        for proxy in &proxies {
+            cache.subscribe(proxy, type_url::AGENT, None);
+            cache.ack(proxy, type_url::AGENT, &agent);
+        }
+        let lease = cache.acknowledgements(LOCK_LEASE, &ObjectName::new("shop", "reindex"), 1);
+        assert_eq!(lease.acknowledged, 10);
+        let quiet = tokio::time::timeout(ACK_BATCH * 10, changes.next()).await;
+        assert!(quiet.is_err(), "the agent's ACKs say nothing of the policy: {quiet:?}");
+
+        cache.set_compiler(Arc::new(|_: &Proxy| Snapshot::default()));
+        assert_eq!(changes.next().await, Some(Changes::Everything));
     }
 
     #[test]

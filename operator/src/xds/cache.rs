@@ -5,9 +5,19 @@
 //! Versions are content hashes of the resources a proxy subscribed to, so the same
 //! configuration has the same version on every replica and after a restart, and a proxy
 //! that reconnects with the version it holds is not sent the same bytes again.
+//!
+//! The facts are kept up to date as things happen, not worked out when asked: each node's
+//! current version of each type it subscribed to is hashed once, when its snapshot or its
+//! subscription changes, and each policy's counts change only when a node that carries it
+//! connects, disconnects, gets another snapshot, or ACKs or NACKs a type that carries it.
+//! So a query costs O(1) plus its rejections, and an ACK touches only the policies its type
+//! carries on that node, never the other proxies: with thousands of proxies ACKing at once,
+//! nothing under the one lock grows with their number. Compiling and hashing run outside
+//! the lock. The cache also remembers which policies' facts changed, for the controllers to
+//! reconcile just those ([`SnapshotCache::take_changes`]).
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     sync::{Arc, Mutex, MutexGuard},
 };
 
@@ -21,30 +31,351 @@ use crate::{
 /// Compiles the snapshot of one proxy from the current inventory.
 pub type Compiler = Arc<dyn Fn(&Proxy) -> Snapshot + Send + Sync>;
 
-/// What one proxy said about one resource type.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// A policy by kind and name (any generation).
+type PolicyKey = (&'static str, ObjectName);
+
+/// Resource names a proxy asked for on one type; None = all (wildcard).
+type Names = Option<Arc<BTreeSet<String>>>;
+
+/// What one proxy said about one resource type, and the version it should hold of it.
+#[derive(Clone, Debug, Default)]
 struct TypeState {
-    /// Resource names it asked for; None = all (wildcard).
-    names: Option<BTreeSet<String>>,
+    names: Names,
+    /// Bumped whenever `names` changes, so that a version hashed for other names is never
+    /// installed.
+    names_seq: u64,
+    /// The version of the node's current snapshot restricted to `names`: hashed once per
+    /// snapshot or subscription change. None while it is being hashed (outside the lock).
+    current: Option<String>,
     acked: Option<String>,
     /// The version it rejected last, and Envoy's message; cleared by a later ACK.
-    rejected: Option<(String, String)>,
+    rejected: Option<(String, Arc<str>)>,
+}
+
+impl TypeState {
+    /// What the type says about every policy it carries on this node.
+    fn verdict(&self) -> TypeVerdict {
+        let Some(current) = &self.current else { return TypeVerdict::default() };
+        TypeVerdict {
+            acknowledged: self.acked.as_ref() == Some(current),
+            rejected: self
+                .rejected
+                .as_ref()
+                .filter(|(version, _)| version == current)
+                .map(|(_, m)| m.clone()),
+        }
+    }
+}
+
+/// Whether a node acknowledged the current version of one type, and its message if it
+/// rejected that version.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct TypeVerdict {
+    acknowledged: bool,
+    rejected: Option<Arc<str>>,
+}
+
+/// What one node adds to the facts of one policy its snapshot carries.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Contribution {
+    acknowledged: bool,
+    rejected: Option<Arc<str>>,
+}
+
+/// One policy a node's snapshot carries.
+#[derive(Debug)]
+struct Slot {
+    /// Into [`Ledger::facts`].
+    policy: usize,
+    generation: i64,
+    /// Indices into [`Node::carrying`], ascending, i.e. in type URL order: the order in which
+    /// the first rejection is looked for.
+    types: Box<[usize]>,
+    /// Whether the node's pod is one of the policy's carriers (what `not_connected` counts
+    /// against).
+    pod_counted: bool,
+}
+
+/// What a snapshot carries, worked out outside the lock.
+#[derive(Debug, Default)]
+struct Plan {
+    /// The types that carry at least one policy, sorted.
+    carrying: Vec<&'static str>,
+    policies: Vec<(PolicyKey, i64, Box<[usize]>, bool)>,
+}
+
+impl Plan {
+    fn of(snapshot: &Snapshot, carriers: &CarrierPods, pod: &ObjectName) -> Self {
+        let carrying: Vec<&'static str> =
+            snapshot.policies.values().flatten().copied().collect::<BTreeSet<_>>().into_iter().collect();
+        let mut seen = BTreeSet::new();
+        let mut policies = Vec::with_capacity(snapshot.policies.len());
+        for (policy, types) in &snapshot.policies {
+            // Two generations of one policy in one snapshot: the lower one counts, as it
+            // always has (the compiler never produces this).
+            if !seen.insert((policy.kind, &policy.name)) {
+                continue;
+            }
+            let types = types.iter().filter_map(|t| carrying.binary_search(t).ok()).collect();
+            let counted = carriers.pods(policy.kind, &policy.name).is_some_and(|pods| pods.contains(pod));
+            policies.push(((policy.kind, policy.name.clone()), policy.generation, types, counted));
+        }
+        Self { carrying, policies }
+    }
 }
 
 #[derive(Debug)]
 struct Node {
     proxy: Proxy,
+    id: Arc<str>,
     snapshot: watch::Sender<Arc<Snapshot>>,
+    /// The compiler generation (`Inner::epoch`) the snapshot came from.
+    epoch: u64,
+    /// Bumped each time the snapshot's content changes.
+    seq: u64,
     types: BTreeMap<String, TypeState>,
     streams: usize,
+    /// The types that carry a policy in the snapshot, sorted.
+    carrying: Vec<&'static str>,
+    /// `types[carrying[i]].verdict()`, kept in step.
+    verdicts: Vec<TypeVerdict>,
+    slots: Vec<Slot>,
+    /// For each of `carrying`, the slots it carries.
+    by_type: Vec<Vec<usize>>,
+}
+
+impl Node {
+    fn new(proxy: &Proxy, snapshot: Snapshot, epoch: u64) -> Self {
+        let id = proxy.node_id();
+        Self {
+            proxy: proxy.clone(),
+            id: id.into(),
+            snapshot: watch::Sender::new(Arc::new(snapshot)),
+            epoch,
+            seq: 0,
+            types: BTreeMap::new(),
+            streams: 1,
+            carrying: Vec::new(),
+            verdicts: Vec::new(),
+            slots: Vec::new(),
+            by_type: Vec::new(),
+        }
+    }
+
+    fn verdict_of(&self, type_url: &str) -> TypeVerdict {
+        self.types.get(type_url).map(TypeState::verdict).unwrap_or_default()
+    }
+
+    fn contribution(&self, slot: &Slot) -> Contribution {
+        let verdict = |t: &usize| self.verdicts.get(*t);
+        Contribution {
+            acknowledged: !slot.types.is_empty()
+                && slot.types.iter().all(|t| verdict(t).is_some_and(|v| v.acknowledged)),
+            rejected: slot.types.iter().find_map(|t| verdict(t).and_then(|v| v.rejected.clone())),
+        }
+    }
+
+    /// Takes this node's part out of the facts of every policy it carries.
+    fn retire(&self, ledger: &mut Ledger) {
+        for slot in &self.slots {
+            ledger.remove(&self.id, slot, &self.contribution(slot));
+        }
+    }
+
+    /// Carries what `plan` says from now on, and adds this node's part to those policies'
+    /// facts (after [`retire`](Self::retire), or on a new node).
+    fn admit(&mut self, plan: Plan, ledger: &mut Ledger) {
+        self.verdicts = plan.carrying.iter().map(|t| self.verdict_of(t)).collect();
+        self.by_type = vec![Vec::new(); plan.carrying.len()];
+        self.carrying = plan.carrying;
+        self.slots = plan
+            .policies
+            .into_iter()
+            .map(|(key, generation, types, pod_counted)| Slot {
+                policy: ledger.intern(key),
+                generation,
+                types,
+                pod_counted,
+            })
+            .collect();
+        for (index, slot) in self.slots.iter().enumerate() {
+            for t in &slot.types {
+                if let Some(slots) = self.by_type.get_mut(*t) {
+                    slots.push(index);
+                }
+            }
+            ledger.add(&self.id, slot, &self.contribution(slot));
+        }
+    }
+
+    /// After `type_url`'s state changed: moves the facts of the policies it carries here.
+    fn refresh(&mut self, type_url: &str, ledger: &mut Ledger) {
+        let Ok(t) = self.carrying.binary_search_by(|carrying| (*carrying).cmp(type_url)) else { return };
+        let verdict = self.verdict_of(type_url);
+        let Some(slots) = self.by_type.get(t) else { return };
+        if self.verdicts.get(t) == Some(&verdict) {
+            return;
+        }
+        let before: Vec<Contribution> = slots.iter().map(|s| self.contribution(&self.slots[*s])).collect();
+        self.verdicts[t] = verdict;
+        for (s, before) in slots.iter().zip(before) {
+            let slot = &self.slots[*s];
+            ledger.change(&self.id, slot, &before, &self.contribution(slot));
+        }
+    }
+}
+
+/// What the proxies carrying one policy said, kept up to date by the nodes' slots.
+#[derive(Debug)]
+struct Facts {
+    key: PolicyKey,
+    /// Connected proxies whose snapshot carries the policy.
+    connected: usize,
+    /// Of those, the ones whose pod the carriers list.
+    connected_pods: usize,
+    /// The acknowledging ones, by the generation their snapshot carries.
+    acknowledged: BTreeMap<i64, usize>,
+    /// By node id: the message of the first carrying type that rejected its current version.
+    rejections: BTreeMap<Arc<str>, Arc<str>>,
+}
+
+/// Every policy's facts, and which of them changed since the controllers last looked.
+#[derive(Debug, Default)]
+struct Ledger {
+    index: HashMap<PolicyKey, usize>,
+    facts: Vec<Facts>,
+    /// Entries of `facts` no policy uses any more, to reuse.
+    free: Vec<usize>,
+    /// By kind, the policies whose facts changed and no one has taken yet.
+    dirty: HashMap<&'static str, BTreeSet<usize>>,
+}
+
+impl Ledger {
+    fn intern(&mut self, key: PolicyKey) -> usize {
+        if let Some(index) = self.index.get(&key) {
+            return *index;
+        }
+        let facts = Facts {
+            key: key.clone(),
+            connected: 0,
+            connected_pods: 0,
+            acknowledged: BTreeMap::new(),
+            rejections: BTreeMap::new(),
+        };
+        let index = match self.free.pop() {
+            Some(index) => {
+                self.facts[index] = facts;
+                index
+            }
+            None => {
+                self.facts.push(facts);
+                self.facts.len() - 1
+            }
+        };
+        self.index.insert(key, index);
+        index
+    }
+
+    fn mark(&mut self, policy: usize) {
+        let kind = self.facts[policy].key.0;
+        self.dirty.entry(kind).or_default().insert(policy);
+    }
+
+    fn add(&mut self, node: &Arc<str>, slot: &Slot, contribution: &Contribution) {
+        let facts = &mut self.facts[slot.policy];
+        facts.connected += 1;
+        facts.connected_pods += usize::from(slot.pod_counted);
+        self.change(node, slot, &Contribution::default(), contribution);
+        self.mark(slot.policy);
+    }
+
+    fn remove(&mut self, node: &Arc<str>, slot: &Slot, contribution: &Contribution) {
+        self.change(node, slot, contribution, &Contribution::default());
+        let facts = &mut self.facts[slot.policy];
+        facts.connected = facts.connected.saturating_sub(1);
+        facts.connected_pods = facts.connected_pods.saturating_sub(usize::from(slot.pod_counted));
+        self.mark(slot.policy);
+    }
+
+    fn change(&mut self, node: &Arc<str>, slot: &Slot, before: &Contribution, after: &Contribution) {
+        if before == after {
+            return;
+        }
+        let facts = &mut self.facts[slot.policy];
+        if before.acknowledged
+            && let Some(count) = facts.acknowledged.get_mut(&slot.generation)
+        {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                facts.acknowledged.remove(&slot.generation);
+            }
+        }
+        if after.acknowledged {
+            *facts.acknowledged.entry(slot.generation).or_default() += 1;
+        }
+        match &after.rejected {
+            Some(message) => facts.rejections.insert(node.clone(), message.clone()),
+            None => facts.rejections.remove(node),
+        };
+        self.mark(slot.policy);
+    }
+
+    /// Forgets `policy` once no connected proxy carries it (its facts are then all zero).
+    fn reclaim(&mut self, policy: usize) {
+        let facts = &self.facts[policy];
+        if facts.connected == 0 && self.index.get(&facts.key) == Some(&policy) {
+            self.index.remove(&facts.key.clone());
+            self.free.push(policy);
+        }
+    }
+}
+
+/// The pods that carry each policy: the compiler's [`Carriers`], or a plain list in tests.
+#[derive(Debug, Default)]
+enum CarrierPods {
+    #[default]
+    None,
+    Compiled(Carriers),
+    #[cfg(test)]
+    Listed(BTreeMap<PolicyKey, BTreeSet<ObjectName>>),
+}
+
+impl CarrierPods {
+    fn pods(&self, kind: &'static str, name: &ObjectName) -> Option<&BTreeSet<ObjectName>> {
+        match self {
+            Self::None => None,
+            Self::Compiled(carriers) => carriers.pods(kind, name),
+            #[cfg(test)]
+            Self::Listed(listed) => listed.get(&(kind, name.clone())),
+        }
+    }
 }
 
 #[derive(Default)]
 struct Inner {
     compiler: Option<Compiler>,
-    /// The pods that carry each policy, connected or not (empty for a bare compiler).
-    carriers: Carriers,
+    /// The pods that carry each policy, connected or not (none for a bare compiler).
+    carriers: Arc<CarrierPods>,
+    /// Bumped with every compiler: a snapshot from an older one is never installed over a
+    /// newer one.
+    epoch: u64,
     nodes: BTreeMap<String, Node>,
+    ledger: Ledger,
+    /// Compilers being rolled out node by node: until they are done the facts mix two
+    /// inventories, so no change is handed out ([`SnapshotCache::take_changes`]).
+    publishing: usize,
+    /// Compilers rolled out: after each, every policy's facts may have changed.
+    published: u64,
+}
+
+/// What changed for the policies of one kind since the caller last asked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Changes {
+    /// A new inventory was published: anything may have changed.
+    Everything,
+    /// The facts of these policies changed (a proxy that carries them connected,
+    /// disconnected, or ACKed or NACKed a type that carries them).
+    Policies(Vec<ObjectName>),
 }
 
 /// What the proxies that carry one policy said about its current generation.
@@ -111,6 +442,17 @@ pub fn version(snapshot: &Snapshot, type_url: &str, names: Option<&BTreeSet<Stri
     format!("{hash:016x}")
 }
 
+/// A node's state as a compiler rollout found it, to compile outside the lock.
+struct Rollout {
+    id: String,
+    proxy: Proxy,
+    snapshot: Arc<Snapshot>,
+    /// The node's snapshot sequence then.
+    seq: u64,
+    /// Each subscribed type with the names (and their sequence) to hash it for.
+    types: Vec<(String, Names, u64)>,
+}
+
 impl SnapshotCache {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock leaves plain data behind; keep serving.
@@ -126,83 +468,211 @@ impl SnapshotCache {
         self.changes.subscribe()
     }
 
+    /// How many inventories were published so far: the starting point of
+    /// [`take_changes`](Self::take_changes).
+    pub fn published(&self) -> u64 {
+        self.lock().published
+    }
+
+    /// Hands over the policies of `kind` whose facts changed since the last call (each
+    /// policy to one caller: one controller per kind takes them), or
+    /// [`Changes::Everything`] when an inventory was published since `published` (which is
+    /// then brought up to date). None when nothing changed, and while an inventory is being
+    /// rolled out (its end is a change).
+    pub fn take_changes(&self, kind: &str, published: &mut u64) -> Option<Changes> {
+        let mut inner = self.lock();
+        if inner.publishing > 0 {
+            return None;
+        }
+        let dirty = inner.ledger.dirty.remove(kind).unwrap_or_default();
+        let names: Vec<ObjectName> = dirty.iter().map(|p| inner.ledger.facts[*p].key.1.clone()).collect();
+        for policy in dirty {
+            inner.ledger.reclaim(policy);
+        }
+        if inner.published != *published {
+            *published = inner.published;
+            return Some(Changes::Everything);
+        }
+        (!names.is_empty()).then_some(Changes::Policies(names))
+    }
+
     /// Serves what `compiled` compiles to every proxy, and counts the pods it says carry a
     /// policy in that policy's [`Acknowledgements`], connected or not.
     pub fn publish(&self, compiled: Compiled) {
         let carriers = compiled.carriers();
         let compiled = Arc::new(compiled);
-        self.replace(Arc::new(move |proxy: &Proxy| compiled.snapshot(proxy)), carriers);
+        self.replace(
+            Arc::new(move |proxy: &Proxy| compiled.snapshot(proxy)),
+            CarrierPods::Compiled(carriers),
+        );
     }
 
     /// Serves what `compiler` compiles (a stand-in for [`publish`](Self::publish) in tests:
     /// only connected proxies count as carrying a policy).
     pub fn set_compiler(&self, compiler: Compiler) {
-        self.replace(compiler, Carriers::default());
+        self.replace(compiler, CarrierPods::None);
     }
 
     /// Replaces the compiler (the inventory changed) and recompiles every connected proxy;
-    /// only proxies whose snapshot differs are woken.
-    fn replace(&self, compiler: Compiler, carriers: Carriers) {
-        let mut inner = self.lock();
-        for node in inner.nodes.values() {
-            let snapshot = compiler(&node.proxy);
-            node.snapshot.send_if_modified(|current| {
-                let differs = **current != snapshot;
-                if differs {
-                    *current = Arc::new(snapshot);
-                }
-                differs
-            });
+    /// only proxies whose snapshot differs are woken. Compiling and hashing happen outside
+    /// the lock, one node at a time; the lock is held per node only to swap its snapshot and
+    /// move its part of the facts.
+    fn replace(&self, compiler: Compiler, carriers: CarrierPods) {
+        let carriers = Arc::new(carriers);
+        let (epoch, rollouts) = {
+            let mut inner = self.lock();
+            inner.epoch += 1;
+            inner.compiler = Some(compiler.clone());
+            inner.carriers = carriers.clone();
+            inner.publishing += 1;
+            let rollouts: Vec<Rollout> = inner
+                .nodes
+                .iter()
+                .map(|(id, node)| Rollout {
+                    id: id.clone(),
+                    proxy: node.proxy.clone(),
+                    snapshot: node.snapshot.borrow().clone(),
+                    seq: node.seq,
+                    types: node
+                        .types
+                        .iter()
+                        .map(|(t, s)| (t.clone(), s.names.clone(), s.names_seq))
+                        .collect(),
+                })
+                .collect();
+            (inner.epoch, rollouts)
+        };
+        for rollout in rollouts {
+            let snapshot = compiler(&rollout.proxy);
+            let plan = Plan::of(&snapshot, &carriers, &rollout.proxy.pod);
+            let (snapshot, versions) = if *rollout.snapshot == snapshot {
+                (rollout.snapshot, None)
+            } else {
+                let versions = rollout
+                    .types
+                    .into_iter()
+                    .map(|(t, names, seq)| {
+                        let current = version(&snapshot, &t, names.as_deref());
+                        (t, seq, current)
+                    })
+                    .collect();
+                (Arc::new(snapshot), Some(versions))
+            };
+            let install = Install { epoch, seen: rollout.seq, snapshot, versions, plan };
+            self.lock().install(&rollout.id, install);
         }
-        inner.compiler = Some(compiler);
-        inner.carriers = carriers;
+        let mut inner = self.lock();
+        inner.publishing = inner.publishing.saturating_sub(1);
+        inner.published = inner.published.wrapping_add(1);
         drop(inner);
         self.changed();
     }
 
     /// Registers a stream of `proxy`; the receiver yields its current and future snapshots.
     pub fn connect(&self, proxy: &Proxy) -> watch::Receiver<Arc<Snapshot>> {
-        let mut inner = self.lock();
-        let snapshot = inner.compiler.as_ref().map(|c| c(proxy)).unwrap_or_default();
-        let node = inner.nodes.entry(proxy.node_id()).or_insert_with(|| Node {
-            proxy: proxy.clone(),
-            snapshot: watch::Sender::new(Arc::new(Snapshot::default())),
-            types: BTreeMap::new(),
-            streams: 0,
-        });
-        node.streams += 1;
-        node.snapshot.send_replace(Arc::new(snapshot));
-        let receiver = node.snapshot.subscribe();
-        drop(inner);
-        self.changed();
-        receiver
+        let id = proxy.node_id();
+        loop {
+            let (compiler, carriers, epoch) = {
+                let mut inner = self.lock();
+                if let Some(node) = inner.nodes.get_mut(&id) {
+                    // Another stream of the same pod (Envoy's and the agent's): its snapshot
+                    // is current already.
+                    node.streams += 1;
+                    let receiver = node.snapshot.subscribe();
+                    drop(inner);
+                    self.changed();
+                    return receiver;
+                }
+                (inner.compiler.clone(), inner.carriers.clone(), inner.epoch)
+            };
+            let snapshot = compiler.map(|c| c(proxy)).unwrap_or_default();
+            let plan = Plan::of(&snapshot, &carriers, &proxy.pod);
+            let mut inner = self.lock();
+            if inner.epoch != epoch || inner.nodes.contains_key(&id) {
+                continue; // A newer compiler, or another stream of the pod came first: again.
+            }
+            let Inner { nodes, ledger, .. } = &mut *inner;
+            let mut node = Node::new(proxy, snapshot, epoch);
+            node.admit(plan, ledger);
+            let receiver = node.snapshot.subscribe();
+            nodes.insert(id, node);
+            drop(inner);
+            self.changed();
+            return receiver;
+        }
     }
 
     /// Unregisters a stream; the proxy is forgotten when its last stream ends.
     pub fn disconnect(&self, proxy: &Proxy) {
         let mut inner = self.lock();
         let id = proxy.node_id();
-        if let Some(node) = inner.nodes.get_mut(&id) {
+        let Inner { nodes, ledger, .. } = &mut *inner;
+        if let Some(node) = nodes.get_mut(&id) {
             node.streams = node.streams.saturating_sub(1);
-            if node.streams == 0 {
-                inner.nodes.remove(&id);
+            if node.streams == 0
+                && let Some(node) = nodes.remove(&id)
+            {
+                node.retire(ledger);
             }
         }
         drop(inner);
         self.changed();
     }
 
-    fn update_type(&self, proxy: &Proxy, type_url: &str, update: impl FnOnce(&mut TypeState)) {
+    /// Records what a node subscribed to on a type, and hashes that type's current version
+    /// for those names (outside the lock).
+    pub fn subscribe(&self, proxy: &Proxy, type_url: &str, names: Option<BTreeSet<String>>) {
+        let id = proxy.node_id();
+        let names = names.map(Arc::new);
+        let (snapshot, seq, names_seq) = {
+            let mut inner = self.lock();
+            let Inner { nodes, ledger, .. } = &mut *inner;
+            let Some(node) = nodes.get_mut(&id) else { return };
+            let state = node.types.entry(type_url.to_string()).or_default();
+            if state.current.is_some() && state.names == names {
+                return;
+            }
+            state.names = names.clone();
+            state.names_seq = state.names_seq.wrapping_add(1);
+            state.current = None;
+            let names_seq = state.names_seq;
+            node.refresh(type_url, ledger);
+            (node.snapshot.borrow().clone(), node.seq, names_seq)
+        };
+        let current = version(&snapshot, type_url, names.as_deref());
         let mut inner = self.lock();
-        if let Some(node) = inner.nodes.get_mut(&proxy.node_id()) {
-            update(node.types.entry(type_url.to_string()).or_default());
+        let Inner { nodes, ledger, .. } = &mut *inner;
+        // A newer snapshot was installed meanwhile with these names hashed, or newer names
+        // were asked for: either way this version is not the one to keep.
+        if let Some(node) = nodes.get_mut(&id)
+            && node.seq == seq
+            && let Some(state) = node.types.get_mut(type_url)
+            && state.names_seq == names_seq
+        {
+            state.current = Some(current);
+            node.refresh(type_url, ledger);
         }
         drop(inner);
         self.changed();
     }
 
-    pub fn subscribe(&self, proxy: &Proxy, type_url: &str, names: Option<BTreeSet<String>>) {
-        self.update_type(proxy, type_url, |state| state.names = names);
+    fn update_type(&self, proxy: &Proxy, type_url: &str, update: impl FnOnce(&mut TypeState)) {
+        let id = proxy.node_id();
+        let unsubscribed = self.lock().nodes.get(&id).is_some_and(|node| !node.types.contains_key(type_url));
+        if unsubscribed {
+            // The server always subscribes first; a bare ACK means the whole type.
+            self.subscribe(proxy, type_url, None);
+        }
+        let mut inner = self.lock();
+        let Inner { nodes, ledger, .. } = &mut *inner;
+        if let Some(node) = nodes.get_mut(&id)
+            && let Some(state) = node.types.get_mut(type_url)
+        {
+            update(state);
+            node.refresh(type_url, ledger);
+        }
+        drop(inner);
+        self.changed();
     }
 
     pub fn ack(&self, proxy: &Proxy, type_url: &str, version: &str) {
@@ -214,7 +684,7 @@ impl SnapshotCache {
 
     pub fn nack(&self, proxy: &Proxy, type_url: &str, version: &str, message: &str) {
         self.update_type(proxy, type_url, |state| {
-            state.rejected = Some((version.to_string(), message.to_string()))
+            state.rejected = Some((version.to_string(), message.into()))
         });
     }
 
@@ -228,7 +698,8 @@ impl SnapshotCache {
     /// when its snapshot carries that generation and it ACKed the current version of every
     /// resource type that carries the policy (a type it never subscribed to is not
     /// acknowledged). ACKs and NACKs of other types say nothing about the policy: an Envoy
-    /// rejecting a listener does not reject a lease its agent holds.
+    /// rejecting a listener does not reject a lease its agent holds. O(1) plus the
+    /// rejections: the facts are kept up to date as the proxies report.
     pub fn acknowledgements(
         &self,
         kind: &'static str,
@@ -236,39 +707,68 @@ impl SnapshotCache {
         generation: i64,
     ) -> Acknowledgements {
         let inner = self.lock();
-        let pods = inner.carriers.pods(kind, name);
-        let mut facts = Acknowledgements::default();
-        let mut connected_pods = 0;
-        for (id, node) in &inner.nodes {
-            let snapshot = node.snapshot.borrow().clone();
-            let carried = snapshot.policies.iter().find(|(p, _)| p.kind == kind && &p.name == name);
-            let Some((carried, types)) = carried else { continue };
-            facts.connected += 1;
-            if pods.is_some_and(|pods| pods.contains(&node.proxy.pod)) {
-                connected_pods += 1;
-            }
-            let mut acknowledged = carried.generation == generation && !types.is_empty();
-            let mut rejection = None;
-            for type_url in types {
-                let Some(state) = node.types.get(*type_url) else {
-                    acknowledged = false;
-                    continue;
-                };
-                let current = version(&snapshot, type_url, state.names.as_ref());
-                if let Some((rejected, message)) = &state.rejected
-                    && *rejected == current
-                    && rejection.is_none()
-                {
-                    rejection = Some(Rejection { node: id.clone(), message: message.clone() });
-                }
-                acknowledged &= state.acked.as_deref() == Some(current.as_str());
-            }
-            if acknowledged {
-                facts.acknowledged += 1;
-            }
-            facts.rejections.extend(rejection);
+        let pods = inner.carriers.pods(kind, name).map_or(0, BTreeSet::len);
+        let Some(facts) = inner.ledger.index.get(&(kind, name.clone())).map(|p| &inner.ledger.facts[*p])
+        else {
+            return Acknowledgements { not_connected: pods, ..Acknowledgements::default() };
+        };
+        Acknowledgements {
+            connected: facts.connected,
+            acknowledged: facts.acknowledged.get(&generation).copied().unwrap_or(0),
+            not_connected: pods.saturating_sub(facts.connected_pods),
+            rejections: facts
+                .rejections
+                .iter()
+                .map(|(node, message)| Rejection { node: node.to_string(), message: message.to_string() })
+                .collect(),
         }
-        facts.not_connected = pods.map_or(0, |pods| pods.len().saturating_sub(connected_pods));
-        facts
     }
 }
+
+/// A node's snapshot from one rollout, ready to install.
+struct Install {
+    /// The compiler generation it came from.
+    epoch: u64,
+    /// The node's snapshot sequence when the rollout read it.
+    seen: u64,
+    snapshot: Arc<Snapshot>,
+    /// The versions of the types the node had subscribed to (with their names' sequence);
+    /// None when the snapshot equals the one the rollout read (nothing was hashed).
+    versions: Option<Vec<(String, u64, String)>>,
+    plan: Plan,
+}
+
+impl Inner {
+    /// Installs a node's snapshot (unless one from a newer compiler is installed already)
+    /// with the versions hashed for it, and moves its part of the facts.
+    fn install(&mut self, id: &str, install: Install) {
+        let Self { nodes, ledger, .. } = self;
+        let Some(node) = nodes.get_mut(id) else { return };
+        if node.epoch >= install.epoch {
+            return;
+        }
+        node.epoch = install.epoch;
+        node.retire(ledger);
+        // Unchanged since the rollout read it, and equal to what it compiled: nothing to
+        // swap (the carriers may still have changed).
+        if node.seq != install.seen || install.versions.is_some() {
+            let versions = install.versions.unwrap_or_default();
+            for (type_url, state) in &mut node.types {
+                let hashed = versions.iter().find(|(t, seq, _)| t == type_url && *seq == state.names_seq);
+                // Names that changed while the rollout hashed, or a snapshot another rollout
+                // installed meanwhile: hash here (rare).
+                let current = hashed.map_or_else(
+                    || version(&install.snapshot, type_url, state.names.as_deref()),
+                    |(_, _, current)| current.clone(),
+                );
+                state.current = Some(current);
+            }
+            node.seq = node.seq.wrapping_add(1);
+            node.snapshot.send_replace(install.snapshot);
+        }
+        node.admit(install.plan, ledger);
+    }
+}
+
+#[cfg(test)]
+mod tests;

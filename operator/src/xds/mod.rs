@@ -7,6 +7,6 @@ pub mod feed;
 pub mod identity;
 pub mod server;
 
-pub use cache::{Acknowledgements, Compiler, Rejection, SnapshotCache};
+pub use cache::{Acknowledgements, Changes, Compiler, Rejection, SnapshotCache};
 pub use identity::{Authenticator, DEFAULT_AUDIENCE};
 pub use server::{AdsServer, serve};
