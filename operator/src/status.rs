@@ -133,6 +133,11 @@ pub fn assemble(
 /// generation — at least one must be connected; pods that would carry it but have no proxy
 /// connected are counted in the message and do not hold it back (see docs/decisions.md).
 /// Rejected as soon as one of them NACKed the version it holds.
+///
+/// While it waits for ACKs the message counts the proxies it waits for, not those that
+/// ACKed already: an ACK that leaves the verdict as it is leaves the words as they are too,
+/// so it costs no status write (docs/decisions.md). The counts it does show change when
+/// proxies connect or go, or pods come and go.
 pub fn programmed(acknowledgements: Option<&Acknowledgements>) -> Verdict {
     let Some(acks) = acknowledgements else {
         return Verdict::fail(reason::PENDING, "no xDS server: nothing can acknowledge this generation");
@@ -152,13 +157,17 @@ pub fn programmed(acknowledgements: Option<&Acknowledgements>) -> Verdict {
             ),
         );
     }
+    // When it is True every connected carrier acknowledged, and with none connected none
+    // did: either way the count says nothing a single ACK changes.
     let counted = format!("acknowledged by {}/{total} proxies{not_connected}", acks.acknowledged);
     match acks.connected {
         _ if total == 0 => Verdict::fail(reason::PENDING, "no proxy carries this policy yet"),
-        connected if connected > 0 && acks.acknowledged == connected => {
-            Verdict::ok(reason::PROGRAMMED, counted)
-        }
-        _ => Verdict::fail(reason::PENDING, counted),
+        0 => Verdict::fail(reason::PENDING, counted),
+        connected if acks.acknowledged == connected => Verdict::ok(reason::PROGRAMMED, counted),
+        connected => Verdict::fail(
+            reason::PENDING,
+            format!("waiting for {connected}/{total} proxies to acknowledge{not_connected}"),
+        ),
     }
 }
 
@@ -321,10 +330,18 @@ mod tests {
             said(programmed(Some(&acks(2, 2, 0)))),
             (true, "Programmed", "acknowledged by 2/2 proxies".into())
         );
-        assert_eq!(
-            said(programmed(Some(&acks(2, 1, 0)))),
-            (false, "Pending", "acknowledged by 1/2 proxies".into())
-        );
+        // Waiting: the message names the connected proxies waited for, and stays the same
+        // as they ACK one by one (no status write per ACK).
+        for acknowledged in 0..2 {
+            assert_eq!(
+                said(programmed(Some(&acks(2, acknowledged, 0)))),
+                (false, "Pending", "waiting for 2/2 proxies to acknowledge".into())
+            );
+            assert_eq!(
+                said(programmed(Some(&acks(2, acknowledged, 3)))),
+                (false, "Pending", "waiting for 2/5 proxies to acknowledge (3 not connected)".into())
+            );
+        }
         // Pods that carry the policy but have no proxy connected are counted, not waited for.
         assert_eq!(
             said(programmed(Some(&acks(1, 1, 2)))),

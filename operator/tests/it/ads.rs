@@ -125,7 +125,7 @@ async fn initial_fetch_ack_and_programmed() {
     assert_eq!(names(&first), ["c1", "c2"]);
     assert!(!first.version_info.is_empty() && !first.nonce.is_empty());
     let pending = programmed_reason(&cache, 1, "Pending").await;
-    assert_eq!(pending, "acknowledged by 0/1 proxies");
+    assert_eq!(pending, "waiting for 1/1 proxies to acknowledge");
 
     a.ack(&first, &[]).await;
     let message = programmed_reason(&cache, 1, "Programmed").await;

@@ -83,7 +83,7 @@ async fn a_lease_is_programmed_by_the_agents_of_the_pods_it_selects() {
     let ledger_config = ledger.next().await;
     assert_eq!(lease_ttl(&ledger_config), Vec::<u64>::new(), "the ledger may not take the lease");
     ledger.ack(&ledger_config, &[]).await;
-    assert_eq!(lease_verdict(&cache, 1, "Pending").await, "acknowledged by 0/1 proxies");
+    assert_eq!(lease_verdict(&cache, 1, "Pending").await, "waiting for 1/1 proxies to acknowledge");
 
     // Envoy rejecting its listeners neither programs nor rejects the lease. A stream
     // handles requests in order, so once a later subscription is answered the NACK is in.
@@ -92,7 +92,10 @@ async fn a_lease_is_programmed_by_the_agents_of_the_pods_it_selects() {
     assert_eq!(envoy.next().await.type_url, type_url::CLUSTER);
     let name = ObjectName::new("billing", "invoice-run");
     let verdict = status::programmed(Some(&cache.acknowledgements(compile::LOCK_LEASE, &name, 1)));
-    assert_eq!((verdict.reason, verdict.message.as_str()), ("Pending", "acknowledged by 0/1 proxies"));
+    assert_eq!(
+        (verdict.reason, verdict.message.as_str()),
+        ("Pending", "waiting for 1/1 proxies to acknowledge")
+    );
     // ...the worker's agent acknowledging its configuration programs it.
     agent.ack(&v1, &[]).await;
     assert_eq!(lease_verdict(&cache, 1, "Programmed").await, "acknowledged by 1/1 proxies");
@@ -102,7 +105,7 @@ async fn a_lease_is_programmed_by_the_agents_of_the_pods_it_selects() {
     cache.publish(Compiled::new(&world("45s", 2)));
     let v2 = agent.next().await;
     assert_eq!(lease_ttl(&v2), [45_000]);
-    assert_eq!(lease_verdict(&cache, 2, "Pending").await, "acknowledged by 0/1 proxies");
+    assert_eq!(lease_verdict(&cache, 2, "Pending").await, "waiting for 1/1 proxies to acknowledge");
     agent.nack(&v2, &v1.version_info, "lease billing/invoice-run: ttl too long").await;
     let rejected = lease_verdict(&cache, 2, "Rejected").await;
     assert!(rejected.contains("billing/worker-1: lease billing/invoice-run: ttl too long"), "{rejected}");

@@ -336,16 +336,31 @@ async fn programmed_follows_the_proxies_acknowledgements() {
     let current = version(&snapshot, type_url::LISTENER, None);
     world.cache.set_compiler(Arc::new(move |_: &Proxy| snapshot.clone()));
     let proxy = Proxy::from_node_id(&format!("{ns}/api-1")).expect("node id");
-    let _stream = world.cache.connect(&proxy);
-    world.cache.subscribe(&proxy, type_url::LISTENER, None);
+    let other = Proxy::from_node_id(&format!("{ns}/api-2")).expect("node id");
+    let _streams = [world.cache.connect(&proxy), world.cache.connect(&other)];
+    for proxy in [&proxy, &other] {
+        world.cache.subscribe(proxy, type_url::LISTENER, None);
+    }
+    let pending = world.reconcile(&ns, "limits").await;
+    assert_eq!(
+        programmed(&pending),
+        ("False".into(), "Pending".into(), "waiting for 2/2 proxies to acknowledge".into())
+    );
+
+    // One of the two ACKs: still Pending, in the same words, so nothing is written.
+    world.cache.ack(&other, type_url::LISTENER, &current);
     let after = world.reconcile(&ns, "limits").await;
-    assert_eq!(programmed(&after), ("False".into(), "Pending".into(), "acknowledged by 0/1 proxies".into()));
+    assert_eq!(
+        after.resource_version(),
+        pending.resource_version(),
+        "no write for an ACK that changes no verdict"
+    );
 
     world.cache.ack(&proxy, type_url::LISTENER, &current);
     let after = world.reconcile(&ns, "limits").await;
     assert_eq!(
         programmed(&after),
-        ("True".into(), "Programmed".into(), "acknowledged by 1/1 proxies".into())
+        ("True".into(), "Programmed".into(), "acknowledged by 2/2 proxies".into())
     );
 
     world.cache.nack(&proxy, type_url::LISTENER, &current, "invalid listener");
