@@ -20,6 +20,7 @@ mod lease_status;
 mod live_status;
 mod outbox;
 mod rbac;
+mod status_writes;
 mod validation;
 mod walkthrough;
 
