@@ -3,14 +3,18 @@
 //!
 //! The measured unit is what the operator does when the inventory changes: evaluate the
 //! effective policies of the whole inventory and build the shared outbound side
-//! (`Compiled::new`), then the proxy-specific part of one pod per Service
-//! (`Compiled::local`), and one full snapshot (`Compiled::snapshot`: shared + local).
+//! (`Compiled::new`), the outbound routes of every namespace (`Compiled::outbound_routes`:
+//! the hosts every namespace shares plus the namespace's own, not yet copied into one
+//! buffer), then the proxy-specific part of one pod per Service (`Compiled::local`), and
+//! one full snapshot (`Compiled::snapshot`: shared + routes + local, in its own bytes).
 //!
 //! Each size runs in a child process (this binary with `--size P:S`) so that its peak
-//! resident memory (VmHWM from /proc/self/status) is its own. The baseline, measured in the
-//! same child, is the time to serialize the input objects to JSON once — what merely
-//! reading the inventory off an API server costs — and the table quotes compile time as a
-//! multiple of it, since absolute times on shared machines are noisy.
+//! resident memory (VmHWM from /proc/self/status) is its own. Every time is the median of
+//! RUNS runs, and the compile's spread (fastest and slowest run) is printed beside it. The
+//! baseline, measured the same way in the same child, is the time to serialize the input
+//! objects to JSON once — what merely reading the inventory off an API server costs — and
+//! the table quotes compile time as a multiple of it, since absolute times on shared
+//! machines are noisy.
 //!
 //! The world: 10 Services per namespace, half the namespaces labelled production; each
 //! Service has an HTTP and a gRPC port, one pod and an EndpointSlice with 3 endpoints. Four
@@ -62,6 +66,8 @@ const SIZES: [(usize, usize); 9] = [
     (100_000, 10_000),
 ];
 const SERVICES_PER_NAMESPACE: usize = 10;
+/// Runs per measurement; the median is quoted.
+const RUNS: usize = 7;
 const ROOT: &str = "breakwater-system";
 
 fn main() {
@@ -100,24 +106,28 @@ fn run_all() {
     println!(
         "\nCompile = effective policies and shared outbound side (Compiled::new) + the outbound routes of every \
          namespace + the local part of every pod (one per Service) + one full snapshot.\n\
-         Baseline = serializing the input objects to JSON once, in the same process. Best of up to 5 runs.\n"
+         Baseline = serializing the input objects to JSON once, in the same process. Every time is the median \
+         of {RUNS} runs; the compile's fastest and slowest run in brackets.\n"
     );
     println!(
-        "| policies | Services | compile | ÷ baseline | Compiled::new | of which effective policies | per namespace | per pod | one snapshot | peak RSS (input alone) |"
+        "| policies | Services | compile [spread] | ÷ baseline | Compiled::new | of which effective policies | per namespace | per pod | outbound_http | one snapshot | peak RSS (input alone) |"
     );
-    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for r in &rows {
         let v = |k: &str| r[k].as_f64().unwrap_or_default();
         println!(
-            "| {} | {} | {:.0} ms | {:.1}× | {:.0} ms | {:.0} ms | {:.0} µs | {:.0} µs | {} | {:.0} MB ({:.0} MB) |",
+            "| {} | {} | {:.0} ms [{:.0}–{:.0}] | {:.1}× | {:.0} ms | {:.0} ms | {:.1} µs | {:.0} µs | {} | {} | {:.0} MB ({:.0} MB) |",
             r["policies"],
             r["services"],
             v("compile_ms"),
+            v("compile_min_ms"),
+            v("compile_max_ms"),
             v("compile_ms") / v("baseline_ms").max(0.001),
             v("new_ms"),
             v("effective_ms"),
             v("per_namespace_us"),
             v("per_pod_us"),
+            size(v("routes_bytes")),
             size(v("snapshot_bytes")),
             v("peak_rss_mb"),
             v("input_rss_mb"),
@@ -132,50 +142,57 @@ fn size(bytes: f64) -> String {
     if bytes >= 1e6 { format!("{:.1} MB", bytes / 1e6) } else { format!("{:.0} KB", bytes / 1e3) }
 }
 
-/// The best of a few runs (at least one, at most 5, within about 3 s).
-fn best_of<T>(mut run: impl FnMut() -> T) -> (Duration, T) {
-    let started = Instant::now();
-    let mut best = Duration::MAX;
-    let mut last;
-    let mut runs = 0;
-    loop {
+/// The times of RUNS runs, sorted, and the last run's result.
+fn runs<T>(mut run: impl FnMut() -> T) -> (Vec<Duration>, T) {
+    let mut times = Vec::with_capacity(RUNS);
+    let mut last = None;
+    for _ in 0..RUNS {
         let t = Instant::now();
-        last = run();
-        best = best.min(t.elapsed());
-        runs += 1;
-        if runs >= 5 || started.elapsed() > Duration::from_secs(3) {
-            return (best, last);
-        }
+        last = Some(run());
+        times.push(t.elapsed());
     }
+    times.sort();
+    (times, last.expect("RUNS > 0"))
+}
+
+/// The median of RUNS runs.
+fn median_of<T>(run: impl FnMut() -> T) -> (Duration, T) {
+    let (times, last) = runs(run);
+    (times[times.len() / 2], last)
 }
 
 fn measure(policies: usize, services: usize) {
     let inventory = world(policies, services);
     let input_rss = vm_kb("VmRSS");
 
-    let (baseline, _) = best_of(|| serialize_input(&inventory));
+    let (baseline, _) = median_of(|| serialize_input(&inventory));
     let (effective, _) =
-        best_of(|| (rate_limit::effective(&inventory).len(), circuit_breaker::effective(&inventory).len()));
+        median_of(|| (rate_limit::effective(&inventory).len(), circuit_breaker::effective(&inventory).len()));
     let proxies: Vec<Proxy> = inventory.pods.keys().map(|pod| Proxy { pod: pod.clone() }).collect();
     let namespaces: Vec<&String> = inventory.namespaces.keys().filter(|n| *n != ROOT).collect();
-    let (compile, full_bytes) = best_of(|| {
+    let (compiles, full_bytes) = runs(|| {
         let compiled = Compiled::new(&inventory);
-        // Built and dropped one at a time, as an xDS server would build and share them.
-        let routes: usize = namespaces.iter().map(|ns| compiled.outbound_routes(ns).value.len()).sum();
+        // Every namespace's routes, kept as an xDS server would keep them for its proxies.
+        let routes: Vec<_> = namespaces.iter().map(|ns| compiled.outbound_routes(ns)).collect();
         let local: usize = proxies.iter().map(|proxy| bytes(&compiled.local(proxy))).sum();
         std::hint::black_box((routes, local));
         bytes(&compiled.snapshot(&proxies[0]))
     });
-    let (new_only, _) = best_of(|| Compiled::new(&inventory).shared().resources.len());
+    let compile = compiles[compiles.len() / 2];
+    let (new_only, _) = median_of(|| Compiled::new(&inventory).shared().resources.len());
     let compiled = Compiled::new(&inventory);
     let (per_namespace, _) =
-        best_of(|| namespaces.iter().map(|ns| compiled.outbound_routes(ns).value.len()).sum::<usize>());
-    let (per_pod, _) = best_of(|| proxies.iter().map(|p| compiled.local(p).resources.len()).sum::<usize>());
+        median_of(|| namespaces.iter().map(|ns| compiled.outbound_routes(ns).encoded_len()).sum::<usize>());
+    let routes_bytes = compiled.outbound_routes(namespaces[0]).encoded_len();
+    let (per_pod, _) = median_of(|| proxies.iter().map(|p| compiled.local(p).resources.len()).sum::<usize>());
     drop(compiled);
     let row = serde_json::json!({
         "policies": policies,
         "services": services,
         "compile_ms": compile.as_secs_f64() * 1e3,
+        "compile_min_ms": compiles[0].as_secs_f64() * 1e3,
+        "compile_max_ms": compiles[compiles.len() - 1].as_secs_f64() * 1e3,
+        "routes_bytes": routes_bytes,
         "new_ms": new_only.as_secs_f64() * 1e3,
         "effective_ms": effective.as_secs_f64() * 1e3,
         "per_namespace_us": per_namespace.as_secs_f64() * 1e6 / namespaces.len() as f64,

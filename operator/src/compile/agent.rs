@@ -26,12 +26,12 @@ pub const DEFAULT_MINIMUM_CALLS: u32 = 100;
 /// (Resilience4j's default).
 pub const DEFAULT_HALF_OPEN_CALLS: u32 = 10;
 
-/// The agent configuration for the limits that land on a pod (one rule per limit id), the
-/// leases it may take (sorted by id) and the breakers of the cluster (sorted by id already).
+/// The agent configuration for the limits that land on a pod (one rule per limit id) and the
+/// leases it may take (sorted by id); the breakers of the cluster, the same in every pod,
+/// are added to its encoding by [`resource`].
 pub fn config<'a>(
     limits: impl IntoIterator<Item = &'a EffectiveLimit>,
     leases: impl IntoIterator<Item = &'a LockLease>,
-    breakers: &[BreakerRule],
 ) -> AgentConfig {
     let mut rules = BTreeMap::new();
     for effective in limits.into_iter().filter(|l| l.limit.scope() == Scope::Cluster) {
@@ -54,7 +54,7 @@ pub fn config<'a>(
     AgentConfig {
         rate_limits: rules.into_values().collect(),
         leases: leases.into_values().collect(),
-        breakers: breakers.to_vec(),
+        breakers: Vec::new(),
     }
 }
 
@@ -103,7 +103,69 @@ fn lease_rule(lease: &LockLease) -> Option<LeaseRule> {
     })
 }
 
-/// The ADS resource: the configuration's protobuf message, under the agent's type URL.
-pub fn resource(config: &AgentConfig) -> Any {
-    Any { type_url: type_url::AGENT.to_string(), value: breakwater_api::agent::encode(config) }
+/// The breakers of the cluster (sorted by id), encoded once per inventory as the
+/// `breakers` fields of an `AgentConfig`: every pod's agent has all of them.
+pub fn encode_breakers(breakers: Vec<BreakerRule>) -> Vec<u8> {
+    breakwater_api::agent::encode(&AgentConfig { rate_limits: Vec::new(), leases: Vec::new(), breakers })
+}
+
+/// The ADS resource: the configuration's protobuf message, under the agent's type URL, with
+/// the breakers [`encode_breakers`] encoded appended. `breakers` is the message's last
+/// field and prost writes fields in tag order, so these are the bytes of one message that
+/// holds them all, without encoding every breaker again for every pod.
+pub fn resource(config: &AgentConfig, breakers: &[u8]) -> Any {
+    let mut value = breakwater_api::agent::encode(config);
+    value.extend_from_slice(breakers);
+    Any { type_url: type_url::AGENT.to_string(), value }
+}
+
+#[cfg(test)]
+mod tests {
+    use breakwater_api::{agent::RateLimitRule, circuit_breaker::BreakerFallback, rate_limit::FailureMode};
+
+    use super::*;
+
+    fn breaker(id: &str) -> BreakerRule {
+        BreakerRule {
+            id: id.into(),
+            policy: "shop/cb".into(),
+            failure_rate_threshold: 50,
+            slow_call_ms: 0,
+            slow_call_rate_threshold: 0,
+            window: WindowKind::Count,
+            window_size: 20,
+            window_ms: 0,
+            minimum_calls: 10,
+            open_ms: 30_000,
+            half_open_calls: 5,
+            fallback: BreakerFallback::Reject,
+        }
+    }
+
+    #[test]
+    fn breakers_encoded_once_make_the_bytes_of_one_message() {
+        let breakers = vec![breaker("shop/api:80"), breaker("shop/payments:80")];
+        let config = AgentConfig {
+            rate_limits: vec![RateLimitRule {
+                id: "shop/rl/per-user".into(),
+                requests: 10,
+                period_ms: 1_000,
+                burst: 0,
+                algorithm: Algorithm::SlidingWindow,
+                shadow: false,
+                failure_mode: FailureMode::Open,
+            }],
+            leases: vec![LeaseRule {
+                id: "shop/lock".into(),
+                name: "lock".into(),
+                ttl_ms: 30_000,
+                holders: 1,
+            }],
+            breakers: Vec::new(),
+        };
+        let whole = AgentConfig { breakers: breakers.clone(), ..config.clone() };
+        let any = resource(&config, &encode_breakers(breakers));
+        assert_eq!(any.value, breakwater_api::agent::encode(&whole));
+        assert_eq!(breakwater_api::agent::decode(&any.value).expect("decodes"), whole);
+    }
 }

@@ -69,14 +69,15 @@ pub const TARGET_KEY: &str = "breakwater.target";
 pub const MATCH_KEY: &str = "breakwater.match";
 const MATCHED: &str = "true";
 
-/// The configuration of one application port that rate limits apply to.
+/// The configuration of one application port that rate limits apply to, borrowing the
+/// effective limits (a pod's local part is built for every pod: nothing is copied).
 #[derive(Clone, Debug, Default)]
-pub struct InboundPort {
+pub struct InboundPort<'a> {
     pub target: u16,
     /// The backend speaks HTTP/2 without TLS (a Service port that lands here says so).
     pub http2: bool,
     /// Every limit that lands here, with the Service port it came through.
-    pub limits: Vec<(ServicePort, EffectiveLimit)>,
+    pub limits: Vec<(&'a ServicePort, &'a EffectiveLimit)>,
 }
 
 /// The id of one limit: `<policy namespace>/<policy name>/<limit name>`.
@@ -198,7 +199,7 @@ pub fn route_config(port: &InboundPort) -> RouteConfiguration {
             // One bucket per limit on this port, whichever Service port it came through.
             Scope::Pod => {
                 if local_ids.insert(id.clone()) {
-                    local_limits.push((id, effective.limit.clone()));
+                    local_limits.push((id, effective.limit.as_ref()));
                 }
             }
         }
@@ -238,7 +239,7 @@ pub fn route_config(port: &InboundPort) -> RouteConfiguration {
 /// Scope Pod limits as Envoy's local rate limiter: one descriptor and token bucket per
 /// limit (per value of each header key, through wildcard descriptors). Requests that match
 /// no descriptor use a default bucket that never runs dry.
-fn local_rate_limit(target: u16, limits: &[(String, Limit)]) -> LocalRateLimit {
+fn local_rate_limit(target: u16, limits: &[(String, &Limit)]) -> LocalRateLimit {
     let mut descriptors = Vec::new();
     let mut rate_limits = Vec::new();
     for (id, limit) in limits {

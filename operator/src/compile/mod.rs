@@ -17,17 +17,17 @@ mod workload;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    ops::Range,
     sync::Arc,
 };
 
-use breakwater_api::{CircuitBreakerPolicySpec, LockLease, agent::BreakerRule, rate_limit::Scope};
-use envoy_types::pb::{envoy::config::route::v3::VirtualHost, google::protobuf::Any};
+use breakwater_api::{CircuitBreakerPolicySpec, LockLease, rate_limit::Scope};
+use envoy_types::pb::google::protobuf::Any;
 use k8s_openapi::api::{
     core::v1::{Pod, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::ResourceExt;
-use prost::Message;
 
 pub use self::{
     agent::{DEFAULT_HALF_OPEN_CALLS, DEFAULT_MINIMUM_CALLS},
@@ -175,13 +175,57 @@ pub fn compile(inventory: &Inventory, proxy: &Proxy) -> Snapshot {
     Compiled::new(inventory).snapshot(proxy)
 }
 
-/// One Service port's virtual host, encoded once as a `RouteConfiguration.virtual_hosts`
-/// field: with the names valid everywhere, and with the short names its own namespace adds.
-#[derive(Debug)]
-struct EncodedHost {
-    namespace: String,
+/// The virtual hosts of the outbound route configuration, encoded once per inventory: what
+/// every namespace's `outbound_http` is made of.
+#[derive(Debug, Default)]
+struct EncodedHosts {
+    /// The `name` field of the route configuration.
+    name: Vec<u8>,
+    /// Every Service port's virtual host with the names valid everywhere, as
+    /// `RouteConfiguration.virtual_hosts` fields in Service order: so each namespace's hosts
+    /// are one contiguous span.
     global: Vec<u8>,
-    local: Vec<u8>,
+    /// Per namespace with Services: the span of its hosts in `global`, and the same hosts
+    /// with the short names that resolve in that namespace only.
+    namespaces: BTreeMap<String, (Range<usize>, Arc<[u8]>)>,
+}
+
+/// The outbound route configuration (`outbound_http`) as seen from one namespace, without
+/// a copy of what every namespace shares. Its encoding is the route configuration's name,
+/// then the global virtual hosts with the namespace's own replaced by their variants with
+/// the short names: the bytes a route configuration built in one piece would have (the
+/// encoding of a message with a name and a list of virtual hosts is the name's field
+/// followed by each host's field), in three pieces of shared buffers.
+#[derive(Clone, Debug)]
+pub struct OutboundRoutes {
+    hosts: Arc<EncodedHosts>,
+    span: Range<usize>,
+    local: Arc<[u8]>,
+}
+
+impl OutboundRoutes {
+    /// The encoded `RouteConfiguration`, in the order its bytes go out.
+    pub fn chunks(&self) -> [&[u8]; 4] {
+        let global = self.hosts.global.as_slice();
+        // The span comes from the same buffer, so it is in bounds; an empty slice otherwise.
+        let before = global.get(..self.span.start).unwrap_or_default();
+        let after = global.get(self.span.end..).unwrap_or_default();
+        [&self.hosts.name, before, &self.local, after]
+    }
+
+    pub fn encoded_len(&self) -> usize {
+        self.chunks().iter().map(|c| c.len()).sum()
+    }
+
+    /// The route configuration as a resource: the one copy of its bytes, made when it is
+    /// sent.
+    pub fn to_any(&self) -> Any {
+        let mut value = Vec::with_capacity(self.encoded_len());
+        for chunk in self.chunks() {
+            value.extend_from_slice(chunk);
+        }
+        Any { type_url: type_url::ROUTE.to_string(), value }
+    }
 }
 
 /// A Service with the ports the compiler configures.
@@ -198,13 +242,14 @@ struct ServiceEntry {
 pub struct Compiled {
     /// The resources every proxy gets: outbound clusters, endpoints and listener.
     shared: Snapshot,
-    hosts: Vec<EncodedHost>,
+    hosts: Arc<EncodedHosts>,
     services: BTreeMap<String, Vec<ServiceEntry>>,
     rate_limits: BTreeMap<ServicePort, Vec<EffectiveLimit>>,
     /// Accepted LockLeases by namespace, in name order.
     leases: BTreeMap<String, Vec<Arc<LockLease>>>,
-    /// Every Service port's shared breaker, by id: in every agent's configuration.
-    breakers: Vec<BreakerRule>,
+    /// Every Service port's shared breaker, by id, encoded once: the end of every agent's
+    /// configuration.
+    breakers: Vec<u8>,
     generations: BTreeMap<(&'static str, ObjectName), i64>,
     pods: BTreeMap<ObjectName, Arc<Pod>>,
 }
@@ -219,11 +264,19 @@ impl Compiled {
 
         let slices = slices_by_service(inventory);
         let mut shared = Snapshot::default();
-        let mut hosts = Vec::new();
+        let mut hosts = EncodedHosts::default();
+        prost::encoding::string::encode(1, &names::OUTBOUND_HTTP.to_string(), &mut hosts.name);
+        // The namespace whose hosts are being encoded: where its span starts, and its hosts
+        // with the short names. Services come by namespace, so each namespace is one run.
+        let mut run: Option<(String, usize, Vec<u8>)> = None;
         let mut services: BTreeMap<String, Vec<ServiceEntry>> = BTreeMap::new();
         let mut breakers = BTreeMap::new();
         let empty = crate::policy::circuit_breaker::empty_spec();
         for (name, service) in &inventory.services {
+            if run.as_ref().is_none_or(|(namespace, _, _)| *namespace != name.namespace) {
+                hosts.close(run.take());
+                run = Some((name.namespace.clone(), hosts.global.len(), Vec::new()));
+            }
             let mut ports = workload::ports(service);
             ports.sort_by_key(|p| p.number);
             for port in &ports {
@@ -248,11 +301,10 @@ impl Compiled {
                     proto::any(&outbound::load_assignment(&cluster, &endpoints)),
                 );
                 let host = |local| outbound::virtual_host(name, port.number, &cluster, spec, local);
-                hosts.push(EncodedHost {
-                    namespace: name.namespace.clone(),
-                    global: encode_host(&host(false)),
-                    local: encode_host(&host(true)),
-                });
+                prost::encoding::message::encode(2, &host(false), &mut hosts.global);
+                if let Some((_, _, local)) = run.as_mut() {
+                    prost::encoding::message::encode(2, &host(true), local);
+                }
                 if let (Some(breaker), Some(source)) = (&spec.breaker, sources.get(&Section::Breaker)) {
                     let id = breaker_id(name, port.number);
                     breakers.insert(id.clone(), agent::breaker_rule(id, source, breaker));
@@ -269,6 +321,7 @@ impl Compiled {
                 ports,
             });
         }
+        hosts.close(run.take());
         shared.insert(type_url::LISTENER, names::OUTBOUND_HTTP, proto::any(&outbound::listener()));
         shared.insert(
             type_url::CLUSTER,
@@ -284,11 +337,11 @@ impl Compiled {
         }
         Self {
             shared,
-            hosts,
+            hosts: Arc::new(hosts),
             services,
             rate_limits,
             leases,
-            breakers: breakers.into_values().collect(),
+            breakers: agent::encode_breakers(breakers.into_values().collect()),
             generations,
             pods: inventory.pods.clone(),
         }
@@ -299,7 +352,8 @@ impl Compiled {
     /// [`local`](Self::local) part.
     pub fn snapshot(&self, proxy: &Proxy) -> Snapshot {
         let mut snapshot = self.shared().clone();
-        snapshot.insert(type_url::ROUTE, names::OUTBOUND_HTTP, self.outbound_routes(&proxy.pod.namespace));
+        let routes = self.outbound_routes(&proxy.pod.namespace).to_any();
+        snapshot.insert(type_url::ROUTE, names::OUTBOUND_HTTP, routes);
         snapshot.merge(self.local(proxy));
         snapshot
     }
@@ -317,7 +371,7 @@ impl Compiled {
     /// only — its Envoy has the outbound routes that ask about them).
     pub fn local(&self, proxy: &Proxy) -> Snapshot {
         let mut snapshot = Snapshot::default();
-        let mut agent = agent::config([], [], &self.breakers);
+        let mut agent = agent::config([], []);
         if let Some(pod) = self.pods.get(&proxy.pod) {
             let ports = self.inbound_ports(pod);
             let leases = self.leases_of(pod);
@@ -347,12 +401,11 @@ impl Compiled {
                 snapshot.carry(policy, type_url::AGENT);
             }
             agent = agent::config(
-                ports.iter().flat_map(|p| p.limits.iter().map(|(_, l)| l)),
+                ports.iter().flat_map(|p| p.limits.iter().map(|(_, l)| *l)),
                 leases.iter().map(AsRef::as_ref),
-                &self.breakers,
             );
         }
-        snapshot.insert(type_url::AGENT, names::AGENT_RESOURCE, agent::resource(&agent));
+        snapshot.insert(type_url::AGENT, names::AGENT_RESOURCE, agent::resource(&agent, &self.breakers));
         snapshot
     }
 
@@ -363,7 +416,7 @@ impl Compiled {
         let mut local: BTreeMap<(&'static str, ObjectName), BTreeSet<ObjectName>> = BTreeMap::new();
         for (name, pod) in &self.pods {
             let limits = self.inbound_ports(pod).into_iter().flat_map(|port| port.limits);
-            let rate_limits = limits.map(|(_, limit)| (RATE_LIMIT_POLICY, limit.policy));
+            let rate_limits = limits.map(|(_, limit)| (RATE_LIMIT_POLICY, limit.policy.clone()));
             let leases =
                 self.leases_of(pod).into_iter().map(|lease| (LOCK_LEASE, ObjectName::of(lease.as_ref())));
             for key in rate_limits.chain(leases) {
@@ -374,17 +427,15 @@ impl Compiled {
     }
 
     /// The outbound route configuration (`outbound_http`) as seen from `namespace`: the
-    /// same for every pod of the namespace, so worth sharing between them. Assembled from
-    /// the encoded virtual hosts (the encoding of a message with a name and a list of
-    /// virtual hosts is the name's field followed by each host's field).
-    pub fn outbound_routes(&self, namespace: &str) -> Any {
-        let size: usize = self.hosts.iter().map(|h| h.global.len().max(h.local.len())).sum();
-        let mut value = Vec::with_capacity(size + 32);
-        prost::encoding::string::encode(1, &names::OUTBOUND_HTTP.to_string(), &mut value);
-        for host in &self.hosts {
-            value.extend_from_slice(if host.namespace == namespace { &host.local } else { &host.global });
-        }
-        Any { type_url: type_url::ROUTE.to_string(), value }
+    /// same for every pod of the namespace, and made of the hosts every namespace shares
+    /// plus the namespace's own. O(log namespaces): nothing is copied until
+    /// [`OutboundRoutes::to_any`]. Namespaces without Services get one and the same table.
+    pub fn outbound_routes(&self, namespace: &str) -> OutboundRoutes {
+        let (span, local) = match self.hosts.namespaces.get(namespace) {
+            Some((span, local)) => (span.clone(), local.clone()),
+            None => (0..0, Arc::from(Vec::new())),
+        };
+        OutboundRoutes { hosts: self.hosts.clone(), span, local }
     }
 
     /// The accepted LockLeases of the pod's namespace whose podSelector matches its labels.
@@ -401,7 +452,7 @@ impl Compiled {
 
     /// The limited ports of a pod: the Services of its namespace that select it, their
     /// ports with rate limits, by the container port each lands on.
-    fn inbound_ports(&self, pod: &Pod) -> Vec<InboundPort> {
+    fn inbound_ports(&self, pod: &Pod) -> Vec<InboundPort<'_>> {
         let mut by_target: BTreeMap<u16, InboundPort> = BTreeMap::new();
         let namespace = pod.namespace().unwrap_or_default();
         for entry in self.services.get(&namespace).into_iter().flatten() {
@@ -410,25 +461,28 @@ impl Compiled {
             }
             for port in &entry.ports {
                 let key = ServicePort { service: entry.name.clone(), port: port.key.clone() };
-                let (Some(limits), Some(target)) =
-                    (self.rate_limits.get(&key), workload::target_port(port, pod))
+                let (Some((key, limits)), Some(target)) =
+                    (self.rate_limits.get_key_value(&key), workload::target_port(port, pod))
                 else {
                     continue;
                 };
                 let inbound =
                     by_target.entry(target).or_insert_with(|| InboundPort { target, ..Default::default() });
                 inbound.http2 |= port.http2;
-                inbound.limits.extend(limits.iter().map(|l| (key.clone(), l.clone())));
+                inbound.limits.extend(limits.iter().map(|l| (key, l)));
             }
         }
         by_target.into_values().collect()
     }
 }
 
-fn encode_host(host: &VirtualHost) -> Vec<u8> {
-    let mut buf = Vec::with_capacity(host.encoded_len() + 8);
-    prost::encoding::message::encode(2, host, &mut buf);
-    buf
+impl EncodedHosts {
+    /// Records the span of a namespace whose hosts have all been encoded.
+    fn close(&mut self, run: Option<(String, usize, Vec<u8>)>) {
+        if let Some((namespace, start, local)) = run {
+            self.namespaces.insert(namespace, (start..self.global.len(), Arc::from(local)));
+        }
+    }
 }
 
 fn generations(inventory: &Inventory) -> BTreeMap<(&'static str, ObjectName), i64> {
@@ -481,5 +535,83 @@ fn carrying(section: Section, spec: &CircuitBreakerPolicySpec) -> &'static [&'st
         }
         Section::Retry | Section::Timeout => &[type_url::ROUTE],
         Section::Breaker => &[type_url::LISTENER, type_url::ROUTE, type_url::AGENT],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+    use k8s_openapi::{
+        api::core::v1::{ServicePort as K8sServicePort, ServiceSpec},
+        apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    };
+    use prost::Message;
+
+    use super::*;
+
+    fn service(namespace: &str, name: &str, ports: &[i32]) -> Arc<Service> {
+        Arc::new(Service {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some(namespace.into()),
+                ..Default::default()
+            },
+            spec: Some(ServiceSpec {
+                ports: Some(
+                    ports.iter().map(|port| K8sServicePort { port: *port, ..Default::default() }).collect(),
+                ),
+                ..Default::default()
+            }),
+            status: None,
+        })
+    }
+
+    /// The route configuration `namespace` sees, built as one message the way it reads:
+    /// every Service port's host, with the short names for the namespace's own Services.
+    fn in_one_piece(inventory: &Inventory, namespace: &str) -> Vec<u8> {
+        let empty = circuit_breaker::empty_spec();
+        let mut virtual_hosts = Vec::new();
+        for (name, service) in &inventory.services {
+            let mut ports = workload::ports(service);
+            ports.sort_by_key(|p| p.number);
+            for port in ports {
+                let cluster = outbound::cluster_name(name, port.number);
+                let local = name.namespace == namespace;
+                virtual_hosts.push(outbound::virtual_host(name, port.number, &cluster, &empty, local));
+            }
+        }
+        RouteConfiguration { name: names::OUTBOUND_HTTP.into(), virtual_hosts, ..Default::default() }
+            .encode_to_vec()
+    }
+
+    #[test]
+    fn each_namespace_sees_the_routes_built_in_one_piece() {
+        let mut inventory = Inventory::new("breakwater-system");
+        inventory.add_service(service("alpha", "api", &[80, 9000]));
+        inventory.add_service(service("alpha", "db", &[5432]));
+        inventory.add_service(service("beta", "api", &[80]));
+        inventory.add_service(service("gamma", "web", &[8080, 80]));
+        let compiled = Compiled::new(&inventory);
+        for namespace in ["alpha", "beta", "gamma", "no-services", ""] {
+            let routes = compiled.outbound_routes(namespace);
+            assert_eq!(routes.to_any().value, in_one_piece(&inventory, namespace), "{namespace}");
+            assert_eq!(routes.encoded_len(), routes.to_any().value.len());
+        }
+        // The pieces are the shared buffers, not copies.
+        let (alpha, beta) = (compiled.outbound_routes("alpha"), compiled.outbound_routes("beta"));
+        assert!(Arc::ptr_eq(&alpha.hosts, &beta.hosts));
+        let routes = RouteConfiguration::decode(beta.to_any().value.as_slice()).expect("decodes");
+        let domains: Vec<&str> =
+            routes.virtual_hosts.iter().flat_map(|v| &v.domains).map(String::as_str).collect();
+        assert!(domains.contains(&"api") && domains.contains(&"api.alpha"), "{domains:?}");
+    }
+
+    #[test]
+    fn no_services_no_hosts() {
+        let compiled = Compiled::new(&Inventory::new("breakwater-system"));
+        let routes = RouteConfiguration::decode(compiled.outbound_routes("shop").to_any().value.as_slice())
+            .expect("decodes");
+        assert_eq!(routes.name, names::OUTBOUND_HTTP);
+        assert!(routes.virtual_hosts.is_empty());
     }
 }

@@ -1,9 +1,10 @@
 //! Where a Service policy applies: its `targetRefs` in its own namespace, or, for a policy in
 //! the root namespace, every Service its namespace and Service selectors match.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use breakwater_api::{Attachment, Mode};
+use kube::ResourceExt;
 
 use super::{Verdict, count_of, join_names, reason};
 use crate::{
@@ -101,18 +102,40 @@ fn resolve_selectors(spec: &impl Attachment, inventory: &Inventory) -> Resolutio
     let all = k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector::default();
     let ns_selector = spec.namespace_selector().unwrap_or(&all);
     let svc_selector = spec.service_selector().unwrap_or(&all);
+    let no_labels = BTreeMap::new();
     let mut ports = BTreeSet::new();
     let mut services = 0;
-    for (service, _) in inventory.services.iter() {
-        let ns_labels = inventory.namespaces.get(&service.namespace).cloned().unwrap_or_default();
-        if !selector::matches(ns_selector, &ns_labels)
-            || !selector::matches(svc_selector, &inventory.service_labels(service))
-        {
-            continue;
+    // Services are sorted by namespace: the namespace selector is matched once per namespace,
+    // and the Services of a namespace it does not select are skipped without being visited,
+    // so a root policy costs O(namespaces + the Services it selects), not O(Services).
+    let mut next = inventory.services.iter().next().map(|(service, _)| service.namespace.clone());
+    while let Some(namespace) = next.take() {
+        let labels = inventory.namespaces.get(&namespace).unwrap_or(&no_labels);
+        let selected = selector::matches(ns_selector, labels);
+        let of_namespace = inventory.services.range(ObjectName::new(namespace.as_str(), "")..);
+        for (service, object) in of_namespace {
+            if service.namespace != namespace {
+                next = Some(service.namespace.clone());
+                break;
+            }
+            if !selected {
+                // The first Service of the next namespace: `namespace\0` is the least string
+                // after `namespace`, so every later namespace sorts at or after it.
+                next = inventory
+                    .services
+                    .range(ObjectName::new(format!("{namespace}\0"), "")..)
+                    .next()
+                    .map(|(service, _)| service.namespace.clone());
+                break;
+            }
+            if !selector::matches(svc_selector, object.labels()) {
+                continue;
+            }
+            services += 1;
+            let service_ports = inventory.service_ports(service).unwrap_or_default();
+            ports
+                .extend(service_ports.into_iter().map(|port| ServicePort { service: service.clone(), port }));
         }
-        services += 1;
-        let service_ports = inventory.service_ports(service).unwrap_or_default();
-        ports.extend(service_ports.into_iter().map(|port| ServicePort { service: service.clone(), port }));
     }
     let verdict =
         Verdict::ok(reason::RESOLVED_REFS, format!("selectors match {}", count_of(services, "Service")));
@@ -218,6 +241,35 @@ mod tests {
         let err = check(&spec, "shop", &inv).expect_err("refused outside root");
         assert_eq!(err.reason, reason::ROOT_NAMESPACE_ONLY);
         assert_eq!(check(&spec, "breakwater-system", &inv), Ok(Role::Root(Mode::Override)));
+    }
+
+    #[test]
+    fn selectors_visit_each_namespace_once_and_miss_none() {
+        let mut inv = Inventory::new("breakwater-system");
+        let prod = [("tier".to_string(), "production".to_string())];
+        // Namespaces that are prefixes of one another, one selected between two that are
+        // not, and one known only through its Services (no labels: not selected).
+        for (ns, labelled) in [("lab", true), ("lab-a", false), ("lab2", true), ("m", false), ("z", true)] {
+            inv.add_namespace(ns.into(), if labelled { prod.clone().into() } else { BTreeMap::new() });
+            for name in ["a", "b"] {
+                inv.add_service(service(ns, name, &[("http", 80)]));
+            }
+        }
+        inv.services.insert(ObjectName::new("unlisted", "x"), service("unlisted", "x", &[("http", 80)]));
+        let mut spec = spec_with_refs(&[]);
+        spec.target_refs = None;
+        spec.namespace_selector =
+            Some(LabelSelector { match_labels: Some(prod.into()), ..Default::default() });
+        let res = resolve(&spec, "breakwater-system", Role::Root(Mode::Default), &inv);
+        let services: BTreeSet<String> = res.ports.iter().map(|p| p.service.to_string()).collect();
+        let expected = ["lab/a", "lab/b", "lab2/a", "lab2/b", "z/a", "z/b"];
+        assert_eq!(services.iter().map(String::as_str).collect::<Vec<_>>(), expected);
+        assert_eq!(res.verdict.expect("verdict").message, "selectors match 6 Services");
+
+        // An empty selector: every Service of every namespace, listed or not.
+        spec.namespace_selector = Some(LabelSelector::default());
+        let res = resolve(&spec, "breakwater-system", Role::Root(Mode::Default), &inv);
+        assert_eq!(res.ports.len(), 11);
     }
 
     #[test]

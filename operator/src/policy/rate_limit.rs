@@ -4,7 +4,10 @@
 //! team can tighten a platform floor but never loosen it. Root Default policies apply only
 //! to ports that no namespace policy covers.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use breakwater_api::{
     RateLimitPolicy,
@@ -32,7 +35,9 @@ pub enum Origin {
 pub struct EffectiveLimit {
     pub policy: ObjectName,
     pub origin: Origin,
-    pub limit: Limit,
+    /// Shared by every Service port the policy reaches (a root policy's limits land on
+    /// thousands of them).
+    pub limit: Arc<Limit>,
     pub failure_mode: FailureMode,
 }
 
@@ -116,14 +121,14 @@ pub fn effective(inventory: &Inventory) -> BTreeMap<ServicePort, Vec<EffectiveLi
             Role::Root(breakwater_api::Mode::Override) => Origin::RootOverride,
             Role::Root(breakwater_api::Mode::Default) => Origin::RootDefault,
         };
+        let name = ObjectName::of(policy.as_ref());
+        let limits: Vec<Arc<Limit>> = policy.spec.limits.iter().cloned().map(Arc::new).collect();
         for port in &resolution.ports {
-            by_port.entry(port.clone()).or_default().extend(policy.spec.limits.iter().map(|limit| {
-                EffectiveLimit {
-                    policy: ObjectName::of(policy.as_ref()),
-                    origin,
-                    limit: limit.clone(),
-                    failure_mode: policy.spec.failure_mode,
-                }
+            by_port.entry(port.clone()).or_default().extend(limits.iter().map(|limit| EffectiveLimit {
+                policy: name.clone(),
+                origin,
+                limit: limit.clone(),
+                failure_mode: policy.spec.failure_mode,
             }));
         }
     }

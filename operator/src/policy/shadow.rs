@@ -68,7 +68,7 @@ pub fn limits(policy: &ObjectName, inventory: &Inventory) -> Vec<ShadowLimit> {
         .flatten()
         .filter(|effective| &effective.policy == policy && counted(&effective.limit))
         .map(|effective| {
-            let name = effective.limit.name;
+            let name = effective.limit.name.clone();
             let rule = ShadowLimit::rule_id(policy, &name);
             (name.clone(), ShadowLimit { limit: name, rule })
         })
