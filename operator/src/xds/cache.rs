@@ -246,7 +246,8 @@ struct Ledger {
     facts: Vec<Facts>,
     /// Entries of `facts` no policy uses any more, to reuse.
     free: Vec<usize>,
-    /// By kind, the policies whose facts changed and no one has taken yet.
+    /// By kind, the policies whose facts changed and no one has taken yet. Where no one takes
+    /// them (standalone mode, tests) it holds each policy once at most, like `facts`.
     dirty: HashMap<&'static str, BTreeSet<usize>>,
 }
 
