@@ -24,7 +24,8 @@
 //! connections from the load generator, default 2 — one per Envoy worker of a 2-core pod),
 //! BENCH_AGENT_ARGS (more flags for the batching agent), BENCH_OUT (also write the Markdown
 //! tables there); while developing, BENCH_KEYS and BENCH_IN_FLIGHT (comma-separated) run
-//! some rows only, and BENCH_EXACT=0 skips the exactness table.
+//! some rows only, BENCH_EXACT=0 skips the exactness table, and BENCH_AGENT_BIN runs another
+//! `breakwater-agent` binary (a build with frame pointers, to profile it under this load).
 
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -355,7 +356,9 @@ impl Agent {
         connections: usize,
     ) -> BenchResult<Agent> {
         let (grpc_port, http_port, lease_port) = (free_port(), free_port(), free_port());
-        let mut command = Command::new(env!("CARGO_BIN_EXE_breakwater-agent"));
+        let binary = std::env::var("BENCH_AGENT_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_breakwater-agent").to_string());
+        let mut command = Command::new(binary);
         command
             .arg("--config")
             .arg(config)

@@ -18,7 +18,8 @@
 //! - [`ads`]: the agent's own subscription to its configuration on the operator's xDS server,
 //!   and [`ads_proxy`], the way the pod's Envoy reaches that server with the pod's token;
 //! - [`capture`]: the traffic capture the injected init container installs (iptables);
-//! - [`grpc`], [`http`], [`metrics`]: the servers around it;
+//! - [`grpc`], [`http`], [`metrics`]: the servers around it, and [`coalesce`], the write
+//!   coalescing of the gRPC connections;
 //! - [`run`]: everything together — [`run()`] takes bound listeners, the [`Settings`] and
 //!   a shutdown future, so tests bind `127.0.0.1:0` and stop the agent when they like, and
 //!   `main` only parses flags, starts logging and calls it;
@@ -32,6 +33,7 @@ pub mod breaker;
 pub mod cache;
 pub mod capture;
 pub mod cli;
+pub mod coalesce;
 pub mod config;
 pub mod error;
 pub mod grpc;

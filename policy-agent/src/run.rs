@@ -20,6 +20,7 @@ use tokio::sync::watch;
 use crate::ads_proxy::{self, AdsProxy};
 use crate::batch::BatchSettings;
 use crate::breaker::{self, Board, BreakerSettings, access_log::AccessLogGrpc};
+use crate::coalesce::Coalescing;
 use crate::config::{self, RuleHolder};
 use crate::lease::leader::{LeaderElection, LeaderSettings};
 use crate::lease::{LeaseManager, LeaseStore, MemoryLeases, RedisLeases, api};
@@ -271,9 +272,11 @@ async fn serve<S: CounterStore, L: LeaseStore>(
 
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listeners.grpc);
     let incoming = tokio_stream::StreamExt::map(incoming, |conn| {
-        conn.inspect(|stream| {
-            // Decisions are small and latency-bound: never wait to fill a segment.
+        conn.map(|stream| {
+            // Decisions are small and latency-bound: never wait to fill a segment; the
+            // answers ready together still leave in one write (`coalesce`).
             let _ = stream.set_nodelay(true);
+            Coalescing::new(stream)
         })
     });
     let grpc = tonic::transport::Server::builder()
