@@ -500,7 +500,7 @@ async fn run() -> BenchResult<()> {
     table.push_str(&format!(
         "`make bench-rls` — commit {commit}, {} cores, {seconds} s of load per row and path in {rounds} slices alternating between the three agents and redis-benchmark (ratios, p50, p99: medians of the slices), {connections} HTTP/2 connection(s), TokenBucket script, batching agent's extra flags: `{}`\n\n",
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        if extra_args.is_empty() { "(none: --quota-batch 256 --quota-horizon 100ms)" } else { extra_args.as_str() }
+        if extra_args.is_empty() { "(none: --quota-batch 256 --quota-horizon 1s)" } else { extra_args.as_str() }
     ));
     table.push_str("| keys | in flight | path | decisions/s | p50 | p99 | p99 ÷ Little's-law mean | ÷ raw | ÷ in memory | Redis calls per decision | agent CPU per decision | Redis CPU per decision | load generator CPU per decision | failure-mode answers |\n");
     table.push_str("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");

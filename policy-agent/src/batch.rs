@@ -52,7 +52,7 @@ impl BatchSettings {
 
 impl Default for BatchSettings {
     fn default() -> Self {
-        BatchSettings { max_hits: 256, horizon: Duration::from_millis(100), capacity: 65_536 }
+        BatchSettings { max_hits: 256, horizon: Duration::from_secs(1), capacity: 65_536 }
     }
 }
 
@@ -187,6 +187,17 @@ impl Entry {
     }
 }
 
+/// The longest life a batch of `limit` can get (µs), as the batch scripts bound it: an eighth
+/// of a token bucket, a sub-window, a window; at most the horizon.
+fn longest_life(limit: &Limit, horizon_us: i64) -> i64 {
+    let bound = match *limit {
+        Limit::TokenBucket { emission_us, capacity } => (capacity - 1).saturating_mul(emission_us) / 8,
+        Limit::SlidingWindow { bucket_us, .. } => bucket_us,
+        Limit::FixedWindow { window_us, .. } => window_us,
+    };
+    bound.clamp(0, horizon_us)
+}
+
 /// The batches of every counter this agent has seen traffic on.
 #[derive(Debug)]
 pub struct Batches {
@@ -282,9 +293,14 @@ impl Batches {
         }
         let expected = entry.last_hits.max(entry.window_hits).max(entry.waiting.saturating_add(1));
         let want = expected.min(self.settings.max_hits);
-        // A cold counter costs one call; near its limit a counter goes one hit per call,
-        // concurrently, as without batches.
-        if want < 2 || entry.known_remaining < 2 * FAIR_SHARE.unsigned_abs() {
+        // A cold counter costs one call; so does one whose batch would hold a single hit
+        // once scaled to the life its algorithm allows (want · L / H < 2); near its limit a
+        // counter goes one hit per call, concurrently, as without batches.
+        let horizon_us = i64::try_from(horizon.as_micros()).unwrap_or(i64::MAX);
+        let life_us = longest_life(&entry.limit, horizon_us);
+        if i128::from(want) * i128::from(life_us) <= i128::from(horizon_us)
+            || entry.known_remaining < 2 * FAIR_SHARE.unsigned_abs()
+        {
             return Plan::Single;
         }
         entry.in_flight = true;

@@ -110,7 +110,7 @@ pub struct Cli {
     pub quota_batch: u32,
     /// The window a counter's local rate is measured over to size its batches, and the
     /// longest a batch lives (1ms to 1m).
-    #[arg(long, default_value = "100ms", value_parser = parse_horizon)]
+    #[arg(long, default_value = "1s", value_parser = parse_horizon)]
     pub quota_horizon: Duration,
     /// Worker threads (default: one per core).
     #[arg(long)]
@@ -248,7 +248,7 @@ mod tests {
         let parse =
             |args: &[&str]| Cli::try_parse_from([&["breakwater-agent", "--config", "a.yaml"], args].concat());
         let defaults = settings(&parse(&[]).unwrap()).unwrap().limiter.batch;
-        assert_eq!((defaults.max_hits, defaults.horizon), (256, Duration::from_millis(100)));
+        assert_eq!((defaults.max_hits, defaults.horizon), (256, Duration::from_secs(1)));
         assert!(defaults.enabled());
         let off = settings(&parse(&["--quota-batch", "1"]).unwrap()).unwrap().limiter.batch;
         assert!(!off.enabled(), "--quota-batch 1 is the per-request path");
