@@ -41,7 +41,8 @@ use breakwater_api::{
 use breakwater_operator::{
     compile::{Compiled, Proxy, Snapshot},
     inventory::{Inventory, ObjectName},
-    policy::{circuit_breaker, rate_limit},
+    policy::{breaker, circuit_breaker, rate_limit, shadow},
+    resource::Policy,
 };
 use k8s_openapi::{
     api::{
@@ -75,6 +76,11 @@ fn main() {
     // `cargo test --all-targets` runs bench binaries too, without `--bench`: stay quick there.
     if !args.iter().any(|a| a == "--bench" || a == "--size") {
         println!("bench-compile: skipped outside `cargo bench` (run `make bench-compile`)");
+        return;
+    }
+    if let Some(size) = args.iter().position(|a| a == "--assess").and_then(|i| args.get(i + 1)) {
+        let (p, s) = size.split_once(':').expect("--assess POLICIES:SERVICES");
+        assess(p.parse().expect("policies"), s.parse().expect("services"));
         return;
     }
     match args.iter().position(|a| a == "--size").and_then(|i| args.get(i + 1)) {
@@ -203,6 +209,34 @@ fn measure(policies: usize, services: usize) {
         "peak_rss_mb": vm_kb("VmHWM") as f64 / 1024.0,
     });
     println!("{row}");
+}
+
+/// What the controllers evaluate for the status of every policy after a publish: each
+/// policy's assessment, and the breakers and shadow limits its status would read (`cargo
+/// bench -p breakwater-operator --bench compile -- --assess P:S`; not part of the table).
+fn assess(policies: usize, services: usize) {
+    let inventory = world(policies, services);
+    let all = Policy::all(&inventory);
+    let started = Instant::now();
+    let accepted = all.iter().filter(|p| p.assess(&inventory).accepted.ok).count();
+    let assessed = started.elapsed();
+    let started = Instant::now();
+    let breakers: usize = inventory
+        .circuit_breakers
+        .iter()
+        .map(|p| breaker::targets(&ObjectName::of(p.as_ref()), &inventory).len())
+        .sum();
+    let shadows: usize = inventory
+        .rate_limits
+        .iter()
+        .map(|p| shadow::limits(&ObjectName::of(p.as_ref()), &inventory).len())
+        .sum();
+    println!(
+        "{policies} policies over {services} Services: assessing each ({accepted} accepted) {:.0} ms; \
+         the breaker targets and shadow limits of each ({breakers} and {shadows}) {:.0} ms",
+        assessed.as_secs_f64() * 1e3,
+        started.elapsed().as_secs_f64() * 1e3
+    );
 }
 
 /// Encoded size of a snapshot's resources.

@@ -47,6 +47,33 @@ pub fn check(spec: &impl Attachment, namespace: &str, inventory: &Inventory) -> 
     Ok(Role::Root(spec.mode().unwrap_or_default()))
 }
 
+/// How much of the inventory an evaluation looks at. One policy's status needs only the
+/// Service ports it reaches, and a namespace's ports are reached by the policies of that
+/// namespace and of the root namespace alone (targetRefs never leave their namespace): so
+/// its evaluation costs what that namespace holds, not every policy and Service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Within<'a> {
+    Everywhere,
+    /// The Service ports of this namespace, and the policies that can reach them.
+    Namespace(&'a str),
+}
+
+impl Within<'_> {
+    /// Whether a policy in `namespace` can reach a port in scope.
+    pub fn may_reach(&self, namespace: &str, inventory: &Inventory) -> bool {
+        match self {
+            Self::Everywhere => true,
+            Self::Namespace(within) => namespace == *within || namespace == inventory.root_namespace,
+        }
+    }
+
+    /// The scope that holds every port of a policy in `namespace`: a root-namespace policy
+    /// may select any namespace.
+    pub fn of_policy<'a>(namespace: &'a str, inventory: &Inventory) -> Within<'a> {
+        if namespace == inventory.root_namespace { Within::Everywhere } else { Within::Namespace(namespace) }
+    }
+}
+
 /// The Service ports a policy reaches, and what could not be resolved.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Resolution {
@@ -57,9 +84,21 @@ pub struct Resolution {
 
 /// Resolves the Service ports of a policy whose attachment passed [`check`].
 pub fn resolve(spec: &impl Attachment, namespace: &str, role: Role, inventory: &Inventory) -> Resolution {
-    match role {
-        Role::Namespace => resolve_refs(spec, namespace, inventory),
-        Role::Root(_) => resolve_selectors(spec, inventory),
+    resolve_within(spec, namespace, role, inventory, Within::Everywhere)
+}
+
+/// [`resolve`], keeping only the ports `within` holds (the verdict then counts only those).
+pub fn resolve_within(
+    spec: &impl Attachment,
+    namespace: &str,
+    role: Role,
+    inventory: &Inventory,
+    within: Within<'_>,
+) -> Resolution {
+    match (role, within) {
+        (Role::Namespace, Within::Namespace(other)) if other != namespace => Resolution::default(),
+        (Role::Namespace, _) => resolve_refs(spec, namespace, inventory),
+        (Role::Root(_), _) => resolve_selectors(spec, inventory, within),
     }
 }
 
@@ -98,7 +137,7 @@ fn resolve_refs(spec: &impl Attachment, namespace: &str, inventory: &Inventory) 
     Resolution { ports, verdict: Some(verdict) }
 }
 
-fn resolve_selectors(spec: &impl Attachment, inventory: &Inventory) -> Resolution {
+fn resolve_selectors(spec: &impl Attachment, inventory: &Inventory, within: Within<'_>) -> Resolution {
     let all = k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector::default();
     let ns_selector = spec.namespace_selector().unwrap_or(&all);
     let svc_selector = spec.service_selector().unwrap_or(&all);
@@ -108,24 +147,31 @@ fn resolve_selectors(spec: &impl Attachment, inventory: &Inventory) -> Resolutio
     // Services are sorted by namespace: the namespace selector is matched once per namespace,
     // and the Services of a namespace it does not select are skipped without being visited,
     // so a root policy costs O(namespaces + the Services it selects), not O(Services).
-    let mut next = inventory.services.iter().next().map(|(service, _)| service.namespace.clone());
+    let mut next = match within {
+        Within::Everywhere => inventory.services.keys().next().map(|service| service.namespace.clone()),
+        Within::Namespace(namespace) => Some(namespace.to_string()),
+    };
     while let Some(namespace) = next.take() {
         let labels = inventory.namespaces.get(&namespace).unwrap_or(&no_labels);
         let selected = selector::matches(ns_selector, labels);
         let of_namespace = inventory.services.range(ObjectName::new(namespace.as_str(), "")..);
         for (service, object) in of_namespace {
             if service.namespace != namespace {
-                next = Some(service.namespace.clone());
+                if within == Within::Everywhere {
+                    next = Some(service.namespace.clone());
+                }
                 break;
             }
             if !selected {
                 // The first Service of the next namespace: `namespace\0` is the least string
                 // after `namespace`, so every later namespace sorts at or after it.
-                next = inventory
-                    .services
-                    .range(ObjectName::new(format!("{namespace}\0"), "")..)
-                    .next()
-                    .map(|(service, _)| service.namespace.clone());
+                if within == Within::Everywhere {
+                    next = inventory
+                        .services
+                        .range(ObjectName::new(format!("{namespace}\0"), "")..)
+                        .next()
+                        .map(|(service, _)| service.namespace.clone());
+                }
                 break;
             }
             if !selector::matches(svc_selector, object.labels()) {

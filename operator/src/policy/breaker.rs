@@ -10,6 +10,7 @@ use breakwater_api::circuit_breaker::{Breaker, BreakerState as ShownState, Break
 use breakwater_store::breaker::{BreakerState, State};
 
 use super::{
+    attachment::Within,
     circuit_breaker::{self, Section},
     lock_lease::{Status, held, time},
 };
@@ -68,7 +69,11 @@ impl Target {
 /// has a `breaker` section, as the compiler gives them to the agents (TCP ports of Services
 /// that are not ExternalName, by number).
 pub fn breakers(inventory: &Inventory) -> BTreeMap<String, Target> {
-    circuit_breaker::effective(inventory)
+    breakers_within(inventory, Within::Everywhere)
+}
+
+fn breakers_within(inventory: &Inventory, within: Within<'_>) -> BTreeMap<String, Target> {
+    circuit_breaker::effective_within(inventory, within)
         .into_iter()
         .filter_map(|(port, effective)| {
             let breaker = effective.spec.breaker?;
@@ -80,9 +85,13 @@ pub fn breakers(inventory: &Inventory) -> BTreeMap<String, Target> {
         .collect()
 }
 
-/// The breakers whose `breaker` section `policy` supplies, by id.
+/// The breakers whose `breaker` section `policy` supplies, by id. Only the ports the policy
+/// can reach are evaluated (its namespace's, or every one for a root-namespace policy).
 pub fn targets(policy: &ObjectName, inventory: &Inventory) -> Vec<Target> {
-    breakers(inventory).into_values().filter(|target| &target.policy == policy).collect()
+    breakers_within(inventory, Within::of_policy(&policy.namespace, inventory))
+        .into_values()
+        .filter(|target| &target.policy == policy)
+        .collect()
 }
 
 /// The number of the port `port` names (its name, or its number when unnamed), if the

@@ -11,7 +11,7 @@ use kube::ResourceExt;
 
 use super::{
     Assessment, Verdict,
-    attachment::{self, Resolution, Role},
+    attachment::{self, Resolution, Role, Within},
     count_of, join_names, precedence, reason,
 };
 use crate::inventory::{Inventory, ObjectName, ServicePort};
@@ -111,23 +111,38 @@ fn validate(spec: &CircuitBreakerPolicySpec) -> Result<(), Verdict> {
     Ok(())
 }
 
-fn attach(policy: &CircuitBreakerPolicy, inventory: &Inventory) -> Result<(Role, Resolution), Verdict> {
+fn attach(
+    policy: &CircuitBreakerPolicy,
+    inventory: &Inventory,
+    within: Within<'_>,
+) -> Result<(Role, Resolution), Verdict> {
     validate(&policy.spec)?;
     let namespace = policy.namespace().unwrap_or_default();
     let role = attachment::check(&policy.spec, &namespace, inventory)?;
-    Ok((role, attachment::resolve(&policy.spec, &namespace, role, inventory)))
+    Ok((role, attachment::resolve_within(&policy.spec, &namespace, role, inventory, within)))
 }
 
-/// Every valid policy with where it attaches, in precedence order (oldest first).
-fn attached(inventory: &Inventory) -> Vec<(&CircuitBreakerPolicy, Role, Resolution)> {
-    let mut policies: Vec<&CircuitBreakerPolicy> =
-        inventory.circuit_breakers.iter().map(AsRef::as_ref).collect();
+/// Every valid policy that can reach a port `within`, with the ports it reaches there, in
+/// precedence order (oldest first).
+fn attached<'a>(
+    inventory: &'a Inventory,
+    within: Within<'_>,
+) -> Vec<(&'a CircuitBreakerPolicy, Role, Resolution)> {
+    let mut policies: Vec<&CircuitBreakerPolicy> = inventory
+        .circuit_breakers
+        .iter()
+        .map(AsRef::as_ref)
+        .filter(|p| within.may_reach(p.metadata.namespace.as_deref().unwrap_or_default(), inventory))
+        .collect();
     policies.sort_by(|a, b| precedence(*a, *b));
-    policies.into_iter().filter_map(|p| attach(p, inventory).ok().map(|(role, res)| (p, role, res))).collect()
+    policies
+        .into_iter()
+        .filter_map(|p| attach(p, inventory, within).ok().map(|(role, res)| (p, role, res)))
+        .collect()
 }
 
 pub fn assess(policy: &CircuitBreakerPolicy, inventory: &Inventory) -> Assessment {
-    let (role, resolution) = match attach(policy, inventory) {
+    let (role, resolution) = match attach(policy, inventory, Within::Everywhere) {
         Ok(attached) => attached,
         Err(verdict) => return Assessment { accepted: verdict, resolved_refs: None, targets: Some(0) },
     };
@@ -138,7 +153,10 @@ pub fn assess(policy: &CircuitBreakerPolicy, inventory: &Inventory) -> Assessmen
             format!("applies to {} selected by namespaceSelector", count_of(ports, "Service port")),
         ),
         Role::Namespace => {
-            let others = attached(inventory);
+            // Its ports are in its namespace: only that namespace's policies and the root
+            // namespace's can share one with it.
+            let namespace = policy.namespace().unwrap_or_default();
+            let others = attached(inventory, Within::Namespace(&namespace));
             if let Some((winner, port)) = older_on_same_port(policy, &resolution.ports, &others) {
                 return Assessment {
                     accepted: Verdict::fail(
@@ -205,7 +223,16 @@ fn overridden(
 
 /// The effective policy of each Service port any valid, unconflicted policy reaches.
 pub fn effective(inventory: &Inventory) -> BTreeMap<ServicePort, EffectiveCircuitBreaker> {
-    let policies = attached(inventory);
+    effective_within(inventory, Within::Everywhere)
+}
+
+/// [`effective`], for the Service ports `within` only: the same policy for each of them,
+/// at the cost of what can reach them.
+pub fn effective_within(
+    inventory: &Inventory,
+    within: Within<'_>,
+) -> BTreeMap<ServicePort, EffectiveCircuitBreaker> {
+    let policies = attached(inventory, within);
     let mut merged: BTreeMap<ServicePort, EffectiveCircuitBreaker> = BTreeMap::new();
     // Lowest precedence first, so each later layer may replace: Defaults (oldest first, each
     // only filling gaps, so the oldest wins), then the namespace's own policy, then Overrides

@@ -17,7 +17,7 @@ use kube::ResourceExt;
 
 use super::{
     Assessment, Verdict,
-    attachment::{self, Resolution, Role},
+    attachment::{self, Resolution, Role, Within},
     count_of, precedence, reason,
 };
 use crate::inventory::{Inventory, ObjectName, ServicePort};
@@ -42,7 +42,11 @@ pub struct EffectiveLimit {
 }
 
 /// Checks what the schema cannot, then resolves where the policy applies.
-fn attach(policy: &RateLimitPolicy, inventory: &Inventory) -> Result<(Role, Resolution), Verdict> {
+fn attach(
+    policy: &RateLimitPolicy,
+    inventory: &Inventory,
+    within: Within<'_>,
+) -> Result<(Role, Resolution), Verdict> {
     for (index, limit) in policy.spec.limits.iter().enumerate() {
         limit
             .rate
@@ -54,7 +58,7 @@ fn attach(policy: &RateLimitPolicy, inventory: &Inventory) -> Result<(Role, Reso
     super::check::rate_limit_policy(&policy.spec).map_err(|m| Verdict::fail(reason::INVALID, m))?;
     let namespace = policy.namespace().unwrap_or_default();
     let role = attachment::check(&policy.spec, &namespace, inventory)?;
-    Ok((role, attachment::resolve(&policy.spec, &namespace, role, inventory)))
+    Ok((role, attachment::resolve_within(&policy.spec, &namespace, role, inventory, within)))
 }
 
 /// The ports covered by namespace policies (which switch root Defaults off there).
@@ -62,14 +66,14 @@ fn namespace_covered(inventory: &Inventory) -> BTreeSet<ServicePort> {
     inventory
         .rate_limits
         .iter()
-        .filter_map(|p| attach(p, inventory).ok())
+        .filter_map(|p| attach(p, inventory, Within::Everywhere).ok())
         .filter(|(role, _)| *role == Role::Namespace)
         .flat_map(|(_, resolution)| resolution.ports)
         .collect()
 }
 
 pub fn assess(policy: &RateLimitPolicy, inventory: &Inventory) -> Assessment {
-    let (role, resolution) = match attach(policy, inventory) {
+    let (role, resolution) = match attach(policy, inventory, Within::Everywhere) {
         Ok(attached) => attached,
         Err(verdict) => return Assessment { accepted: verdict, resolved_refs: None, targets: Some(0) },
     };
@@ -110,9 +114,23 @@ pub fn assess(policy: &RateLimitPolicy, inventory: &Inventory) -> Assessment {
 
 /// The limits each Service port enforces, in a stable order (origin, then precedence).
 pub fn effective(inventory: &Inventory) -> BTreeMap<ServicePort, Vec<EffectiveLimit>> {
-    let mut policies: Vec<_> = inventory.rate_limits.iter().collect();
+    effective_within(inventory, Within::Everywhere)
+}
+
+/// [`effective`], for the Service ports `within` only: the same limits for each of them,
+/// at the cost of what can reach them.
+pub fn effective_within(
+    inventory: &Inventory,
+    within: Within<'_>,
+) -> BTreeMap<ServicePort, Vec<EffectiveLimit>> {
+    let mut policies: Vec<_> = inventory
+        .rate_limits
+        .iter()
+        .filter(|p| within.may_reach(p.metadata.namespace.as_deref().unwrap_or_default(), inventory))
+        .collect();
     policies.sort_by(|a, b| precedence(a.as_ref(), b.as_ref()));
-    let attached: Vec<_> = policies.iter().filter_map(|p| Some((p, attach(p, inventory).ok()?))).collect();
+    let attached: Vec<_> =
+        policies.iter().filter_map(|p| Some((p, attach(p, inventory, within).ok()?))).collect();
 
     let mut by_port: BTreeMap<ServicePort, Vec<EffectiveLimit>> = BTreeMap::new();
     for (policy, (role, resolution)) in &attached {

@@ -13,6 +13,7 @@ use breakwater_api::{
 };
 
 use super::{
+    attachment::Within,
     breaker::Summary,
     lock_lease::{Status, held, time},
     rate_limit,
@@ -62,8 +63,11 @@ impl ShadowLimit {
 }
 
 /// The shadow limits (scope Cluster) of `policy` that some Service port enforces, by name.
+/// Only the ports the policy can reach are evaluated (its namespace's, or every one for a
+/// root-namespace policy).
 pub fn limits(policy: &ObjectName, inventory: &Inventory) -> Vec<ShadowLimit> {
-    let names: BTreeMap<String, ShadowLimit> = rate_limit::effective(inventory)
+    let within = Within::of_policy(&policy.namespace, inventory);
+    let names: BTreeMap<String, ShadowLimit> = rate_limit::effective_within(inventory, within)
         .into_values()
         .flatten()
         .filter(|effective| &effective.policy == policy && counted(&effective.limit))

@@ -5,6 +5,7 @@
 use breakwater_operator::{
     inventory::{Inventory, ObjectName, ServicePort},
     policy::{
+        attachment::Within,
         circuit_breaker::{self, Section},
         rate_limit::{self, Origin},
     },
@@ -189,6 +190,78 @@ fn circuit_breaker_sections_merge_by_precedence() {
         message,
         "retry overridden by root policy breakwater-system/ceiling and breakwater-system/ceiling-newer"
     );
+}
+
+#[test]
+fn one_namespace_evaluated_alone_gets_what_the_whole_evaluation_gives_it() {
+    let inventory = world(
+        &[
+            cbp(
+                "shop",
+                "team",
+                "2026-03-01T00:00:00Z",
+                "targetRefs: [{kind: Service, name: api}]",
+                "  timeout: 30s\n",
+            ),
+            cbp(
+                "shop",
+                "late",
+                "2026-04-01T00:00:00Z",
+                "targetRefs: [{kind: Service, name: api}]",
+                "  timeout: 9s\n",
+            ),
+            cbp(
+                "lab",
+                "lab",
+                "2026-03-01T00:00:00Z",
+                "targetRefs: [{kind: Service, name: api}]",
+                "  timeout: 5s\n",
+            ),
+            cbp(
+                "breakwater-system",
+                "ceiling",
+                "2026-01-01T00:00:00Z",
+                "namespaceSelector: {matchLabels: {tier: production}}\n  mode: Override",
+                "  retry: {attempts: 2}\n",
+            ),
+            cbp(
+                "breakwater-system",
+                "defaults",
+                "2026-01-01T00:00:00Z",
+                "namespaceSelector: {}\n  mode: Default",
+                "  timeout: 15s\n",
+            ),
+            rlp("shop", "own", "targetRefs: [{kind: Service, name: api}]", "own", 10_000),
+            rlp("lab", "own", "targetRefs: [{kind: Service, name: api}]", "own", 5),
+            rlp(
+                "breakwater-system",
+                "floor",
+                "namespaceSelector: {matchLabels: {tier: production}}\n  mode: Override",
+                "floor",
+                100,
+            ),
+            rlp("breakwater-system", "fallback", "namespaceSelector: {}\n  mode: Default", "fallback", 50),
+        ]
+        .concat(),
+    );
+    let (circuit_breakers, rate_limits) =
+        (circuit_breaker::effective(&inventory), rate_limit::effective(&inventory));
+    for namespace in ["shop", "lab", "breakwater-system", "nowhere"] {
+        let within = Within::Namespace(namespace);
+        let here = |port: &&ServicePort| port.service.namespace == namespace;
+        let whole: Vec<_> = circuit_breakers.iter().filter(|(p, _)| here(p)).collect();
+        let alone = circuit_breaker::effective_within(&inventory, within);
+        assert_eq!(alone.iter().collect::<Vec<_>>(), whole, "{namespace}");
+        let whole: Vec<_> = rate_limits.iter().filter(|(p, _)| here(p)).collect();
+        let alone = rate_limit::effective_within(&inventory, within);
+        assert_eq!(alone.iter().collect::<Vec<_>>(), whole, "{namespace}");
+    }
+    // Assessing a namespace policy looks at its namespace and the root namespace only, and
+    // still sees the older policy on its port and the Override of its section.
+    let (ok, reason, message) = accepted(&inventory, "CircuitBreakerPolicy", "shop", "late");
+    assert_eq!((ok, reason), (false, "Conflicted"), "{message}");
+    assert!(message.contains("shop/team"), "{message}");
+    assert_eq!(accepted(&inventory, "CircuitBreakerPolicy", "lab", "lab").1, "Accepted");
 }
 
 #[test]
