@@ -122,7 +122,7 @@ fn run_all() {
     for r in &rows {
         let v = |k: &str| r[k].as_f64().unwrap_or_default();
         println!(
-            "| {} | {} | {:.0} ms [{:.0}–{:.0}] | {:.1}× | {:.0} ms | {:.0} ms | {:.1} µs | {:.0} µs | {} | {} | {:.0} MB ({:.0} MB) |",
+            "| {} | {} | {:.0} ms [{:.0}–{:.0}] | {:.1}× | {:.0} ms | {:.0} ms | {:.0} ns | {:.0} µs | {} | {} | {:.0} MB ({:.0} MB) |",
             r["policies"],
             r["services"],
             v("compile_ms"),
@@ -131,7 +131,7 @@ fn run_all() {
             v("compile_ms") / v("baseline_ms").max(0.001),
             v("new_ms"),
             v("effective_ms"),
-            v("per_namespace_us"),
+            v("per_namespace_us") * 1e3,
             v("per_pod_us"),
             size(v("routes_bytes")),
             size(v("snapshot_bytes")),
