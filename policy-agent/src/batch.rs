@@ -1,14 +1,15 @@
 //! Quota batches in this agent's memory (docs/agent.md, "Quota batches"): per counter, the
-//! batch of hits Redis granted and this agent has not admitted yet, the counter's local
-//! rate, and the one reservation in flight for it.
+//! batch of hits Redis granted and this agent has not admitted yet (and the next one, once
+//! reserved ahead), the counter's local rate, and the one reservation in flight for it.
 //!
 //! [`Batches::plan`] decides, under the counter's shard lock and without waiting, what one
-//! single-hit request does: take a hit from the batch in hand ([`Plan::Served`]), take the
-//! per-request script ([`Plan::Single`]: batches off for this counter, a cold counter, or
-//! one near its limit), reserve the next batch itself ([`Plan::Reserve`], holding a
-//! [`Ticket`] that releases the flight however the reservation ends), or wait for the
-//! reservation another request is making ([`Plan::Wait`]). No lock is held across an
-//! `await`: the limiter awaits Redis, or the flight, with the lock released.
+//! single-hit request does: take a hit from the batch in hand ([`Plan::Served`], with a
+//! [`Ticket`] to reserve the next batch in the background once this one is half used), take
+//! the per-request script ([`Plan::Single`]: batches off for this counter, a cold or slow
+//! counter, or one near its limit), reserve the next batch itself ([`Plan::Reserve`], the
+//! ticket releasing the flight however the reservation ends), or wait for the reservation
+//! in flight ([`Plan::Wait`]). No lock is held across an `await`: the limiter awaits Redis,
+//! or the flight, with the lock released.
 //!
 //! A batch's hits are admitted only strictly before `sent + life`, where `sent` was read
 //! before the reservation was sent, so never after the instant the algorithm's proof allows.
@@ -70,13 +71,14 @@ pub struct Leftover {
 
 /// What one single-hit request does next.
 #[derive(Debug)]
-pub enum Plan<'a> {
-    /// Admitted from the batch in hand.
-    Served(Verdict),
+pub enum Plan {
+    /// Admitted from the batch in hand; with a ticket, this request also starts reserving
+    /// the next batch, which the limiter does in the background.
+    Served(Verdict, Option<Ticket>),
     /// The per-request script.
     Single,
     /// Reserve the next batch; the ticket releases the flight when dropped unfinished.
-    Reserve(Ticket<'a>),
+    Reserve(Ticket),
     /// Another request is reserving for this counter: wait for it, then plan again.
     Wait(Wait),
 }
@@ -85,14 +87,16 @@ pub enum Plan<'a> {
 /// batch; dropped without it (the reservation failed or the deadline passed), the flight is
 /// marked failed and its waiters are woken to answer by the failure mode.
 #[derive(Debug)]
-pub struct Ticket<'a> {
-    batches: &'a Batches,
-    key: &'a str,
+pub struct Ticket {
+    batches: Arc<Batches>,
+    key: Box<str>,
     flight: u64,
     /// Hits wanted for a whole horizon.
     pub want: u32,
     /// The numbers the batch is reserved under.
     pub limit: Limit,
+    /// Reserved ahead, while the batch in hand still serves: no request takes its first hit.
+    ahead: bool,
     done: bool,
 }
 
@@ -103,18 +107,52 @@ pub struct Wait {
     flight: u64,
 }
 
-#[derive(Debug)]
-struct Entry {
-    rule: Arc<CompiledRule>,
-    limit: Limit,
-    /// The batch in hand: hits left, admitted only strictly before `until`.
+/// Hits Redis granted to this agent, admitted strictly before `until`.
+#[derive(Debug, Clone, Copy)]
+struct Batch {
     left: u32,
+    /// What Redis granted: the batch is half used at `left <= granted / 2`.
+    granted: u32,
     until: Instant,
     mark: i64,
     returnable: bool,
     /// What Redis reported as left, and when the counter is full again, at the reservation.
     remaining: u64,
     reset_at: Instant,
+}
+
+impl Batch {
+    fn empty(now: Instant) -> Self {
+        Batch { left: 0, granted: 0, until: now, mark: 0, returnable: false, remaining: 0, reset_at: now }
+    }
+
+    fn new(sent: Instant, reservation: &Reservation, left: u32, limit: &Limit) -> Self {
+        Batch {
+            left,
+            granted: reservation.granted,
+            until: sent + reservation.life,
+            mark: reservation.mark,
+            // A fixed-window batch that lives to its window's end has nothing to give back
+            // to; the others always may.
+            returnable: !matches!(limit, Limit::FixedWindow { .. })
+                || reservation.life < reservation.verdict.reset,
+            remaining: reservation.verdict.remaining,
+            reset_at: sent + reservation.verdict.reset,
+        }
+    }
+
+    fn live(&self, now: Instant) -> bool {
+        self.left > 0 && now < self.until
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    rule: Arc<CompiledRule>,
+    limit: Limit,
+    /// The batch in hand, and the one reserved ahead.
+    cur: Batch,
+    next: Option<Batch>,
     /// Redis's last word on what the counter has left (any reply); `u64::MAX` until known.
     known_remaining: u64,
     /// Hits seen in the current horizon window, and in the last one (scaled to a horizon).
@@ -135,12 +173,8 @@ impl Entry {
         Entry {
             rule: rule.clone(),
             limit: rule.limit,
-            left: 0,
-            until: now,
-            mark: 0,
-            returnable: false,
-            remaining: 0,
-            reset_at: now,
+            cur: Batch::empty(now),
+            next: None,
             known_remaining: u64::MAX,
             window_start: now,
             window_hits: 0,
@@ -166,24 +200,73 @@ impl Entry {
         self.window_hits = self.window_hits.saturating_add(1);
     }
 
-    /// Takes the hits left of a batch, if any, to give back.
-    fn leftover(&mut self, key: &str) -> Option<Leftover> {
-        if self.left == 0 {
+    fn leftover(&self, key: &str, batch: &mut Batch) -> Option<Leftover> {
+        if batch.left == 0 {
             return None;
         }
-        let hits = std::mem::take(&mut self.left);
         Some(Leftover {
             key: key.into(),
             limit: self.limit,
-            mark: self.mark,
-            hits,
-            returnable: self.returnable,
+            mark: batch.mark,
+            hits: std::mem::take(&mut batch.left),
+            returnable: batch.returnable,
             rule: self.rule.clone(),
         })
     }
 
-    fn idle(&self, now: Instant, horizon: Duration) -> bool {
-        !self.in_flight && self.left == 0 && now.saturating_duration_since(self.last_used) >= 2 * horizon
+    /// Ends the batches whose life is over (their hits to `out`) and moves the next batch
+    /// up when the one in hand is used or over.
+    fn settle(&mut self, key: &str, now: Instant, out: &mut Vec<Leftover>) {
+        loop {
+            if self.cur.left > 0 && now >= self.cur.until {
+                let mut cur = self.cur;
+                out.extend(self.leftover(key, &mut cur));
+                self.cur = cur;
+            }
+            if self.cur.left > 0 {
+                return;
+            }
+            match self.next.take() {
+                Some(next) => self.cur = next,
+                None => return,
+            }
+        }
+    }
+
+    /// Every batch in hand, live or not (shutdown, a changed rule).
+    fn drain(&mut self, key: &str) -> Vec<Leftover> {
+        let mut cur = self.cur;
+        let mut out: Vec<Leftover> = self.leftover(key, &mut cur).into_iter().collect();
+        self.cur = cur;
+        if let Some(mut next) = self.next.take() {
+            out.extend(self.leftover(key, &mut next));
+        }
+        out
+    }
+
+    fn held(&self) -> u32 {
+        self.cur.left + self.next.map_or(0, |n| n.left)
+    }
+
+    /// Hits to ask for a whole horizon (`None`: the per-request script is the better way),
+    /// given `held` hits already in hand.
+    fn want(&self, settings: &BatchSettings, held: u32) -> Option<u32> {
+        let expected = self.last_hits.max(self.window_hits).max(self.waiting.saturating_add(1));
+        // Together with what is in hand, never more than --quota-batch, nor more than a
+        // sixteenth of what Redis last said was left plus what this agent holds (which is at
+        // most the quota): however it reserves ahead, an agent holds at most ⌊N/16⌋ hits.
+        let share = (self.known_remaining.saturating_add(u64::from(held)) / FAIR_SHARE.unsigned_abs())
+            .saturating_sub(u64::from(held));
+        let want = expected.min(settings.max_hits).saturating_sub(held);
+        let want = if held > 0 { want.min(u32::try_from(share).unwrap_or(u32::MAX)) } else { want };
+        // A cold counter costs one call; so does one whose batch would hold a single hit
+        // once scaled to the life its algorithm allows (want · L / H < 2); near its limit a
+        // counter goes one hit per call, concurrently, as without batches.
+        let horizon_us = i64::try_from(settings.horizon.as_micros()).unwrap_or(i64::MAX);
+        let life_us = longest_life(&self.limit, horizon_us);
+        let worth = i128::from(want) * i128::from(life_us) > i128::from(horizon_us)
+            && self.known_remaining >= 2 * FAIR_SHARE.unsigned_abs();
+        worth.then_some(want)
     }
 }
 
@@ -235,13 +318,7 @@ impl Batches {
 
     /// What a single-hit request on `key` does next. `counted`: this request was counted in
     /// the local rate already (it is planning again after waiting).
-    pub fn plan<'a>(
-        &'a self,
-        key: &'a str,
-        rule: &Arc<CompiledRule>,
-        now: Instant,
-        counted: bool,
-    ) -> Plan<'a> {
+    pub fn plan(self: &Arc<Self>, key: &str, rule: &Arc<CompiledRule>, now: Instant, counted: bool) -> Plan {
         let horizon = self.settings.horizon;
         let mut shard = lock(self.shard(key));
         if !shard.contains_key(key) {
@@ -259,9 +336,8 @@ impl Batches {
             if entry.limit != rule.limit {
                 // Reserved under numbers that no longer hold: neither admitted nor given
                 // back (the give-back needs the old numbers).
-                if entry.left > 0 {
-                    entry.rule.counters.batch_stranded.inc_by(u64::from(std::mem::take(&mut entry.left)));
-                }
+                let dropped: u32 = entry.drain(key).iter().map(|l| l.hits).sum();
+                entry.rule.counters.batch_stranded.inc_by(u64::from(dropped));
                 entry.known_remaining = u64::MAX;
                 entry.limit = rule.limit;
             }
@@ -271,49 +347,54 @@ impl Batches {
         if !counted {
             entry.note_hit(now, horizon);
         }
-        if entry.left > 0 {
-            if now < entry.until {
-                entry.left -= 1;
-                entry.rule.counters.batch_served.inc();
-                return Plan::Served(Verdict {
-                    admitted: true,
-                    remaining: entry.remaining.saturating_add(u64::from(entry.left)),
-                    reset: entry.reset_at.saturating_duration_since(now),
-                    retry_after: Duration::ZERO,
-                });
-            }
-            if let Some(leftover) = entry.leftover(key) {
-                lock(&self.leftovers).push(leftover);
-            }
+        let mut ended = Vec::new();
+        entry.settle(key, now, &mut ended);
+        if !ended.is_empty() {
+            lock(&self.leftovers).extend(ended);
+        }
+        if entry.cur.live(now) {
+            entry.cur.left -= 1;
+            entry.rule.counters.batch_served.inc();
+            let verdict = Verdict {
+                admitted: true,
+                remaining: entry.cur.remaining.saturating_add(u64::from(entry.held())),
+                reset: entry.cur.reset_at.saturating_duration_since(now),
+                retry_after: Duration::ZERO,
+            };
+            // Half used, nothing reserved ahead yet: this request starts the next batch, so
+            // that the counter's requests need not wait for Redis when this one runs out.
+            let ahead = if !entry.in_flight && entry.next.is_none() && entry.cur.left <= entry.cur.granted / 2
+            {
+                entry.want(&self.settings, entry.cur.left).map(|want| self.ticket(entry, key, want, true))
+            } else {
+                None
+            };
+            return Plan::Served(verdict, ahead);
         }
         if entry.in_flight {
             entry.waiting = entry.waiting.saturating_add(1);
             let notify = entry.notify.get_or_insert_with(|| Arc::new(Notify::new())).clone();
             return Plan::Wait(Wait { notify, flight: entry.flight });
         }
-        let expected = entry.last_hits.max(entry.window_hits).max(entry.waiting.saturating_add(1));
-        let want = expected.min(self.settings.max_hits);
-        // A cold counter costs one call; so does one whose batch would hold a single hit
-        // once scaled to the life its algorithm allows (want · L / H < 2); near its limit a
-        // counter goes one hit per call, concurrently, as without batches.
-        let horizon_us = i64::try_from(horizon.as_micros()).unwrap_or(i64::MAX);
-        let life_us = longest_life(&entry.limit, horizon_us);
-        if i128::from(want) * i128::from(life_us) <= i128::from(horizon_us)
-            || entry.known_remaining < 2 * FAIR_SHARE.unsigned_abs()
-        {
-            return Plan::Single;
+        match entry.want(&self.settings, 0) {
+            Some(want) => Plan::Reserve(self.ticket(entry, key, want, false)),
+            None => Plan::Single,
         }
+    }
+
+    fn ticket(self: &Arc<Self>, entry: &mut Entry, key: &str, want: u32, ahead: bool) -> Ticket {
         entry.in_flight = true;
         entry.flight += 1;
         entry.waiting = 0;
-        Plan::Reserve(Ticket {
-            batches: self,
-            key,
+        Ticket {
+            batches: self.clone(),
+            key: key.into(),
             flight: entry.flight,
             want,
             limit: entry.limit,
+            ahead,
             done: false,
-        })
+        }
     }
 
     /// What a per-request reply said the counter has left (sizes the next batch).
@@ -339,7 +420,9 @@ impl Batches {
         let mut out = std::mem::take(&mut *lock(&self.leftovers));
         for shard in &self.shards {
             let mut shard = lock(shard);
-            out.extend(shard.iter_mut().filter_map(|(key, entry)| entry.leftover(key)));
+            for (key, entry) in shard.iter_mut() {
+                out.extend(entry.drain(key));
+            }
         }
         out
     }
@@ -348,10 +431,15 @@ impl Batches {
         let horizon = self.settings.horizon;
         let mut out = Vec::new();
         shard.retain(|key, entry| {
-            if entry.left > 0 && now >= entry.until {
-                out.extend(entry.leftover(key));
+            entry.settle(key, now, &mut out);
+            if let Some(mut next) = entry.next.filter(|next| now >= next.until) {
+                out.extend(entry.leftover(key, &mut next));
+                entry.next = None;
             }
-            !entry.idle(now, horizon)
+            let idle = !entry.in_flight
+                && entry.held() == 0
+                && now.saturating_duration_since(entry.last_used) >= 2 * horizon;
+            !idle
         });
         out
     }
@@ -371,45 +459,56 @@ impl Batches {
     }
 }
 
-impl Ticket<'_> {
-    /// Installs what Redis granted (the asking request's hit is the first) and wakes the
-    /// requests waiting for it; returns the asking request's verdict.
+impl Ticket {
+    /// The counter this ticket reserves for.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// Installs what Redis granted and wakes the requests waiting for it; returns the
+    /// verdict of the request that asked (its hit is the batch's first), or, reserved ahead,
+    /// the batch's own.
     pub fn complete(mut self, sent: Instant, reservation: &Reservation) -> Verdict {
         self.done = true;
-        let counters = |entry: &Entry| entry.rule.counters.clone();
-        let mut shard = lock(self.batches.shard(self.key));
-        let entry = shard.get_mut(self.key);
+        let mut shard = lock(self.batches.shard(&self.key));
         let granted = reservation.granted;
+        let asked = u32::from(!self.ahead);
         let verdict = if granted > 0 {
             Verdict {
-                remaining: reservation.verdict.remaining.saturating_add(u64::from(granted - 1)),
+                remaining: reservation.verdict.remaining.saturating_add(u64::from(granted - asked)),
                 ..reservation.verdict
             }
         } else {
             reservation.verdict
         };
-        let notify = match entry {
+        let notify = match shard.get_mut(&*self.key) {
             Some(entry) if entry.flight == self.flight => {
                 entry.in_flight = false;
-                let c = counters(entry);
+                let c = &entry.rule.counters;
                 c.batches.inc();
                 c.batch_reserved.inc_by(u64::from(granted));
                 entry.known_remaining = reservation.verdict.remaining;
                 if granted > 0 {
-                    c.batch_served.inc();
+                    c.batch_served.inc_by(u64::from(asked));
                     if entry.limit == self.limit {
-                        entry.left = granted - 1;
-                        entry.until = sent + reservation.life;
-                        entry.mark = reservation.mark;
-                        // A fixed-window batch that lives to its window's end has nothing to
-                        // give back to; the others always may.
-                        entry.returnable = !matches!(self.limit, Limit::FixedWindow { .. })
-                            || reservation.life < reservation.verdict.reset;
-                        entry.remaining = reservation.verdict.remaining;
-                        entry.reset_at = sent + reservation.verdict.reset;
+                        let batch = Batch::new(sent, reservation, granted - asked, &self.limit);
+                        if entry.cur.live(Instant::now()) {
+                            entry.next = Some(batch);
+                        } else {
+                            let mut ended = Vec::new();
+                            entry.settle(&self.key, Instant::now(), &mut ended);
+                            if !ended.is_empty() {
+                                lock(&self.batches.leftovers).extend(ended);
+                            }
+                            if entry.cur.left == 0 {
+                                entry.cur = batch;
+                            } else {
+                                entry.next = Some(batch);
+                            }
+                        }
                     } else {
                         // The rule's numbers changed while the batch was reserved.
-                        c.batch_stranded.inc_by(u64::from(granted - 1));
+                        c.batch_stranded.inc_by(u64::from(granted - asked));
                     }
                 }
                 entry.notify.clone()
@@ -425,13 +524,13 @@ impl Ticket<'_> {
     }
 }
 
-impl Drop for Ticket<'_> {
+impl Drop for Ticket {
     fn drop(&mut self) {
         if self.done {
             return;
         }
-        let mut shard = lock(self.batches.shard(self.key));
-        let notify = match shard.get_mut(self.key) {
+        let mut shard = lock(self.batches.shard(&self.key));
+        let notify = match shard.get_mut(&*self.key) {
             Some(entry) if entry.flight == self.flight => {
                 entry.in_flight = false;
                 entry.failed = self.flight;

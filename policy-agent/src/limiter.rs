@@ -33,7 +33,7 @@ use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimit
 use envoy_types::pb::google::protobuf::Duration as PbDuration;
 
 use crate::algorithm::Verdict;
-use crate::batch::{BatchSettings, Batches, Leftover, Plan};
+use crate::batch::{BatchSettings, Batches, Leftover, Plan, Ticket};
 use crate::breaker::{Board, Decision};
 use crate::cache::OverLimitCache;
 use crate::config::{CompiledRule, RuleHolder};
@@ -65,9 +65,10 @@ impl Default for LimiterSettings {
     }
 }
 
-/// How long a give-back may take: it runs in the background (the sweep, shutdown), and
-/// an unanswered one only leaves its hits stranded.
-const GIVE_BACK_DEADLINE: Duration = Duration::from_secs(1);
+/// How long a call made in the background may take: a give-back (the sweep, shutdown), whose
+/// unanswered hits stay stranded, or a batch reserved ahead, whose waiters (if the batch in
+/// hand runs out first) answer by their own deadline.
+const BACKGROUND_DEADLINE: Duration = Duration::from_secs(1);
 
 /// Why a request gets a gRPC error instead of a decision. Envoy then applies its own
 /// `failure_mode_deny`.
@@ -90,7 +91,8 @@ pub enum NotReady {
 
 #[derive(Debug)]
 pub struct Limiter<S> {
-    store: S,
+    /// Shared with the background tasks that reserve batches ahead.
+    store: Arc<S>,
     rules: Arc<RuleHolder>,
     cache: OverLimitCache,
     metrics: Arc<Metrics>,
@@ -99,7 +101,7 @@ pub struct Limiter<S> {
     /// `BREAKER_KEY` are theirs.
     breakers: Option<Arc<Board>>,
     /// The quota batches in hand, when batches are on.
-    batches: Option<Batches>,
+    batches: Option<Arc<Batches>>,
 }
 
 /// How a counter's hit went to the store.
@@ -125,8 +127,8 @@ impl<S: CounterStore> Limiter<S> {
     pub fn new(store: S, rules: Arc<RuleHolder>, metrics: Arc<Metrics>, settings: LimiterSettings) -> Self {
         Limiter {
             cache: OverLimitCache::new(settings.cache_capacity),
-            batches: settings.batch.enabled().then(|| Batches::new(settings.batch)),
-            store,
+            batches: settings.batch.enabled().then(|| Arc::new(Batches::new(settings.batch))),
+            store: Arc::new(store),
             rules,
             metrics,
             settings,
@@ -136,7 +138,7 @@ impl<S: CounterStore> Limiter<S> {
 
     /// The quota batches, when they are on.
     pub fn batches(&self) -> Option<&Batches> {
-        self.batches.as_ref()
+        self.batches.as_deref()
     }
 
     /// Ends batches whose life is over, gives their unused hits back where the algorithm
@@ -160,7 +162,7 @@ impl<S: CounterStore> Limiter<S> {
             let counters = &leftover.rule.counters;
             let back = if leftover.returnable {
                 let call = self.store.give_back(&leftover.key, &leftover.limit, leftover.mark, leftover.hits);
-                match tokio::time::timeout(GIVE_BACK_DEADLINE, call).await {
+                match tokio::time::timeout(BACKGROUND_DEADLINE, call).await {
                     Ok(Ok(back)) => back.min(leftover.hits),
                     Ok(Err(error)) => {
                         tracing::debug!(rule = %leftover.rule.rule.id, %error, "give-back failed; hits stranded");
@@ -278,7 +280,10 @@ impl<S: CounterStore> Limiter<S> {
                 None => Plan::Single,
             };
             counted = true;
-            if let Plan::Served(verdict) = plan {
+            if let Plan::Served(verdict, ahead) = plan {
+                if let Some(ticket) = ahead {
+                    self.reserve_ahead(ticket);
+                }
                 return Outcome::Decided { rule: rule.clone(), verdict, cached: false };
             }
             let now = Instant::now();
@@ -296,7 +301,7 @@ impl<S: CounterStore> Limiter<S> {
                 return Outcome::Decided { rule: rule.clone(), verdict, cached: true };
             }
             match plan {
-                Plan::Served(_) | Plan::Single => {
+                Plan::Served(..) | Plan::Single => {
                     // Boxed: the store's future is large, and the decision's own future is
                     // moved whole into the gRPC task; keeping it small saves a memmove per
                     // request.
@@ -344,6 +349,28 @@ impl<S: CounterStore> Limiter<S> {
             }
             Counted::FlightFailed => Outcome::Failed { rule: rule.clone() },
         }
+    }
+
+    /// Reserves the next batch in a task of its own while the batch in hand still serves
+    /// (the request that found it half used is answered at once); a failure leaves its
+    /// waiters, if any, to the failure mode.
+    fn reserve_ahead(&self, ticket: Ticket) {
+        let (store, metrics) = (self.store.clone(), self.metrics.clone());
+        let horizon = self.settings.batch.horizon;
+        tokio::spawn(async move {
+            let sent = Instant::now();
+            let reserve = store.reserve(ticket.key(), &ticket.limit, ticket.want, horizon);
+            match tokio::time::timeout(BACKGROUND_DEADLINE, reserve).await {
+                Ok(Ok(reservation)) => {
+                    ticket.complete(sent, &reservation);
+                }
+                Ok(Err(error)) => {
+                    metrics.store_error(error.kind().label());
+                    tracing::debug!(%error, "reserving a batch ahead failed");
+                }
+                Err(_) => metrics.store_error("timeout"),
+            }
+        });
     }
 
     /// A per-request store call bounded by the decision's deadline.

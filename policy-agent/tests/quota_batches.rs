@@ -388,9 +388,15 @@ async fn one_reservation_in_flight_and_its_waiters() {
             assert_eq!(store.reserves.load(Ordering::SeqCst), 1, "none of the waiters called");
         } else {
             assert!(codes.iter().all(|c| *c == OK), "{codes:?}");
-            // The first was sized before the others came (2 hits); the next one for them all.
-            assert_eq!(store.reserves.load(Ordering::SeqCst), 2, "two calls for the 16");
-            assert_eq!((c.batches.get(), c.batch_served.get()), (2, 16), "all 16 from batches");
+            // The first was sized before the others came (2 hits), the next one for them all
+            // (and one more may be reserved ahead as that one is half used).
+            let reserves = store.reserves.load(Ordering::SeqCst);
+            assert!((2..=3).contains(&reserves), "{reserves} calls for the 16");
+            assert_eq!(
+                (c.batches.get(), c.batch_served.get()),
+                (u64::from(reserves), 16),
+                "all 16 from batches"
+            );
         }
     }
 }
