@@ -3,18 +3,25 @@
 //! outside — a rule id, a descriptor value, a lease id. Two different parts never escape to
 //! the same text, so two counters or leases never share a key by accident.
 
-/// Appends `s` to `out`, percent-escaping `%`, `:`, `=`, `{` and `}`.
+/// Appends `s` to `out`, percent-escaping `%`, `:`, `=`, `{` and `}`. Runs of other bytes are
+/// copied whole: every decision builds a counter key this way, and most parts need no escape.
 pub fn escape_into(out: &mut String, s: &str) {
-    for c in s.chars() {
-        match c {
-            '%' => out.push_str("%25"),
-            ':' => out.push_str("%3A"),
-            '=' => out.push_str("%3D"),
-            '{' => out.push_str("%7B"),
-            '}' => out.push_str("%7D"),
-            c => out.push(c),
-        }
+    let mut copied = 0;
+    for (i, byte) in s.bytes().enumerate() {
+        let escaped = match byte {
+            b'%' => "%25",
+            b':' => "%3A",
+            b'=' => "%3D",
+            b'{' => "%7B",
+            b'}' => "%7D",
+            _ => continue,
+        };
+        // The escaped characters are ASCII, so `i` is a character boundary.
+        out.push_str(&s[copied..i]);
+        out.push_str(escaped);
+        copied = i + 1;
     }
+    out.push_str(&s[copied..]);
 }
 
 #[cfg(test)]
@@ -26,5 +33,10 @@ mod tests {
         let mut out = String::new();
         escape_into(&mut out, "a:b=c{d}%e/f");
         assert_eq!(out, "a%3Ab%3Dc%7Bd%7D%25e/f");
+        let mut out = String::from("x");
+        escape_into(&mut out, "é:ü}");
+        escape_into(&mut out, "");
+        escape_into(&mut out, "plain");
+        assert_eq!(out, "xé%3Aü%7Dplain");
     }
 }
