@@ -239,15 +239,17 @@ async fn script_and_twin_agree(topology: RedisTopology, algorithm: Algorithm, se
     assert!(first.granted > 1, "{first:?}");
     assert_eq!(pair.give_back(first.mark, first.granted - 1).await, first.granted - 1);
     let mut last = first;
+    let mut refused = false;
     for _ in 0..1000 {
         let r = pair.reserve(500, horizon).await;
         if r.granted == 0 {
+            // (A token bucket refills one hit every 5 ms: the next call might be granted.)
+            refused = true;
             break;
         }
         last = r;
     }
-    let refusal = pair.reserve(1, horizon).await;
-    assert_eq!(refusal.granted, 0, "the counter was drained: {refusal:?}");
+    assert!(refused, "the counter was drained to a refusal");
     let back = pair.give_back(last.mark, last.granted.saturating_sub(1)).await;
     if algorithm == Algorithm::FixedWindow {
         assert_eq!(back, 0, "a window that refused a hit takes nothing back");
