@@ -250,8 +250,19 @@ impl Entry {
 
     /// Hits to ask for a whole horizon (`None`: the per-request script is the better way),
     /// given `held` hits already in hand.
-    fn want(&self, settings: &BatchSettings, held: u32) -> Option<u32> {
-        let expected = self.last_hits.max(self.window_hits).max(self.waiting.saturating_add(1));
+    fn want(&self, settings: &BatchSettings, held: u32, now: Instant) -> Option<u32> {
+        // The current window's rate, once it spans an eighth of a horizon, extrapolated to a
+        // whole one: a counter that turns hot is sized by what it does now, not only by the
+        // last complete window.
+        let elapsed = now.saturating_duration_since(self.window_start);
+        let current = if elapsed >= settings.horizon / 8 {
+            let scaled =
+                u128::from(self.window_hits) * settings.horizon.as_nanos() / elapsed.as_nanos().max(1);
+            u32::try_from(scaled).unwrap_or(u32::MAX)
+        } else {
+            self.window_hits
+        };
+        let expected = self.last_hits.max(current).max(self.waiting.saturating_add(1));
         // Together with what is in hand, never more than --quota-batch, nor more than a
         // sixteenth of what Redis last said was left plus what this agent holds (which is at
         // most the quota): however it reserves ahead, an agent holds at most ⌊N/16⌋ hits.
@@ -365,7 +376,9 @@ impl Batches {
             // that the counter's requests need not wait for Redis when this one runs out.
             let ahead = if !entry.in_flight && entry.next.is_none() && entry.cur.left <= entry.cur.granted / 2
             {
-                entry.want(&self.settings, entry.cur.left).map(|want| self.ticket(entry, key, want, true))
+                entry
+                    .want(&self.settings, entry.cur.left, now)
+                    .map(|want| self.ticket(entry, key, want, true))
             } else {
                 None
             };
@@ -376,7 +389,7 @@ impl Batches {
             let notify = entry.notify.get_or_insert_with(|| Arc::new(Notify::new())).clone();
             return Plan::Wait(Wait { notify, flight: entry.flight });
         }
-        match entry.want(&self.settings, 0) {
+        match entry.want(&self.settings, 0, now) {
             Some(want) => Plan::Reserve(self.ticket(entry, key, want, false)),
             None => Plan::Single,
         }
