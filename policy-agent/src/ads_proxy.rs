@@ -46,10 +46,13 @@ impl AggregatedDiscoveryService for AdsProxy {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<ResponseStream>, Status> {
-        let mut upstream = AggregatedDiscoveryServiceClient::connect(self.endpoint.clone()).await.map_err(|err| {
+        let upstream = AggregatedDiscoveryServiceClient::connect(self.endpoint.clone()).await.map_err(|err| {
             tracing::warn!(endpoint = self.endpoint, error = %err, "cannot reach the operator for Envoy's ADS stream");
             Status::unavailable(format!("the agent cannot reach the operator at {}: {err}", self.endpoint))
         })?;
+        // Envoy takes a response of any size; tonic's 4 MiB default would end the stream of a
+        // cluster whose clusters alone are larger (10,000 Services: 4.6 MB).
+        let mut upstream = upstream.max_decoding_message_size(usize::MAX);
         // Envoy's requests, forwarded until Envoy ends the stream or it breaks.
         let requests = request.into_inner().map_while(Result::ok);
         let mut forwarded = Request::new(requests);

@@ -1,7 +1,8 @@
 //! The agent's ADS client against the operator's real ADS server on loopback: the agent
 //! fetches and ACKs its configuration (so the policy reports Programmed), NACKs one it
 //! would refuse with the reason (the policy reports Rejected, the agent keeps the previous
-//! configuration), and comes back by itself after the operator restarts.
+//! configuration), and comes back by itself after the operator restarts; Envoy gets a
+//! response above 4 MiB through the agent's ADS proxy.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -195,4 +196,49 @@ async fn the_agent_comes_back_after_the_operator_restarts() {
 
     eventually("the newer configuration", || (*received.borrow() == Some(config(9))).then_some(())).await;
     eventually("Programmed by the new operator", || restarted.programmed(2).0.then_some(())).await;
+}
+
+/// Envoy's stream through the agent's ADS proxy carries a response above tonic's 4 MiB
+/// default: the clusters of a cluster with 10,000 Services are 4.6 MB.
+#[tokio::test]
+async fn envoy_gets_a_response_larger_than_4_mib_through_the_agent() {
+    use breakwater_agent::ads_proxy::{self, AdsProxy};
+    use envoy_types::pb::envoy::config::core::v3::Node;
+    use envoy_types::pb::envoy::service::discovery::v3::{
+        DiscoveryRequest, aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
+    };
+
+    const SIZE: usize = 5 << 20;
+    let addr = free_addr().await;
+    let mut world = snapshot(&config(5), 1);
+    let big = Any { type_url: type_url::CLUSTER.into(), value: vec![7; SIZE] };
+    world.resources.insert(type_url::CLUSTER, BTreeMap::from([("big".to_string(), big)]));
+    let _operator = Operator::start(&addr, world).await;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let proxy_addr = listener.local_addr().expect("addr");
+    let proxy = AdsProxy { endpoint: format!("http://{addr}"), token_file: None };
+    tokio::spawn(ads_proxy::serve(listener, proxy, std::future::pending()));
+
+    let request = DiscoveryRequest {
+        node: Some(Node { id: NODE.into(), ..Node::default() }),
+        type_url: type_url::CLUSTER.into(),
+        ..DiscoveryRequest::default()
+    };
+    let mut envoy = AggregatedDiscoveryServiceClient::connect(format!("http://{proxy_addr}"))
+        .await
+        .expect("connect to the agent's proxy")
+        .max_decoding_message_size(usize::MAX);
+    let mut responses = envoy
+        .stream_aggregated_resources(tokio_stream::iter([request]))
+        .await
+        .expect("stream through the proxy")
+        .into_inner();
+    let response = tokio::time::timeout(DEADLINE, responses.message())
+        .await
+        .expect("a response within the deadline")
+        .expect("the proxy forwards the operator's response")
+        .expect("a response, not the end of the stream");
+    assert_eq!(response.resources.len(), 1);
+    assert_eq!(response.resources[0].value.len(), SIZE);
 }
