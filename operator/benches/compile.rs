@@ -39,7 +39,7 @@ use breakwater_api::{
     rate_limit::{FailureMode, Limit, Rate, RequestMatch, Scope},
 };
 use breakwater_operator::{
-    compile::{Compiled, Proxy, Snapshot},
+    compile::{Compiled, Part, Proxy, type_url},
     inventory::{Inventory, ObjectName},
     policy::{breaker, circuit_breaker, rate_limit, shadow},
     resource::Policy,
@@ -179,18 +179,18 @@ fn measure(policies: usize, services: usize) {
     let (compiles, full_bytes) = runs(|| {
         let compiled = Compiled::new(&inventory);
         // Every namespace's routes, kept as an xDS server would keep them for its proxies.
-        let routes: Vec<_> = namespaces.iter().map(|ns| compiled.outbound_routes(ns)).collect();
-        let local: usize = proxies.iter().map(|proxy| bytes(&compiled.local(proxy))).sum();
+        let routes: Vec<_> = namespaces.iter().map(|ns| compiled.namespace(ns).clone()).collect();
+        let local: usize = proxies.iter().map(|proxy| part_bytes(&compiled.local(proxy))).sum();
         std::hint::black_box((routes, local));
-        bytes(&compiled.snapshot(&proxies[0]))
+        compiled.snapshot(&proxies[0]).parts().iter().map(|p| part_bytes(p)).sum::<usize>()
     });
     let compile = compiles[compiles.len() / 2];
-    let (new_only, _) = median_of(|| Compiled::new(&inventory).shared().resources.len());
+    let (new_only, _) = median_of(|| Compiled::new(&inventory).shared().digest(type_url::CLUSTER));
     let compiled = Compiled::new(&inventory);
     let (per_namespace, _) =
-        median_of(|| namespaces.iter().map(|ns| compiled.outbound_routes(ns).encoded_len()).sum::<usize>());
-    let routes_bytes = compiled.outbound_routes(namespaces[0]).encoded_len();
-    let (per_pod, _) = median_of(|| proxies.iter().map(|p| compiled.local(p).resources.len()).sum::<usize>());
+        median_of(|| namespaces.iter().map(|ns| part_bytes(compiled.namespace(ns))).sum::<usize>());
+    let routes_bytes = part_bytes(compiled.namespace(namespaces[0]));
+    let (per_pod, _) = median_of(|| proxies.iter().map(|p| part_bytes(&compiled.local(p))).sum::<usize>());
     drop(compiled);
     let row = serde_json::json!({
         "policies": policies,
@@ -239,9 +239,14 @@ fn assess(policies: usize, services: usize) {
     );
 }
 
-/// Encoded size of a snapshot's resources.
-fn bytes(snapshot: &Snapshot) -> usize {
-    snapshot.resources.values().flat_map(|r| r.values()).map(|a| a.value.len()).sum()
+/// Encoded size of a part's resources.
+fn part_bytes(part: &Part) -> usize {
+    type_url::ALL
+        .iter()
+        .flat_map(|t| part.resources(t))
+        .flat_map(|r| r.values())
+        .map(|r| r.any.value.len())
+        .sum()
 }
 
 fn serialize_input(inventory: &Inventory) -> usize {

@@ -85,12 +85,12 @@ fn encode_once(inventory: &Inventory) -> (Duration, usize) {
     let started = Instant::now();
     let snapshot = compile::compile(inventory, &proxy);
     let bytes: usize = snapshot
-        .resources
-        .iter()
-        .map(|(type_, resources)| {
+        .types()
+        .into_iter()
+        .map(|type_| {
             DiscoveryResponse {
                 type_url: type_.to_string(),
-                resources: resources.values().cloned().collect(),
+                resources: snapshot.resources(type_).map(|(_, r)| r.any.clone()).collect(),
                 ..DiscoveryResponse::default()
             }
             .encode_to_vec()

@@ -684,7 +684,7 @@ mod tests {
         let cache = Arc::new(SnapshotCache::default());
         let carried = |kind, name: &str, type_url: &'static str, snapshot: &mut Snapshot| {
             let any = Any { type_url: type_url.into(), value: name.as_bytes().to_vec() };
-            snapshot.resources.entry(type_url).or_default().insert(name.into(), any);
+            snapshot.insert(type_url, name, any);
             snapshot
                 .carry(PolicyVersion { kind, name: ObjectName::new("shop", name), generation: 1 }, type_url);
         };
@@ -700,9 +700,9 @@ mod tests {
         let mut snapshots = Vec::new();
         for proxy in &proxies {
             snapshots.push(cache.connect(proxy));
-            cache.subscribe(proxy, type_url::CLUSTER, None);
+            cache.subscribe(proxy, type_url::CLUSTER);
         }
-        let version = crate::xds::cache::version(&snapshots[0].borrow(), type_url::CLUSTER, None);
+        let version = snapshots[0].borrow().version(type_url::CLUSTER);
         for proxy in &proxies {
             cache.ack(proxy, type_url::CLUSTER, &version);
         }
@@ -713,9 +713,9 @@ mod tests {
         let acks = cache.acknowledgements(CIRCUIT_BREAKER_POLICY, &payments, 1);
         assert_eq!((acks.connected, acks.acknowledged), (10, 10));
 
-        let agent = crate::xds::cache::version(&snapshots[0].borrow(), type_url::AGENT, None);
+        let agent = snapshots[0].borrow().version(type_url::AGENT);
         for proxy in &proxies {
-            cache.subscribe(proxy, type_url::AGENT, None);
+            cache.subscribe(proxy, type_url::AGENT);
             cache.ack(proxy, type_url::AGENT, &agent);
         }
         let lease = cache.acknowledgements(LOCK_LEASE, &ObjectName::new("shop", "reindex"), 1);

@@ -6,6 +6,7 @@
 //! `operator/descriptors/envoy.bin`; the agent's resource (protobuf,
 //! crds/proto) is decoded into the contract type and printed as its JSON.
 
+use std::collections::BTreeMap;
 use std::{
     path::PathBuf,
     sync::{Arc, OnceLock},
@@ -28,8 +29,7 @@ use crate::{
 static DESCRIPTORS: &[u8] = include_bytes!("../descriptors/envoy.bin");
 
 /// The order resource types are printed in: how a request travels through Envoy.
-pub const TYPE_ORDER: [&str; 5] =
-    [type_url::LISTENER, type_url::ROUTE, type_url::CLUSTER, type_url::ENDPOINT, type_url::AGENT];
+pub const TYPE_ORDER: [&str; 6] = type_url::ALL;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -152,16 +152,21 @@ pub fn render(proxy: &Proxy, snapshot: &Snapshot) -> Result<Rendered> {
     let bootstrap = bootstrap(&proxy.node_id(), &proxy.pod.namespace)?;
     let mut discovery = Vec::new();
     for type_url in TYPE_ORDER {
-        let Some(resources) = snapshot.resources.get(type_url) else { continue };
+        // By name, whichever part of the snapshot holds them.
+        let resources: BTreeMap<&str, &Any> =
+            snapshot.resources(type_url).map(|(n, r)| (n, &r.any)).collect();
+        if resources.is_empty() {
+            continue;
+        }
         discovery.push(Response {
             type_url,
-            resources: resources.values().map(resource).collect::<Result<_, _>>()?,
+            resources: resources.into_values().map(resource).collect::<Result<_, _>>()?,
         });
     }
     Ok(Rendered {
         node: proxy.node_id(),
         policies: snapshot
-            .policies
+            .policies()
             .keys()
             .map(|p| PolicyEntry {
                 kind: p.kind,

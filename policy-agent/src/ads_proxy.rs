@@ -23,7 +23,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 use futures::Stream;
 use std::pin::Pin;
 use tokio_stream::StreamExt;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Request, Response, Status, Streaming, transport::Channel};
 
 use crate::ads::authorization;
 
@@ -46,16 +46,42 @@ impl AggregatedDiscoveryService for AdsProxy {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<ResponseStream>, Status> {
+        let (mut upstream, forwarded) = self.forward(request).await?;
+        let responses = upstream.stream_aggregated_resources(forwarded).await?.into_inner();
+        Ok(Response::new(Box::pin(responses)))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<DeltaStream>, Status> {
+        let (mut upstream, forwarded) = self.forward(request).await?;
+        let responses = upstream.delta_aggregated_resources(forwarded).await?.into_inner();
+        Ok(Response::new(Box::pin(responses)))
+    }
+}
+
+impl AdsProxy {
+    /// A client to the operator, and Envoy's requests to send it with the pod's token.
+    async fn forward<T: Send + 'static>(
+        &self,
+        request: Request<Streaming<T>>,
+    ) -> Result<
+        (AggregatedDiscoveryServiceClient<Channel>, Request<impl Stream<Item = T> + Send + 'static>),
+        Status,
+    >
+    where
+        Streaming<T>: Stream<Item = Result<T, Status>>,
+    {
         let upstream = AggregatedDiscoveryServiceClient::connect(self.endpoint.clone()).await.map_err(|err| {
             tracing::warn!(endpoint = self.endpoint, error = %err, "cannot reach the operator for Envoy's ADS stream");
             Status::unavailable(format!("the agent cannot reach the operator at {}: {err}", self.endpoint))
         })?;
         // Envoy takes a response of any size; tonic's 4 MiB default would end the stream of a
         // cluster whose clusters alone are larger (10,000 Services: 4.6 MB).
-        let mut upstream = upstream.max_decoding_message_size(usize::MAX);
+        let upstream = upstream.max_decoding_message_size(usize::MAX);
         // Envoy's requests, forwarded until Envoy ends the stream or it breaks.
-        let requests = request.into_inner().map_while(Result::ok);
-        let mut forwarded = Request::new(requests);
+        let mut forwarded = Request::new(request.into_inner().map_while(Result::ok));
         if let Some(path) = &self.token_file {
             let value = authorization(path).map_err(|err| {
                 tracing::warn!(error = %err, "Envoy's ADS stream has no token to present");
@@ -63,15 +89,7 @@ impl AggregatedDiscoveryService for AdsProxy {
             })?;
             forwarded.metadata_mut().insert("authorization", value);
         }
-        let responses = upstream.stream_aggregated_resources(forwarded).await?.into_inner();
-        Ok(Response::new(Box::pin(responses)))
-    }
-
-    async fn delta_aggregated_resources(
-        &self,
-        _request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<DeltaStream>, Status> {
-        Err(Status::unimplemented("the operator serves state-of-the-world ADS; set api_type: GRPC"))
+        Ok((upstream, forwarded))
     }
 }
 

@@ -4,7 +4,6 @@
 //! configuration), and comes back by itself after the operator restarts; Envoy gets a
 //! response above 4 MiB through the agent's ADS proxy.
 
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -40,14 +39,12 @@ fn config(requests: u32) -> AgentConfig {
 /// The snapshot of NODE: only the agent's resource, carrying `limits` at `generation`.
 fn snapshot(config: &AgentConfig, generation: i64) -> Snapshot {
     let any = Any { type_url: TYPE_URL.into(), value: breakwater_api::agent::encode(config) };
-    Snapshot {
-        resources: [(type_url::AGENT, BTreeMap::from([("agent".to_string(), any)]))].into(),
-        policies: [(
-            PolicyVersion { kind: "RateLimitPolicy", name: ObjectName::new("shop", "limits"), generation },
-            [type_url::AGENT].into(),
-        )]
-        .into(),
-    }
+    let mut snapshot = Snapshot::default();
+    snapshot.insert(type_url::AGENT, "agent", any);
+    let policy =
+        PolicyVersion { kind: "RateLimitPolicy", name: ObjectName::new("shop", "limits"), generation };
+    snapshot.carry(policy, type_url::AGENT);
+    snapshot
 }
 
 /// The operator side: a snapshot cache whose compiler serves `world`, and its ADS server in
@@ -212,7 +209,7 @@ async fn envoy_gets_a_response_larger_than_4_mib_through_the_agent() {
     let addr = free_addr().await;
     let mut world = snapshot(&config(5), 1);
     let big = Any { type_url: type_url::CLUSTER.into(), value: vec![7; SIZE] };
-    world.resources.insert(type_url::CLUSTER, BTreeMap::from([("big".to_string(), big)]));
+    world.insert(type_url::CLUSTER, "big", big);
     let _operator = Operator::start(&addr, world).await;
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");

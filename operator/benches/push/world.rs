@@ -24,14 +24,11 @@ use std::{collections::BTreeMap, fmt::Write as _, path::Path, sync::Arc, time::I
 
 use breakwater_api::{CircuitBreakerPolicy, RateLimitPolicy};
 use breakwater_operator::{
-    compile::{Compiled, Proxy, Snapshot, type_url},
+    compile::{Compiled, Part, Proxy, Resource as ResourceEntry, type_url},
     inventory::Inventory,
     standalone::load::{Loaded, load_text},
 };
-use envoy_types::pb::{
-    envoy::service::discovery::v3::{DeltaDiscoveryResponse, DiscoveryResponse, Resource},
-    google::protobuf::Any,
-};
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryResponse, DiscoveryResponse, Resource};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 use prost::Message;
 
@@ -222,34 +219,6 @@ fn in_delta(name: &str, n: usize) -> usize {
     1 + prost::length_delimiter_len(n) + n
 }
 
-/// The encoded length of an `Any` of `type_url` with `value_len` bytes of value.
-fn any_len(type_url: &str, value_len: usize) -> usize {
-    in_sotw(type_url.len()) + in_sotw(value_len)
-}
-
-/// Whether two byte strings given in pieces are equal, without joining them.
-fn same_bytes(a: &[&[u8]], b: &[&[u8]]) -> bool {
-    let (mut a, mut b) =
-        (a.iter().copied().filter(|c| !c.is_empty()), b.iter().copied().filter(|c| !c.is_empty()));
-    let (mut x, mut y): (&[u8], &[u8]) = (&[], &[]);
-    loop {
-        if x.is_empty() {
-            x = a.next().unwrap_or_default();
-        }
-        if y.is_empty() {
-            y = b.next().unwrap_or_default();
-        }
-        if x.is_empty() || y.is_empty() {
-            return x.is_empty() && y.is_empty();
-        }
-        let n = x.len().min(y.len());
-        if x[..n] != y[..n] {
-            return false;
-        }
-        (x, y) = (&x[n..], &y[n..]);
-    }
-}
-
 /// The envelope of one response of `type_`: version, type URL, nonce (and, for delta, the
 /// system version's place).
 fn envelope(type_: &str, delta: bool) -> usize {
@@ -290,14 +259,17 @@ impl TypeDiff {
     }
 }
 
-fn diff(before: Option<&BTreeMap<String, Any>>, after: Option<&BTreeMap<String, Any>>) -> TypeDiff {
+fn diff(
+    before: Option<&BTreeMap<String, Arc<ResourceEntry>>>,
+    after: Option<&BTreeMap<String, Arc<ResourceEntry>>>,
+) -> TypeDiff {
     let empty = BTreeMap::new();
     let (before, after) = (before.unwrap_or(&empty), after.unwrap_or(&empty));
     let mut d = TypeDiff::default();
-    for (name, any) in after {
-        let n = any.encoded_len();
+    for (name, resource) in after {
+        let n = resource.any.encoded_len();
         d.all += in_sotw(n);
-        if before.get(name) != Some(any) {
+        if before.get(name).is_none_or(|was| was.any != resource.any) {
             d.changed += in_sotw(n);
             d.delta += in_delta(name, n);
             d.any = true;
@@ -310,12 +282,18 @@ fn diff(before: Option<&BTreeMap<String, Any>>, after: Option<&BTreeMap<String, 
     d
 }
 
-fn diff_snapshots(before: &Snapshot, after: &Snapshot) -> BTreeMap<&'static str, TypeDiff> {
-    TYPES.iter().map(|t| (*t, diff(before.resources.get(t), after.resources.get(t)))).collect()
+fn diff_parts(before: &Part, after: &Part) -> BTreeMap<&'static str, TypeDiff> {
+    TYPES.iter().map(|t| (*t, diff(before.resources(t), after.resources(t)))).collect()
 }
 
-const TYPES: [&str; 5] =
-    [type_url::CLUSTER, type_url::ENDPOINT, type_url::LISTENER, type_url::ROUTE, type_url::AGENT];
+const TYPES: [&str; 6] = [
+    type_url::CLUSTER,
+    type_url::ENDPOINT,
+    type_url::LISTENER,
+    type_url::ROUTE,
+    type_url::VIRTUAL_HOST,
+    type_url::AGENT,
+];
 
 /// Bytes one proxy is sent for a change, under each protocol.
 #[derive(Clone, Copy, Debug, Default)]
@@ -329,7 +307,12 @@ fn sent(types: &BTreeMap<&'static str, TypeDiff>) -> Sent {
     let mut out = Sent::default();
     for (type_, d) in types.iter().filter(|(_, d)| d.any) {
         let whole = matches!(*type_, type_url::LISTENER | type_url::CLUSTER | type_url::AGENT);
-        out.this_server += envelope(type_, false) + d.all;
+        // Envoy's stream is delta; the agent's is state of the world.
+        out.this_server += if *type_ == type_url::AGENT {
+            envelope(type_, false) + d.all
+        } else {
+            envelope(type_, true) + d.delta
+        };
         out.per_resource += envelope(type_, false) + if whole { d.all } else { d.changed };
         out.delta += envelope(type_, true) + d.delta;
     }
@@ -338,35 +321,17 @@ fn sent(types: &BTreeMap<&'static str, TypeDiff>) -> Sent {
 
 /// The bytes every proxy of the world is sent for `change`, proxy by proxy.
 pub fn bytes_per_proxy(inventory: &Inventory, before: &Compiled, after: &Compiled) -> Vec<Sent> {
-    let shared = diff_snapshots(before.shared(), after.shared());
-    let mut routes: BTreeMap<&str, TypeDiff> = BTreeMap::new();
+    let shared = diff_parts(before.shared(), after.shared());
+    let mut namespaces: BTreeMap<&str, BTreeMap<&'static str, TypeDiff>> = BTreeMap::new();
     let mut out = Vec::with_capacity(inventory.pods.len());
     for pod in inventory.pods.keys() {
         let namespace = pod.namespace.as_str();
-        let outbound = *routes.entry(namespace).or_insert_with(|| {
-            let (a, b) = (before.outbound_routes(namespace), after.outbound_routes(namespace));
-            let same = a.encoded_len() == b.encoded_len() && same_bytes(&a.chunks(), &b.chunks());
-            let n = any_len(type_url::ROUTE, b.encoded_len());
-            let name = breakwater_operator::compile::names::OUTBOUND_HTTP;
-            TypeDiff {
-                all: in_sotw(n),
-                changed: if same { 0 } else { in_sotw(n) },
-                delta: if same { 0 } else { in_delta(name, n) },
-                any: !same,
-            }
-        });
+        let own = namespaces
+            .entry(namespace)
+            .or_insert_with(|| diff_parts(before.namespace(namespace), after.namespace(namespace)));
         let proxy = Proxy { pod: pod.clone() };
-        let local = diff_snapshots(&before.local(&proxy), &after.local(&proxy));
-        let types = TYPES
-            .iter()
-            .map(|t| {
-                let mut d = shared[t].add(local[t]);
-                if *t == type_url::ROUTE {
-                    d = d.add(outbound);
-                }
-                (*t, d)
-            })
-            .collect();
+        let local = diff_parts(&before.local(&proxy), &after.local(&proxy));
+        let types = TYPES.iter().map(|t| (*t, shared[t].add(own[t]).add(local[t]))).collect();
         out.push(sent(&types));
     }
     out
@@ -378,13 +343,13 @@ pub fn encode_snapshot(compiled: &Compiled, proxy: &Proxy) -> (usize, std::time:
     let started = Instant::now();
     let snapshot = compiled.snapshot(proxy);
     let bytes = snapshot
-        .resources
-        .iter()
-        .map(|(type_, resources)| {
+        .types()
+        .into_iter()
+        .map(|type_| {
             DiscoveryResponse {
                 version_info: "0".repeat(16),
                 type_url: type_.to_string(),
-                resources: resources.values().cloned().collect(),
+                resources: snapshot.resources(type_).map(|(_, r)| r.any.clone()).collect(),
                 nonce: "123456".into(),
                 ..DiscoveryResponse::default()
             }

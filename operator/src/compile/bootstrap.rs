@@ -23,7 +23,7 @@ use super::{names, outbound, proto};
 /// expands in the container's arguments.
 pub fn bootstrap(node: &str, namespace: &str) -> Bootstrap {
     let ads = ApiConfigSource {
-        api_type: ApiType::Grpc as i32,
+        api_type: ApiType::DeltaGrpc as i32,
         transport_api_version: ApiVersion::V3 as i32,
         grpc_services: vec![GrpcService {
             target_specifier: Some(grpc_service::TargetSpecifier::EnvoyGrpc(grpc_service::EnvoyGrpc {

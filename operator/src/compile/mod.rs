@@ -13,16 +13,15 @@ mod bootstrap;
 mod inbound;
 mod outbound;
 mod proto;
+mod snapshot;
 mod workload;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    ops::Range,
     sync::Arc,
 };
 
 use breakwater_api::{CircuitBreakerPolicySpec, LockLease, rate_limit::Scope};
-use envoy_types::pb::google::protobuf::Any;
 use k8s_openapi::api::{
     core::v1::{Pod, Service},
     discovery::v1::EndpointSlice,
@@ -34,8 +33,9 @@ pub use self::{
     bootstrap::bootstrap,
     inbound::{MATCH_KEY, RLS_TIMEOUT_MS, TARGET_KEY},
     outbound::{BREAKER_LOG_FILTER, DEFAULT_RETRY_ON, breaker_id},
+    snapshot::{Part, Resource, Snapshot, wants},
 };
-use self::{inbound::InboundPort, workload::PortSpec};
+use self::{inbound::InboundPort, outbound::Names, workload::PortSpec};
 use crate::{
     inventory::{Inventory, ObjectName, ServicePort},
     policy::{
@@ -87,7 +87,10 @@ pub mod type_url {
     pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
     pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
     pub const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+    pub const VIRTUAL_HOST: &str = "type.googleapis.com/envoy.config.route.v3.VirtualHost";
     pub const AGENT: &str = breakwater_api::agent::TYPE_URL;
+    /// Every type a snapshot may hold.
+    pub const ALL: [&str; 6] = [LISTENER, ROUTE, VIRTUAL_HOST, CLUSTER, ENDPOINT, AGENT];
 }
 
 /// The pod a proxy (Envoy sidecar and agent) runs in. Its ADS node id is `namespace/pod`.
@@ -117,37 +120,6 @@ pub struct PolicyVersion {
     pub generation: i64,
 }
 
-/// Everything one proxy is configured with.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Snapshot {
-    /// Resources by type URL, then by resource name, protobuf-encoded as `Any`.
-    pub resources: BTreeMap<&'static str, BTreeMap<String, Any>>,
-    /// The policies whose configuration this snapshot carries, each with the resource types
-    /// that carry it: only the ACKs and NACKs of those types say anything about the policy.
-    pub policies: BTreeMap<PolicyVersion, BTreeSet<&'static str>>,
-}
-
-impl Snapshot {
-    fn insert(&mut self, type_url: &'static str, name: impl Into<String>, any: Any) {
-        self.resources.entry(type_url).or_default().insert(name.into(), any);
-    }
-
-    /// Records that resources of `type_url` carry `policy`.
-    pub fn carry(&mut self, policy: PolicyVersion, type_url: &'static str) {
-        self.policies.entry(policy).or_default().insert(type_url);
-    }
-
-    /// Adds another snapshot's resources and policies (the other wins on a name clash).
-    pub fn merge(&mut self, other: Snapshot) {
-        for (type_url, resources) in other.resources {
-            self.resources.entry(type_url).or_default().extend(resources);
-        }
-        for (policy, types) in other.policies {
-            self.policies.entry(policy).or_default().extend(types);
-        }
-    }
-}
-
 /// Which pods carry each policy, whether a proxy of theirs is connected or not: what
 /// `Programmed` counts the connected proxies against. Every pod carries the shared part.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -175,59 +147,6 @@ pub fn compile(inventory: &Inventory, proxy: &Proxy) -> Snapshot {
     Compiled::new(inventory).snapshot(proxy)
 }
 
-/// The virtual hosts of the outbound route configuration, encoded once per inventory: what
-/// every namespace's `outbound_http` is made of.
-#[derive(Debug, Default)]
-struct EncodedHosts {
-    /// The `name` field of the route configuration.
-    name: Vec<u8>,
-    /// Every Service port's virtual host with the names valid everywhere, as
-    /// `RouteConfiguration.virtual_hosts` fields in Service order: so each namespace's hosts
-    /// are one contiguous span.
-    global: Vec<u8>,
-    /// Per namespace with Services: the span of its hosts in `global`, and the same hosts
-    /// with the short names that resolve in that namespace only.
-    namespaces: BTreeMap<String, (Range<usize>, Arc<[u8]>)>,
-}
-
-/// The outbound route configuration (`outbound_http`) as seen from one namespace, without
-/// a copy of what every namespace shares. Its encoding is the route configuration's name,
-/// then the global virtual hosts with the namespace's own replaced by their variants with
-/// the short names: the bytes a route configuration built in one piece would have (the
-/// encoding of a message with a name and a list of virtual hosts is the name's field
-/// followed by each host's field), in three pieces of shared buffers.
-#[derive(Clone, Debug)]
-pub struct OutboundRoutes {
-    hosts: Arc<EncodedHosts>,
-    span: Range<usize>,
-    local: Arc<[u8]>,
-}
-
-impl OutboundRoutes {
-    /// The encoded `RouteConfiguration`, in the order its bytes go out.
-    pub fn chunks(&self) -> [&[u8]; 4] {
-        let global = self.hosts.global.as_slice();
-        // The span comes from the same buffer, so it is in bounds; an empty slice otherwise.
-        let before = global.get(..self.span.start).unwrap_or_default();
-        let after = global.get(self.span.end..).unwrap_or_default();
-        [&self.hosts.name, before, &self.local, after]
-    }
-
-    pub fn encoded_len(&self) -> usize {
-        self.chunks().iter().map(|c| c.len()).sum()
-    }
-
-    /// The route configuration as a resource: the one copy of its bytes, made when it is
-    /// sent.
-    pub fn to_any(&self) -> Any {
-        let mut value = Vec::with_capacity(self.encoded_len());
-        for chunk in self.chunks() {
-            value.extend_from_slice(chunk);
-        }
-        Any { type_url: type_url::ROUTE.to_string(), value }
-    }
-}
-
 /// A Service with the ports the compiler configures.
 #[derive(Debug)]
 struct ServiceEntry {
@@ -240,9 +159,13 @@ struct ServiceEntry {
 /// be shared (`Arc`) by whatever compiles snapshots for connected proxies.
 #[derive(Debug)]
 pub struct Compiled {
-    /// The resources every proxy gets: outbound clusters, endpoints and listener.
-    shared: Snapshot,
-    hosts: Arc<EncodedHosts>,
+    /// The resources every proxy gets: outbound clusters, endpoints, listener, route
+    /// configuration and the virtual hosts with qualified names.
+    shared: Arc<Part>,
+    /// Per namespace with Services, the virtual hosts with the short names of its own
+    /// Services; and the empty part the other namespaces get.
+    namespaces: BTreeMap<String, Arc<Part>>,
+    no_namespace: Arc<Part>,
     services: BTreeMap<String, Vec<ServiceEntry>>,
     rate_limits: BTreeMap<ServicePort, Vec<EffectiveLimit>>,
     /// Accepted LockLeases by namespace, in name order.
@@ -263,20 +186,12 @@ impl Compiled {
         let rate_limits = rate_limit::effective(inventory);
 
         let slices = slices_by_service(inventory);
-        let mut shared = Snapshot::default();
-        let mut hosts = EncodedHosts::default();
-        prost::encoding::string::encode(1, &names::OUTBOUND_HTTP.to_string(), &mut hosts.name);
-        // The namespace whose hosts are being encoded: where its span starts, and its hosts
-        // with the short names. Services come by namespace, so each namespace is one run.
-        let mut run: Option<(String, usize, Vec<u8>)> = None;
+        let mut shared = Part::default();
+        let mut namespaces: BTreeMap<String, Part> = BTreeMap::new();
         let mut services: BTreeMap<String, Vec<ServiceEntry>> = BTreeMap::new();
         let mut breakers = BTreeMap::new();
         let empty = crate::policy::circuit_breaker::empty_spec();
         for (name, service) in &inventory.services {
-            if run.as_ref().is_none_or(|(namespace, _, _)| *namespace != name.namespace) {
-                hosts.close(run.take());
-                run = Some((name.namespace.clone(), hosts.global.len(), Vec::new()));
-            }
             let mut ports = workload::ports(service);
             ports.sort_by_key(|p| p.number);
             for port in &ports {
@@ -300,10 +215,12 @@ impl Compiled {
                     &cluster,
                     proto::any(&outbound::load_assignment(&cluster, &endpoints)),
                 );
-                let host = |local| outbound::virtual_host(name, port.number, &cluster, spec, local);
-                prost::encoding::message::encode(2, &host(false), &mut hosts.global);
-                if let Some((_, _, local)) = run.as_mut() {
-                    prost::encoding::message::encode(2, &host(true), local);
+                for (names, part) in [
+                    (Names::Qualified, &mut shared),
+                    (Names::Short, namespaces.entry(name.namespace.clone()).or_default()),
+                ] {
+                    let host = outbound::virtual_host(name, port.number, &cluster, spec, names);
+                    part.insert(type_url::VIRTUAL_HOST, host.name.clone(), proto::any(&host));
                 }
                 if let (Some(breaker), Some(source)) = (&spec.breaker, sources.get(&Section::Breaker)) {
                     let id = breaker_id(name, port.number);
@@ -321,7 +238,7 @@ impl Compiled {
                 ports,
             });
         }
-        hosts.close(run.take());
+        shared.insert(type_url::ROUTE, names::OUTBOUND_HTTP, proto::any(&outbound::route_config()));
         shared.insert(type_url::LISTENER, names::OUTBOUND_HTTP, proto::any(&outbound::listener()));
         shared.insert(
             type_url::CLUSTER,
@@ -336,8 +253,9 @@ impl Compiled {
             of_namespace.sort_by_key(|l| l.name_any());
         }
         Self {
-            shared,
-            hosts: Arc::new(hosts),
+            shared: Arc::new(shared),
+            namespaces: namespaces.into_iter().map(|(namespace, part)| (namespace, Arc::new(part))).collect(),
+            no_namespace: Arc::default(),
             services,
             rate_limits,
             leases,
@@ -348,29 +266,37 @@ impl Compiled {
     }
 
     /// The full snapshot of one proxy: [`shared`](Self::shared), the
-    /// [`outbound routes`](Self::outbound_routes) of its namespace, and its
-    /// [`local`](Self::local) part.
+    /// [`namespace`](Self::namespace) part of its namespace, and its [`local`](Self::local)
+    /// part. The first two are shared with every proxy that has them, not copied.
     pub fn snapshot(&self, proxy: &Proxy) -> Snapshot {
-        let mut snapshot = self.shared().clone();
-        let routes = self.outbound_routes(&proxy.pod.namespace).to_any();
-        snapshot.insert(type_url::ROUTE, names::OUTBOUND_HTTP, routes);
-        snapshot.merge(self.local(proxy));
-        snapshot
+        Snapshot::from_parts(vec![
+            self.shared.clone(),
+            self.namespace(&proxy.pod.namespace).clone(),
+            Arc::new(self.local(proxy)),
+        ])
     }
 
-    /// The resources every proxy gets, whatever its pod: the outbound clusters, their
-    /// endpoints and the outbound listener, with the policies they carry — and those the
-    /// outbound routes and every agent's breakers carry, which are the same for every pod.
-    pub fn shared(&self) -> &Snapshot {
+    /// The resources every proxy gets, whatever its pod: the outbound listener, route
+    /// configuration, clusters, their endpoints and the virtual hosts with qualified names,
+    /// with the policies they carry — and those every agent's breakers carry, which are the
+    /// same for every pod.
+    pub fn shared(&self) -> &Arc<Part> {
         &self.shared
+    }
+
+    /// What every proxy of `namespace` gets: the virtual hosts of the namespace's own
+    /// Services with their short names (`svc`, `svc:port`), which resolve there only. One
+    /// and the same empty part for namespaces without Services.
+    pub fn namespace(&self, namespace: &str) -> &Arc<Part> {
+        self.namespaces.get(namespace).unwrap_or(&self.no_namespace)
     }
 
     /// What is particular to one pod: when the pod is known, the inbound listener, routes
     /// and clusters and the policies they carry; and the agent's configuration: the pod's
     /// rate limits and leases, and every breaker (an unknown pod's agent gets the breakers
     /// only — its Envoy has the outbound routes that ask about them).
-    pub fn local(&self, proxy: &Proxy) -> Snapshot {
-        let mut snapshot = Snapshot::default();
+    pub fn local(&self, proxy: &Proxy) -> Part {
+        let mut snapshot = Part::default();
         let mut agent = agent::config([], []);
         if let Some(pod) = self.pods.get(&proxy.pod) {
             let ports = self.inbound_ports(pod);
@@ -412,7 +338,7 @@ impl Compiled {
     /// Which pods carry each policy: every pod what the shared part carries, and each pod
     /// what its local part carries (computed without encoding any resource).
     pub fn carriers(&self) -> Carriers {
-        let shared = self.shared.policies.keys().map(|p| (p.kind, p.name.clone())).collect();
+        let shared = self.shared.policies().keys().map(|p| (p.kind, p.name.clone())).collect();
         let mut local: BTreeMap<(&'static str, ObjectName), BTreeSet<ObjectName>> = BTreeMap::new();
         for (name, pod) in &self.pods {
             let limits = self.inbound_ports(pod).into_iter().flat_map(|port| port.limits);
@@ -424,18 +350,6 @@ impl Compiled {
             }
         }
         Carriers { pods: self.pods.keys().cloned().collect(), shared, local }
-    }
-
-    /// The outbound route configuration (`outbound_http`) as seen from `namespace`: the
-    /// same for every pod of the namespace, and made of the hosts every namespace shares
-    /// plus the namespace's own. O(log namespaces): nothing is copied until
-    /// [`OutboundRoutes::to_any`]. Namespaces without Services get one and the same table.
-    pub fn outbound_routes(&self, namespace: &str) -> OutboundRoutes {
-        let (span, local) = match self.hosts.namespaces.get(namespace) {
-            Some((span, local)) => (span.clone(), local.clone()),
-            None => (0..0, Arc::from(Vec::new())),
-        };
-        OutboundRoutes { hosts: self.hosts.clone(), span, local }
     }
 
     /// The accepted LockLeases of the pod's namespace whose podSelector matches its labels.
@@ -473,15 +387,6 @@ impl Compiled {
             }
         }
         by_target.into_values().collect()
-    }
-}
-
-impl EncodedHosts {
-    /// Records the span of a namespace whose hosts have all been encoded.
-    fn close(&mut self, run: Option<(String, usize, Vec<u8>)>) {
-        if let Some((namespace, start, local)) = run {
-            self.namespaces.insert(namespace, (start..self.global.len(), Arc::from(local)));
-        }
     }
 }
 
@@ -531,16 +436,16 @@ fn carrying(section: Section, spec: &CircuitBreakerPolicySpec) -> &'static [&'st
     match section {
         Section::ConnectionLimits | Section::OutlierDetection => &[type_url::CLUSTER],
         Section::Retry if spec.retry.as_ref().is_some_and(|r| r.budget.is_some()) => {
-            &[type_url::CLUSTER, type_url::ROUTE]
+            &[type_url::CLUSTER, type_url::VIRTUAL_HOST]
         }
-        Section::Retry | Section::Timeout => &[type_url::ROUTE],
-        Section::Breaker => &[type_url::LISTENER, type_url::ROUTE, type_url::AGENT],
+        Section::Retry | Section::Timeout => &[type_url::VIRTUAL_HOST],
+        Section::Breaker => &[type_url::LISTENER, type_url::VIRTUAL_HOST, type_url::AGENT],
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+    use envoy_types::pb::envoy::config::route::v3::VirtualHost;
     use k8s_openapi::{
         api::core::v1::{ServicePort as K8sServicePort, ServiceSpec},
         apimachinery::pkg::apis::meta::v1::ObjectMeta,
@@ -566,52 +471,32 @@ mod tests {
         })
     }
 
-    /// The route configuration `namespace` sees, built as one message the way it reads:
-    /// every Service port's host, with the short names for the namespace's own Services.
-    fn in_one_piece(inventory: &Inventory, namespace: &str) -> Vec<u8> {
-        let empty = circuit_breaker::empty_spec();
-        let mut virtual_hosts = Vec::new();
-        for (name, service) in &inventory.services {
-            let mut ports = workload::ports(service);
-            ports.sort_by_key(|p| p.number);
-            for port in ports {
-                let cluster = outbound::cluster_name(name, port.number);
-                let local = name.namespace == namespace;
-                virtual_hosts.push(outbound::virtual_host(name, port.number, &cluster, &empty, local));
-            }
-        }
-        RouteConfiguration { name: names::OUTBOUND_HTTP.into(), virtual_hosts, ..Default::default() }
-            .encode_to_vec()
+    fn domains(snapshot: &Snapshot) -> Vec<String> {
+        snapshot
+            .resources(type_url::VIRTUAL_HOST)
+            .flat_map(|(_, r)| VirtualHost::decode(r.any.value.as_slice()).expect("decodes").domains)
+            .collect()
     }
 
     #[test]
-    fn each_namespace_sees_the_routes_built_in_one_piece() {
+    fn short_names_resolve_in_their_own_namespace_only() {
         let mut inventory = Inventory::new("breakwater-system");
         inventory.add_service(service("alpha", "api", &[80, 9000]));
-        inventory.add_service(service("alpha", "db", &[5432]));
         inventory.add_service(service("beta", "api", &[80]));
-        inventory.add_service(service("gamma", "web", &[8080, 80]));
         let compiled = Compiled::new(&inventory);
-        for namespace in ["alpha", "beta", "gamma", "no-services", ""] {
-            let routes = compiled.outbound_routes(namespace);
-            assert_eq!(routes.to_any().value, in_one_piece(&inventory, namespace), "{namespace}");
-            assert_eq!(routes.encoded_len(), routes.to_any().value.len());
-        }
-        // The pieces are the shared buffers, not copies.
-        let (alpha, beta) = (compiled.outbound_routes("alpha"), compiled.outbound_routes("beta"));
-        assert!(Arc::ptr_eq(&alpha.hosts, &beta.hosts));
-        let routes = RouteConfiguration::decode(beta.to_any().value.as_slice()).expect("decodes");
-        let domains: Vec<&str> =
-            routes.virtual_hosts.iter().flat_map(|v| &v.domains).map(String::as_str).collect();
-        assert!(domains.contains(&"api") && domains.contains(&"api.alpha"), "{domains:?}");
-    }
-
-    #[test]
-    fn no_services_no_hosts() {
-        let compiled = Compiled::new(&Inventory::new("breakwater-system"));
-        let routes = RouteConfiguration::decode(compiled.outbound_routes("shop").to_any().value.as_slice())
-            .expect("decodes");
-        assert_eq!(routes.name, names::OUTBOUND_HTTP);
-        assert!(routes.virtual_hosts.is_empty());
+        let proxy = |namespace: &str| Proxy { pod: ObjectName::new(namespace, "p") };
+        let alpha = domains(&compiled.snapshot(&proxy("alpha")));
+        assert!(alpha.iter().any(|d| d == "api:9000") && alpha.iter().any(|d| d == "api.beta"), "{alpha:?}");
+        assert_eq!(alpha.iter().filter(|d| *d == "api").count(), 1, "{alpha:?}");
+        let elsewhere = domains(&compiled.snapshot(&proxy("gamma")));
+        assert!(!elsewhere.iter().any(|d| d == "api" || d == "api:9000"), "{elsewhere:?}");
+        // Every domain is unique within a proxy's route table, as Envoy requires.
+        let unique: BTreeSet<&String> = alpha.iter().collect();
+        assert_eq!(unique.len(), alpha.len());
+        // The shared parts are the same allocation for every proxy of a namespace.
+        let (one, two) = (compiled.snapshot(&proxy("alpha")), compiled.snapshot(&proxy("alpha")));
+        assert!(
+            Arc::ptr_eq(&one.parts()[0], &two.parts()[0]) && Arc::ptr_eq(&one.parts()[1], &two.parts()[1])
+        );
     }
 }

@@ -31,7 +31,8 @@ use envoy_types::pb::{
             listener::v3::{Filter, FilterChain, FilterChainMatch, Listener, filter},
             ratelimit::v3::RateLimitServiceConfig,
             route::v3::{
-                RateLimit, RetryPolicy, Route, RouteAction, RouteMatch, VirtualHost,
+                RateLimit, RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch, Vhds,
+                VirtualHost,
                 rate_limit::{
                     Action,
                     action::{ActionSpecifier, GenericKey},
@@ -175,20 +176,41 @@ pub fn load_assignment(
     }
 }
 
+/// Which names of a Service port a virtual host answers to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Names {
+    /// `svc.ns`, `svc.ns.svc`, `svc.ns.svc.cluster.local`: valid in every namespace.
+    Qualified,
+    /// `svc`: valid in the Service's own namespace only (as Kubernetes DNS resolves it).
+    Short,
+}
+
 /// The names a caller may use for a Service port through the HTTP proxy. A Host header
-/// carries no port for port 80, so the port-less names belong to port 80 only; the short
-/// names (`svc`, `svc:port`) resolve in the caller's own namespace only, so they go into
-/// that namespace's route configuration (`local`).
-pub fn domains(service: &ObjectName, port: u16, local: bool) -> Vec<String> {
+/// carries no port for port 80, so the port-less names belong to port 80 only; every port
+/// gets the `:port` forms.
+pub fn domains(service: &ObjectName, port: u16, names: Names) -> Vec<String> {
     let (svc, ns, domain) = (&service.name, &service.namespace, names::CLUSTER_DOMAIN);
-    let mut hosts = Vec::new();
-    if local {
-        hosts.push(svc.clone());
-    }
-    hosts.extend([format!("{svc}.{ns}"), format!("{svc}.{ns}.svc"), format!("{svc}.{ns}.svc.{domain}")]);
+    let hosts = match names {
+        Names::Qualified => {
+            vec![format!("{svc}.{ns}"), format!("{svc}.{ns}.svc"), format!("{svc}.{ns}.svc.{domain}")]
+        }
+        Names::Short => vec![svc.clone()],
+    };
     let mut all: Vec<String> = if port == 80 { hosts.clone() } else { Vec::new() };
     all.extend(hosts.iter().map(|h| format!("{h}:{port}")));
     all
+}
+
+/// The VHDS resource name of a Service port's virtual host with `names`, which is also the
+/// host's own name (Envoy removes virtual hosts by it): `outbound_http/<first host>:<port>`.
+/// Qualified hosts contain dots and short ones cannot (a Service name is a DNS label), so
+/// the two never share a name.
+pub fn virtual_host_name(service: &ObjectName, port: u16, names: Names) -> String {
+    let host = match names {
+        Names::Qualified => format!("{}.{}.svc.{}", service.name, service.namespace, names::CLUSTER_DOMAIN),
+        Names::Short => service.name.clone(),
+    };
+    format!("{}/{host}:{port}", names::OUTBOUND_HTTP)
 }
 
 /// The virtual host of one Service port: every request goes to its cluster, with the
@@ -200,14 +222,14 @@ pub fn virtual_host(
     port: u16,
     cluster: &str,
     spec: &CircuitBreakerPolicySpec,
-    local: bool,
+    names: Names,
 ) -> VirtualHost {
     let timeout =
         spec.timeout.as_ref().and_then(|t| t.to_std().ok()).map_or_else(Duration::default, proto::duration);
     let breaker = spec.breaker.as_ref().map(|_| breaker_id(service, port));
     VirtualHost {
-        name: format!("{}.{}.svc.{}:{port}", service.name, service.namespace, names::CLUSTER_DOMAIN),
-        domains: domains(service, port, local),
+        name: virtual_host_name(service, port, names),
+        domains: domains(service, port, names),
         routes: vec![Route {
             // Only breaker routes have a name: the access log sends the agent the calls of
             // named routes (BREAKER_LOG_FILTER), and the name says which breaker they count for.
@@ -266,6 +288,16 @@ fn retry_policy(retry: &Retry) -> RetryPolicy {
             ))),
         }],
         host_selection_retry_max_attempts: 3,
+        ..Default::default()
+    }
+}
+
+/// The outbound route configuration: no virtual hosts of its own, they come one by one over
+/// VHDS (delta ADS), so that a change to one Service port sends that port's host alone.
+pub fn route_config() -> RouteConfiguration {
+    RouteConfiguration {
+        name: names::OUTBOUND_HTTP.to_string(),
+        vhds: Some(Vhds { config_source: Some(proto::ads()) }),
         ..Default::default()
     }
 }

@@ -34,18 +34,10 @@ pub type Compiler = Arc<dyn Fn(&Proxy) -> Snapshot + Send + Sync>;
 /// A policy by kind and name (any generation).
 type PolicyKey = (&'static str, ObjectName);
 
-/// Resource names a proxy asked for on one type; None = all (wildcard).
-type Names = Option<Arc<BTreeSet<String>>>;
-
 /// What one proxy said about one resource type, and the version it should hold of it.
 #[derive(Clone, Debug, Default)]
 struct TypeState {
-    names: Names,
-    /// Bumped whenever `names` changes, so that a version hashed for other names is never
-    /// installed.
-    names_seq: u64,
-    /// The version of the node's current snapshot restricted to `names`: hashed once per
-    /// snapshot or subscription change. None while it is being hashed (outside the lock).
+    /// The version of the type in the node's current snapshot (`Snapshot::version`).
     current: Option<String>,
     acked: Option<String>,
     /// The version it rejected last, and Envoy's message; cleared by a later ACK.
@@ -106,11 +98,12 @@ struct Plan {
 
 impl Plan {
     fn of(snapshot: &Snapshot, carriers: &CarrierPods, pod: &ObjectName) -> Self {
+        let carried = snapshot.policies();
         let carrying: Vec<&'static str> =
-            snapshot.policies.values().flatten().copied().collect::<BTreeSet<_>>().into_iter().collect();
+            carried.values().flatten().copied().collect::<BTreeSet<_>>().into_iter().collect();
         let mut seen = BTreeSet::new();
-        let mut policies = Vec::with_capacity(snapshot.policies.len());
-        for (policy, types) in &snapshot.policies {
+        let mut policies = Vec::with_capacity(carried.len());
+        for (policy, types) in carried {
             // Two generations of one policy in one snapshot: the lower one counts, as it
             // always has (the compiler never produces this).
             if !seen.insert((policy.kind, &policy.name)) {
@@ -421,28 +414,6 @@ impl Default for SnapshotCache {
     }
 }
 
-/// FNV-1a: a hash with a fixed definition, so versions stay stable across builds.
-fn fnv1a(hash: &mut u64, bytes: &[u8]) {
-    for byte in bytes {
-        *hash ^= u64::from(*byte);
-        *hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-}
-
-/// The version of a snapshot's resources of one type, restricted to `names` when given.
-pub fn version(snapshot: &Snapshot, type_url: &str, names: Option<&BTreeSet<String>>) -> String {
-    let mut hash = 0xcbf2_9ce4_8422_2325;
-    for (name, any) in snapshot.resources.get(type_url).into_iter().flatten() {
-        if names.is_none_or(|n| n.contains(name)) {
-            fnv1a(&mut hash, name.as_bytes());
-            fnv1a(&mut hash, &[0]);
-            fnv1a(&mut hash, &any.value);
-            fnv1a(&mut hash, &[0]);
-        }
-    }
-    format!("{hash:016x}")
-}
-
 /// A node's state as a compiler rollout found it, to compile outside the lock.
 struct Rollout {
     id: String,
@@ -450,8 +421,8 @@ struct Rollout {
     snapshot: Arc<Snapshot>,
     /// The node's snapshot sequence then.
     seq: u64,
-    /// Each subscribed type with the names (and their sequence) to hash it for.
-    types: Vec<(String, Names, u64)>,
+    /// The types the node subscribed to.
+    types: Vec<String>,
 }
 
 impl SnapshotCache {
@@ -534,11 +505,7 @@ impl SnapshotCache {
                     proxy: node.proxy.clone(),
                     snapshot: node.snapshot.borrow().clone(),
                     seq: node.seq,
-                    types: node
-                        .types
-                        .iter()
-                        .map(|(t, s)| (t.clone(), s.names.clone(), s.names_seq))
-                        .collect(),
+                    types: node.types.keys().cloned().collect(),
                 })
                 .collect();
             (inner.epoch, rollouts)
@@ -552,9 +519,9 @@ impl SnapshotCache {
                 let versions = rollout
                     .types
                     .into_iter()
-                    .map(|(t, names, seq)| {
-                        let current = version(&snapshot, &t, names.as_deref());
-                        (t, seq, current)
+                    .map(|t| {
+                        let current = snapshot.version(&t);
+                        (t, current)
                     })
                     .collect();
                 (Arc::new(snapshot), Some(versions))
@@ -620,39 +587,18 @@ impl SnapshotCache {
         self.changed();
     }
 
-    /// Records what a node subscribed to on a type, and hashes that type's current version
-    /// for those names (outside the lock).
-    pub fn subscribe(&self, proxy: &Proxy, type_url: &str, names: Option<BTreeSet<String>>) {
-        let id = proxy.node_id();
-        let names = names.map(Arc::new);
-        let (snapshot, seq, names_seq) = {
-            let mut inner = self.lock();
-            let Inner { nodes, ledger, .. } = &mut *inner;
-            let Some(node) = nodes.get_mut(&id) else { return };
-            let state = node.types.entry(type_url.to_string()).or_default();
-            if state.current.is_some() && state.names == names {
-                return;
-            }
-            state.names = names.clone();
-            state.names_seq = state.names_seq.wrapping_add(1);
-            state.current = None;
-            let names_seq = state.names_seq;
-            node.refresh(type_url, ledger);
-            (node.snapshot.borrow().clone(), node.seq, names_seq)
-        };
-        let current = version(&snapshot, type_url, names.as_deref());
+    /// Records that a node subscribed to a type: from then on its ACKs and NACKs of the type
+    /// are compared with the type's version in the node's snapshot.
+    pub fn subscribe(&self, proxy: &Proxy, type_url: &str) {
         let mut inner = self.lock();
         let Inner { nodes, ledger, .. } = &mut *inner;
-        // A newer snapshot was installed meanwhile with these names hashed, or newer names
-        // were asked for: either way this version is not the one to keep.
-        if let Some(node) = nodes.get_mut(&id)
-            && node.seq == seq
-            && let Some(state) = node.types.get_mut(type_url)
-            && state.names_seq == names_seq
-        {
-            state.current = Some(current);
-            node.refresh(type_url, ledger);
+        let Some(node) = nodes.get_mut(&proxy.node_id()) else { return };
+        if node.types.contains_key(type_url) {
+            return;
         }
+        let current = node.snapshot.borrow().version(type_url);
+        node.types.insert(type_url.to_string(), TypeState { current: Some(current), ..TypeState::default() });
+        node.refresh(type_url, ledger);
         drop(inner);
         self.changed();
     }
@@ -661,8 +607,8 @@ impl SnapshotCache {
         let id = proxy.node_id();
         let unsubscribed = self.lock().nodes.get(&id).is_some_and(|node| !node.types.contains_key(type_url));
         if unsubscribed {
-            // The server always subscribes first; a bare ACK means the whole type.
-            self.subscribe(proxy, type_url, None);
+            // The server always subscribes first.
+            self.subscribe(proxy, type_url);
         }
         let mut inner = self.lock();
         let Inner { nodes, ledger, .. } = &mut *inner;
@@ -733,9 +679,8 @@ struct Install {
     /// The node's snapshot sequence when the rollout read it.
     seen: u64,
     snapshot: Arc<Snapshot>,
-    /// The versions of the types the node had subscribed to (with their names' sequence);
-    /// None when the snapshot equals the one the rollout read (nothing was hashed).
-    versions: Option<Vec<(String, u64, String)>>,
+    /// The versions of the types the node had subscribed to; None when the snapshot equals the one the rollout read (nothing was hashed).
+    versions: Option<Vec<(String, String)>>,
     plan: Plan,
 }
 
@@ -755,13 +700,12 @@ impl Inner {
         if node.seq != install.seen || install.versions.is_some() {
             let versions = install.versions.unwrap_or_default();
             for (type_url, state) in &mut node.types {
-                let hashed = versions.iter().find(|(t, seq, _)| t == type_url && *seq == state.names_seq);
-                // Names that changed while the rollout hashed, or a snapshot another rollout
-                // installed meanwhile: hash here (rare).
-                let current = hashed.map_or_else(
-                    || version(&install.snapshot, type_url, state.names.as_deref()),
-                    |(_, _, current)| current.clone(),
-                );
+                // A type subscribed to while the rollout compiled: its parts are digested
+                // already, so this costs one hash per part.
+                let current = versions
+                    .iter()
+                    .find(|(t, _)| t == type_url)
+                    .map_or_else(|| install.snapshot.version(type_url), |(_, current)| current.clone());
                 state.current = Some(current);
             }
             node.seq = node.seq.wrapping_add(1);

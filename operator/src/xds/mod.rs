@@ -3,6 +3,7 @@
 //! is (`identity`).
 
 pub mod cache;
+pub mod delta;
 pub mod feed;
 pub mod identity;
 pub mod server;

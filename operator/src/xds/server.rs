@@ -1,5 +1,6 @@
-//! The aggregated discovery service (ADS, state of the world, v3). Each stream serves one
-//! proxy: it answers every subscribed type with the resources of the proxy's snapshot,
+//! The aggregated discovery service (ADS, v3), in both variants: incremental (delta, what the
+//! sidecar's Envoy uses; `delta`) and state of the world (what the agent uses). Each
+//! state-of-the-world stream serves one proxy: it answers every subscribed type with the resources of the proxy's snapshot,
 //! pushes when the snapshot changes, and records ACKs and NACKs in the cache. Per the xDS
 //! protocol, a request whose nonce is not the last one sent on its type is stale and
 //! ignored; a NACK keeps the proxy on its last good configuration and is not answered with
@@ -10,6 +11,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
     pin::Pin,
     sync::{
         Arc,
@@ -28,11 +30,12 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{
-    cache::{SnapshotCache, version},
-    identity::Authenticator,
+    cache::SnapshotCache,
+    delta::{DeltaStream, Diffs},
+    identity::{Authenticator, Identity},
 };
 use crate::{
-    compile::{Proxy, Snapshot},
+    compile::{Proxy, Snapshot, wants},
     http::State,
     metrics::TypeLabel,
 };
@@ -46,6 +49,8 @@ pub struct AdsServer {
     open: Arc<AtomicBool>,
     /// Who may ask for which node id.
     authenticator: Authenticator,
+    /// Part differences the delta streams share.
+    diffs: Arc<Diffs>,
 }
 
 impl AdsServer {
@@ -57,7 +62,7 @@ impl AdsServer {
         open: Arc<AtomicBool>,
         authenticator: Authenticator,
     ) -> Self {
-        Self { cache, state, open, authenticator }
+        Self { cache, state, open, authenticator, diffs: Arc::default() }
     }
 
     /// A server that always accepts streams and believes every node id: for standalone mode
@@ -88,57 +93,81 @@ pub async fn serve(
 }
 
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
-type DeltaStream = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
+type DeltaResponses = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl AggregatedDiscoveryService for AdsServer {
     type StreamAggregatedResourcesStream = ResponseStream;
-    type DeltaAggregatedResourcesStream = DeltaStream;
+    type DeltaAggregatedResourcesStream = DeltaResponses;
 
     async fn stream_aggregated_resources(
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<ResponseStream>, Status> {
-        if !self.open.load(Ordering::Acquire) {
-            // Envoy reconnects with backoff and the Service sends it to another replica.
-            return Err(Status::unavailable("this replica is a standby; the leader serves xDS"));
-        }
-        let (metrics, peer) = (&self.state.metrics, request.remote_addr());
-        let identity = match self.authenticator.authenticate(request.metadata(), metrics).await {
-            Ok(identity) => identity,
-            Err(refusal) => return Err(refusal.record(metrics, peer)),
-        };
+        let identity = self.accept(&request).await?;
+        let peer = request.remote_addr();
         let (tx, rx) = mpsc::channel(32);
         let (cache, state) = (self.cache.clone(), self.state.clone());
         // The stream's response headers must go out before the first request arrives
         // (clients may wait for them), so the node is identified in the spawned task.
         tokio::spawn(async move {
             let mut inbound = request.into_inner();
-            let first = match inbound.message().await {
-                Ok(Some(first)) => first,
-                Ok(None) | Err(_) => return,
-            };
+            let Ok(Some(first)) = inbound.message().await else { return };
             let node_id = first.node.as_ref().map(|n| n.id.clone()).unwrap_or_default();
-            if let Err(refusal) = identity.admit(&node_id) {
-                let _ = tx.send(Err(refusal.record(&state.metrics, peer))).await;
-                return;
+            match admit(&identity, &node_id, &state, peer) {
+                Ok(proxy) => ProxyStream::new(proxy, cache, state, tx).run(first, inbound).await,
+                Err(refusal) => drop(tx.send(Err(refusal)).await),
             }
-            let Some(proxy) = Proxy::from_node_id(&node_id) else {
-                let refusal = Status::invalid_argument(format!("node id {node_id:?} is not NAMESPACE/POD"));
-                let _ = tx.send(Err(refusal)).await;
-                return;
-            };
-            ProxyStream::new(proxy, cache, state, tx).run(first, inbound).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn delta_aggregated_resources(
         &self,
-        _request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<DeltaStream>, Status> {
-        Err(Status::unimplemented("Breakwater serves state-of-the-world ADS; set api_type: GRPC"))
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<DeltaResponses>, Status> {
+        let identity = self.accept(&request).await?;
+        let peer = request.remote_addr();
+        let (tx, rx) = mpsc::channel(32);
+        let (cache, state, diffs) = (self.cache.clone(), self.state.clone(), self.diffs.clone());
+        tokio::spawn(async move {
+            let mut inbound = request.into_inner();
+            let Ok(Some(first)) = inbound.message().await else { return };
+            let node_id = first.node.as_ref().map(|n| n.id.clone()).unwrap_or_default();
+            match admit(&identity, &node_id, &state, peer) {
+                Ok(proxy) => DeltaStream::new(proxy, cache, state, diffs, tx).run(first, inbound).await,
+                Err(refusal) => drop(tx.send(Err(refusal)).await),
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+}
+
+impl AdsServer {
+    /// Whether this replica takes the stream, and who its token says it is.
+    async fn accept<T>(&self, request: &Request<T>) -> Result<Identity, Status> {
+        if !self.open.load(Ordering::Acquire) {
+            // Envoy reconnects with backoff and the Service sends it to another replica.
+            return Err(Status::unavailable("this replica is a standby; the leader serves xDS"));
+        }
+        let (metrics, peer) = (&self.state.metrics, request.remote_addr());
+        self.authenticator
+            .authenticate(request.metadata(), metrics)
+            .await
+            .map_err(|refusal| refusal.record(metrics, peer))
+    }
+}
+
+/// The proxy a stream serves: the node id of its first request, if its identity may ask for it.
+fn admit(
+    identity: &Identity,
+    node_id: &str,
+    state: &State,
+    peer: Option<SocketAddr>,
+) -> Result<Proxy, Status> {
+    identity.admit(node_id).map_err(|refusal| refusal.record(&state.metrics, peer))?;
+    Proxy::from_node_id(node_id)
+        .ok_or_else(|| Status::invalid_argument(format!("node id {node_id:?} is not NAMESPACE/POD")))
 }
 
 /// What this stream last sent on one type.
@@ -217,9 +246,13 @@ impl ProxyStream {
         if !request.response_nonce.is_empty() && request.response_nonce != sent.nonce {
             return Ok(()); // Answers an older response: superseded, ignore.
         }
-        if sent.names != names || first_on_type {
-            sent.names = names.clone();
-            self.cache.subscribe(&self.proxy, &type_url, names.clone());
+        if first_on_type {
+            self.cache.subscribe(&self.proxy, &type_url);
+        }
+        if sent.names != names {
+            // Other resources asked for: the next push sends them, whatever the version.
+            sent.names = names;
+            sent.version = None;
         }
         if let Some(error) = &request.error_detail {
             let rejected = sent.version.clone().unwrap_or_default();
@@ -236,7 +269,7 @@ impl ProxyStream {
             self.cache.ack(&self.proxy, &type_url, &request.version_info);
         } else if first_on_type && !request.version_info.is_empty() {
             // A reconnecting proxy says what it holds; if that is current, nothing to send.
-            let current = version(snapshot, &type_url, names.as_ref());
+            let current = snapshot.version(&type_url);
             if request.version_info == current {
                 sent.version = Some(current.clone());
                 self.cache.ack(&self.proxy, &type_url, &current);
@@ -256,17 +289,14 @@ impl ProxyStream {
     /// Sends the type's resources if their version differs from what was last sent.
     async fn push(&mut self, type_url: &str, snapshot: &Snapshot) -> Result<(), Closed> {
         let Some(sent) = self.types.get_mut(type_url) else { return Ok(()) };
-        let current = version(snapshot, type_url, sent.names.as_ref());
+        let current = snapshot.version(type_url);
         if sent.version.as_deref() == Some(current.as_str()) {
             return Ok(());
         }
         let resources = snapshot
-            .resources
-            .get(type_url)
-            .into_iter()
-            .flatten()
-            .filter(|(name, _)| sent.names.as_ref().is_none_or(|n| n.contains(*name)))
-            .map(|(_, any)| any.clone())
+            .resources(type_url)
+            .filter(|(name, _)| wants(sent.names.as_ref(), name))
+            .map(|(_, resource)| resource.any.clone())
             .collect();
         self.nonces += 1;
         sent.nonce = self.nonces.to_string();

@@ -118,12 +118,8 @@ fn snapshot(policies: &str, id: &str) -> Snapshot {
 }
 
 fn decode<M: Message + Default>(snapshot: &Snapshot, type_url: &str, name: &str) -> M {
-    let any = snapshot
-        .resources
-        .get(type_url)
-        .and_then(|r| r.get(name))
-        .unwrap_or_else(|| panic!("no {type_url} {name:?}"));
-    M::decode(any.value.as_slice()).expect("decodes")
+    let resource = snapshot.get(type_url, name).unwrap_or_else(|| panic!("no {type_url} {name:?}"));
+    M::decode(resource.any.value.as_slice()).expect("decodes")
 }
 
 const API_80: &str = "outbound|80|api.shop.svc.cluster.local";
@@ -140,9 +136,9 @@ fn outlier(snapshot: &Snapshot) -> OutlierDetection {
     cluster(snapshot, API_80).outlier_detection.expect("outlier detection")
 }
 
-fn virtual_host(snapshot: &Snapshot, name: &str) -> VirtualHost {
-    let routes: RouteConfiguration = decode(snapshot, type_url::ROUTE, names::OUTBOUND_HTTP);
-    routes.virtual_hosts.into_iter().find(|v| v.name == name).unwrap_or_else(|| panic!("no vhost {name}"))
+/// The virtual host `host` (`svc.ns.svc.cluster.local:port`, or `svc:port` for short names).
+fn virtual_host(snapshot: &Snapshot, host: &str) -> VirtualHost {
+    decode(snapshot, type_url::VIRTUAL_HOST, &format!("{}/{host}", names::OUTBOUND_HTTP))
 }
 
 fn route_action(vhost: &VirtualHost) -> RouteAction {
@@ -161,7 +157,7 @@ fn retry(snapshot: &Snapshot) -> RetryPolicy {
 }
 
 fn agent(snapshot: &Snapshot) -> AgentConfig {
-    let any = &snapshot.resources[type_url::AGENT][names::AGENT_RESOURCE];
+    let any = &snapshot.get(type_url::AGENT, names::AGENT_RESOURCE).expect("agent resource").any;
     breakwater_api::agent::decode(&any.value).expect("agent config decodes")
 }
 
@@ -460,7 +456,8 @@ fn the_outbound_listener_asks_the_agent_and_logs_breaker_calls_to_it() {
     assert_eq!(cel.expression, compile::BREAKER_LOG_FILTER);
 
     // The listener is the same with or without breakers: they come and go in RDS only.
-    let listener = |s: &Snapshot| s.resources[type_url::LISTENER][names::OUTBOUND_HTTP].clone();
+    let listener =
+        |s: &Snapshot| s.get(type_url::LISTENER, names::OUTBOUND_HTTP).expect("listener").any.clone();
     assert_eq!(listener(&s), listener(&snapshot("", API_POD)));
 }
 
@@ -724,8 +721,8 @@ fn limits_land_on_the_container_port_of_backing_pods_only() {
     let policy = rlp("  limits:\n  - name: a\n    rate: {requests: 1, per: 1s}\n");
     // Named targetPort `http` resolves to the pod's container port 8080.
     let api = snapshot(&policy, API_POD);
-    assert!(api.resources[type_url::ROUTE].contains_key("inbound|8080"));
-    assert!(!api.resources[type_url::ROUTE].contains_key("inbound|9000"), "sectionName: http only");
+    assert!(api.get(type_url::ROUTE, "inbound|8080").is_some());
+    assert!(!api.get(type_url::ROUTE, "inbound|9000").is_some(), "sectionName: http only");
     let web = snapshot(&policy, "shop/web-1");
     assert!(agent(&web).rate_limits.is_empty());
     let listener: Listener = decode(&web, type_url::LISTENER, names::INBOUND);
@@ -746,16 +743,16 @@ fn numeric_target_port_and_http2_backends() {
     );
     assert!(cluster(&api, API_80).typed_extension_protocol_options.is_empty());
     let web = snapshot(policy, "shop/web-1");
-    assert!(web.resources[type_url::CLUSTER].contains_key("inbound|8081"));
+    assert!(web.get(type_url::CLUSTER, "inbound|8081").is_some());
 }
 
 #[test]
 fn unknown_pods_get_the_outbound_side_only() {
     let s = snapshot(&rlp(PER_USER), "shop/api-gone");
-    assert!(!s.resources[type_url::LISTENER].contains_key(names::INBOUND));
-    assert!(s.resources[type_url::CLUSTER].keys().all(|k| k.starts_with("outbound|")));
+    assert!(!s.get(type_url::LISTENER, names::INBOUND).is_some());
+    assert!(s.resources(type_url::CLUSTER).all(|(k, _)| k.starts_with("outbound|")));
     assert!(agent(&s).rate_limits.is_empty());
-    assert!(s.policies.keys().all(|p| p.kind != compile::RATE_LIMIT_POLICY));
+    assert!(s.policies().keys().all(|p| p.kind != compile::RATE_LIMIT_POLICY));
 }
 
 // ---- LockLease: the agent's leases --------------------------------------------------------
@@ -803,7 +800,8 @@ fn a_pod_gets_the_leases_of_its_namespace_that_select_it_sorted_by_id() {
     // An unknown pod has no labels to match: no leases.
     assert!(agent(&snapshot(&leases(), "shop/api-gone")).leases.is_empty());
     // Without leases the configuration has none.
-    let plain = &snapshot("", API_POD).resources[type_url::AGENT][names::AGENT_RESOURCE];
+    let plain = snapshot("", API_POD);
+    let plain = &plain.get(type_url::AGENT, names::AGENT_RESOURCE).expect("agent resource").any;
     assert!(breakwater_api::agent::decode(&plain.value).expect("decodes").leases.is_empty());
 }
 
@@ -811,10 +809,10 @@ fn a_pod_gets_the_leases_of_its_namespace_that_select_it_sorted_by_id() {
 fn snapshot_carries_the_leases_it_grants_at_their_generation() {
     let s = snapshot(&leases(), API_POD);
     let carried: Vec<(PolicyVersion, Vec<&str>)> = s
-        .policies
-        .iter()
+        .policies()
+        .into_iter()
         .filter(|(p, _)| p.kind == compile::LOCK_LEASE)
-        .map(|(p, types)| (p.clone(), types.iter().copied().collect()))
+        .map(|(p, types)| (p.clone(), types.into_iter().collect()))
         .collect();
     let version = |name: &str| PolicyVersion {
         kind: compile::LOCK_LEASE,
@@ -839,7 +837,7 @@ fn a_refused_lease_is_neither_granted_nor_claimed() {
     );
     let s = snapshot(&refused, API_POD);
     assert!(agent(&s).leases.is_empty());
-    assert!(s.policies.keys().all(|p| p.kind != compile::LOCK_LEASE), "{:?}", s.policies);
+    assert!(s.policies().keys().all(|p| p.kind != compile::LOCK_LEASE), "{:?}", s.policies());
 }
 
 // ---- outbound names and endpoints --------------------------------------------------------
@@ -848,21 +846,32 @@ fn a_refused_lease_is_neither_granted_nor_claimed() {
 fn short_names_resolve_in_the_callers_namespace_only() {
     let from_shop = snapshot("", API_POD);
     let from_lab = snapshot("", "lab/api-1");
-    let shop_api = virtual_host(&from_shop, "api.shop.svc.cluster.local:80").domains;
-    assert!(shop_api.contains(&"api".to_string()) && shop_api.contains(&"api:80".to_string()));
-    let seen_from_lab = virtual_host(&from_lab, "api.shop.svc.cluster.local:80").domains;
-    assert!(!seen_from_lab.contains(&"api".to_string()), "lab's `api` is lab/api");
-    assert!(seen_from_lab.contains(&"api.shop".to_string()));
+    // The short names are a host of their own, in the namespace's part only.
+    let shop_api = virtual_host(&from_shop, "api:80").domains;
+    assert_eq!(shop_api, ["api", "api:80"]);
+    assert!(from_lab.get(type_url::VIRTUAL_HOST, "outbound_http/api:80").is_some(), "lab's own api");
+    let lab_api = virtual_host(&from_lab, "api:80");
+    assert_eq!(
+        route_action(&lab_api).cluster_specifier,
+        route_action(&virtual_host(&from_lab, "api.lab.svc.cluster.local:80")).cluster_specifier
+    );
+    let qualified = virtual_host(&from_lab, "api.shop.svc.cluster.local:80").domains;
+    assert!(!qualified.contains(&"api".to_string()) && qualified.contains(&"api.shop".to_string()));
     // Port-less names belong to port 80, where a Host header carries no port.
     let web = virtual_host(&from_shop, "web.shop.svc.cluster.local:8080").domains;
-    assert_eq!(web, ["web:8080", "web.shop:8080", "web.shop.svc:8080", "web.shop.svc.cluster.local:8080"]);
-    // Envoy refuses a route configuration with a domain twice.
-    let routes: RouteConfiguration = decode(&from_shop, type_url::ROUTE, names::OUTBOUND_HTTP);
-    let mut all: Vec<String> = routes.virtual_hosts.iter().flat_map(|v| v.domains.clone()).collect();
-    let count = all.len();
-    all.sort();
-    all.dedup();
-    assert_eq!(all.len(), count);
+    assert_eq!(web, ["web.shop:8080", "web.shop.svc:8080", "web.shop.svc.cluster.local:8080"]);
+    assert_eq!(virtual_host(&from_shop, "web:8080").domains, ["web:8080"]);
+    // Envoy refuses a route table with a domain twice: none across a proxy's hosts.
+    for snapshot in [&from_shop, &from_lab] {
+        let mut all: Vec<String> = snapshot
+            .resources(type_url::VIRTUAL_HOST)
+            .flat_map(|(_, r)| VirtualHost::decode(r.any.value.as_slice()).expect("decodes").domains)
+            .collect();
+        let count = all.len();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), count);
+    }
 }
 
 #[test]
@@ -976,7 +985,7 @@ fn root_default_and_override_are_merged_into_the_output() {
     assert!(targets.iter().all(|t| t.ends_with("=shop/api:grpc-admin")), "{targets:?}");
     // A sandbox namespace is not selected.
     let lab = snapshot(&own, "lab/api-1");
-    assert!(!lab.resources[type_url::ROUTE].contains_key("inbound|80"));
+    assert!(!lab.get(type_url::ROUTE, "inbound|80").is_some());
 }
 
 // ---- Snapshot.policies: exactly what landed, at its generation ---------------------------
@@ -997,7 +1006,7 @@ fn snapshot_policies_are_exactly_those_that_landed() {
     let rl = compile::RATE_LIMIT_POLICY;
     let api = snapshot(&own, API_POD);
     assert_eq!(
-        api.policies.keys().cloned().collect::<Vec<_>>(),
+        api.policies().into_keys().cloned().collect::<Vec<_>>(),
         [
             version(cb, "breakwater-system", "ceiling", 1),
             version(cb, "breakwater-system", "defaults", 3),
@@ -1011,13 +1020,13 @@ fn snapshot_policies_are_exactly_those_that_landed() {
     // while every caller carries the circuit-breaker policies of every Service.
     let web = snapshot(&own, "shop/web-1");
     assert_eq!(
-        web.policies.keys().filter(|p| p.kind == rl).map(|p| p.name.to_string()).collect::<Vec<_>>(),
+        web.policies().keys().filter(|p| p.kind == rl).map(|p| p.name.to_string()).collect::<Vec<_>>(),
         ["breakwater-system/fallback", "breakwater-system/floor"]
     );
     // lab is not production: no rate limits, the circuit breakers as a caller.
     let lab = snapshot(&own, "lab/api-1");
-    assert!(lab.policies.keys().all(|p| p.kind == cb));
-    assert_eq!(lab.policies.len(), 3);
+    assert!(lab.policies().keys().all(|p| p.kind == cb));
+    assert_eq!(lab.policies().len(), 3);
 }
 
 /// Each policy is carried by the resource types that hold what it says, and only their
@@ -1033,32 +1042,34 @@ fn a_policy_is_carried_by_the_types_that_hold_it() {
     let api = snapshot(&own, API_POD);
     let types = |kind, namespace: &str, name: &str| -> BTreeSet<&str> {
         let (_, types) = api
-            .policies
-            .iter()
+            .policies()
+            .into_iter()
             .find(|(p, _)| p.kind == kind && p.name == ObjectName::new(namespace, name))
             .unwrap_or_else(|| panic!("{kind} {namespace}/{name} is carried"));
-        types.iter().copied().collect()
+        types
     };
     let (cb, rl, ll) = (compile::CIRCUIT_BREAKER_POLICY, compile::RATE_LIMIT_POLICY, compile::LOCK_LEASE);
-    // connectionLimits: the outbound cluster; timeout and retry: the outbound routes, and a
+    // connectionLimits: the outbound cluster; timeout and retry: the virtual hosts, and a
     // retry budget the cluster too.
     assert_eq!(types(cb, "breakwater-system", "ceiling"), BTreeSet::from([type_url::CLUSTER]));
-    assert_eq!(types(cb, "breakwater-system", "defaults"), BTreeSet::from([type_url::ROUTE]));
-    assert_eq!(types(cb, "shop", "cb"), BTreeSet::from([type_url::CLUSTER, type_url::ROUTE]));
+    assert_eq!(types(cb, "breakwater-system", "defaults"), BTreeSet::from([type_url::VIRTUAL_HOST]));
+    assert_eq!(types(cb, "shop", "cb"), BTreeSet::from([type_url::CLUSTER, type_url::VIRTUAL_HOST]));
     // A scope Cluster limit: the inbound listener and routes, and the agent that counts it.
     let inbound = [type_url::LISTENER, type_url::ROUTE];
     assert_eq!(types(rl, "shop", "rl"), BTreeSet::from([inbound[0], inbound[1], type_url::AGENT]));
     assert_eq!(types(ll, "shop", "cron"), BTreeSet::from([type_url::AGENT]));
     // A scope Pod limit is Envoy's alone.
     let local = snapshot(&rlp("  limits: [{name: own, rate: {requests: 10, per: 1s}, scope: Pod}]"), API_POD);
-    let (_, types) = local.policies.iter().next().expect("the limit is carried");
-    assert_eq!(types, &BTreeSet::from(inbound));
-    // A breaker: the outbound listener (its check and log), the route (its name and
-    // descriptor) and the agent (its rule) — of every pod, a caller or not, known or not.
+    let (_, types) = local.policies().into_iter().next().expect("the limit is carried");
+    assert_eq!(types, BTreeSet::from(inbound));
+    // A breaker: the outbound listener (its check and log), the virtual host (its route's
+    // name and descriptor) and the agent (its rule) — of every pod, a caller or not, known
+    // or not.
     for pod in [API_POD, "lab/api-1", "shop/unknown"] {
         let breaker = snapshot(&cbp(BREAKER), pod);
-        let (_, types) = breaker.policies.iter().next().expect("the breaker is carried");
-        assert_eq!(types, &BTreeSet::from([type_url::LISTENER, type_url::ROUTE, type_url::AGENT]), "{pod}");
+        let (_, types) = breaker.policies().into_iter().next().expect("the breaker is carried");
+        let expected = BTreeSet::from([type_url::LISTENER, type_url::VIRTUAL_HOST, type_url::AGENT]);
+        assert_eq!(types, expected, "{pod}");
     }
 }
 
@@ -1104,11 +1115,11 @@ fn every_pod_carries_a_breaker() {
     assert_eq!(pods, ["lab/api-1", "shop/api-1", "shop/web-1"]);
     for pod in inventory.pods.keys() {
         let snapshot = compiled.snapshot(&Proxy { pod: pod.clone() });
-        assert!(snapshot.policies.keys().any(|p| p.name == name), "{pod} claims the breaker");
+        assert!(snapshot.policies().keys().any(|p| p.name == name), "{pod} claims the breaker");
         assert_eq!(agent(&snapshot).breakers.len(), 1, "{pod}'s agent has its rule");
     }
     // The shared part claims it, for the types every pod's snapshot has.
-    let shared = compiled.shared().policies.iter().find(|(p, _)| p.name == name).expect("shared");
+    let shared = compiled.shared().policies().iter().find(|(p, _)| p.name == name).expect("shared");
     assert!(shared.1.contains(type_url::AGENT));
 }
 
@@ -1116,7 +1127,7 @@ fn every_pod_carries_a_breaker() {
 fn refused_policies_are_neither_compiled_nor_claimed() {
     let refused = cbp("  outlierDetection: {interval: 0s}");
     let s = snapshot(&refused, API_POD);
-    assert!(s.policies.is_empty(), "{:?}", s.policies);
+    assert!(s.policies().is_empty(), "{:?}", s.policies());
     assert!(cluster(&s, API_80).outlier_detection.is_none());
     let spec = &world(&refused).circuit_breakers[0].spec;
     let err = policy::check::circuit_breaker_policy(spec).expect_err("refused");
@@ -1175,7 +1186,7 @@ fn checks_name_the_field_and_the_reason() {
         }
         .expect_err(expected);
         assert!(err.starts_with(expected), "{err}");
-        assert!(compile::compile(&inventory, &proxy(API_POD)).policies.is_empty());
+        assert!(compile::compile(&inventory, &proxy(API_POD)).policies().is_empty());
     }
     // A Cluster-scope limit may use any period the agent can count.
     let ok = world(&rlp("  limits: [{name: a, rate: {requests: 1, per: 1500ms}}]"));
@@ -1186,9 +1197,11 @@ fn checks_name_the_field_and_the_reason() {
 
 fn encoded(snapshot: &Snapshot) -> Vec<(String, String, Vec<u8>)> {
     snapshot
-        .resources
-        .iter()
-        .flat_map(|(t, r)| r.iter().map(move |(n, a)| (t.to_string(), n.clone(), a.value.clone())))
+        .types()
+        .into_iter()
+        .flat_map(|t| {
+            snapshot.resources(t).map(move |(n, r)| (t.to_string(), n.to_string(), r.any.value.clone()))
+        })
         .collect()
 }
 

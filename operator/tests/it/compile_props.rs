@@ -22,8 +22,10 @@ use breakwater_operator::{
     policy, render,
 };
 use envoy_types::pb::envoy::config::{
-    cluster::v3::Cluster, endpoint::v3::ClusterLoadAssignment, listener::v3::Listener,
-    route::v3::RouteConfiguration,
+    cluster::v3::Cluster,
+    endpoint::v3::ClusterLoadAssignment,
+    listener::v3::Listener,
+    route::v3::{RouteConfiguration, VirtualHost},
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use proptest::prelude::*;
@@ -333,15 +335,17 @@ proptest! {
         for pod in ["shop/api-1", "shop/unknown"] {
             let proxy = Proxy::from_node_id(pod).expect("node id");
             let snapshot = compile::compile(&inventory, &proxy);
-            for (type_url, resources) in &snapshot.resources {
-                for (name, any) in resources {
-                    prop_assert_eq!(&any.type_url, type_url);
+            for type_url in snapshot.types() {
+                for (name, resource) in snapshot.resources(type_url) {
+                    let any = &resource.any;
+                    prop_assert_eq!(any.type_url.as_str(), type_url);
                     let bytes = any.value.as_slice();
-                    let ok = match *type_url {
+                    let ok = match type_url {
                         type_url::CLUSTER => round_trips::<Cluster>(bytes),
                         type_url::ENDPOINT => round_trips::<ClusterLoadAssignment>(bytes),
                         type_url::LISTENER => round_trips::<Listener>(bytes),
                         type_url::ROUTE => round_trips::<RouteConfiguration>(bytes),
+                        type_url::VIRTUAL_HOST => round_trips::<VirtualHost>(bytes),
                         type_url::AGENT => breakwater_api::agent::decode(bytes)
                             .map(|c| breakwater_api::agent::encode(&c) == bytes)
                             .unwrap_or(false),

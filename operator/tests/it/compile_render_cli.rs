@@ -37,6 +37,7 @@ fn one_proxy_as_json_is_a_discovery_like_document() {
         [
             "type.googleapis.com/envoy.config.listener.v3.Listener",
             "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
+            "type.googleapis.com/envoy.config.route.v3.VirtualHost",
             "type.googleapis.com/envoy.config.cluster.v3.Cluster",
             "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
             "type.googleapis.com/breakwater.agent.v1alpha1.AgentConfig",
@@ -70,11 +71,11 @@ fn the_payments_breaker_is_rendered_in_routes_listener_and_agent() {
     assert_eq!(code, Some(0), "{stderr}");
     let doc: serde_json::Value = serde_json::from_str(&stdout).expect("one JSON object");
 
-    let routes = resources(&doc, "type.googleapis.com/envoy.config.route.v3.RouteConfiguration");
-    let outbound = routes.iter().find(|r| r["name"] == "outbound_http").expect("outbound_http");
-    let hosts = outbound["virtual_hosts"].as_array().expect("virtual hosts");
-    let payments =
-        hosts.iter().find(|h| h["name"] == "payments.shop.svc.cluster.local:80").expect("payments");
+    let hosts = resources(&doc, "type.googleapis.com/envoy.config.route.v3.VirtualHost");
+    let payments = hosts
+        .iter()
+        .find(|h| h["name"] == "outbound_http/payments.shop.svc.cluster.local:80")
+        .expect("payments");
     let route = &payments["routes"][0];
     assert_eq!(route["name"], "shop/payments:80");
     assert_eq!(
@@ -84,7 +85,7 @@ fn the_payments_breaker_is_rendered_in_routes_listener_and_agent() {
     );
     let named: Vec<&serde_json::Value> =
         hosts.iter().filter(|h| h["routes"][0].get("name").is_some()).collect();
-    assert_eq!(named.len(), 1, "only the breaker's route is named");
+    assert_eq!(named.len(), 2, "only the breaker's routes are named (its qualified and short hosts)");
 
     let listeners = resources(&doc, "type.googleapis.com/envoy.config.listener.v3.Listener");
     let listener = listeners.iter().find(|l| l["name"] == "outbound_http").expect("outbound_http");

@@ -17,7 +17,7 @@ use crate::support;
 
 fn agent(inventory: &Inventory, pod: &str) -> AgentConfig {
     let snapshot = compile::compile(inventory, &Proxy::from_node_id(pod).expect("node id"));
-    let any = &snapshot.resources[type_url::AGENT][names::AGENT_RESOURCE];
+    let any = &snapshot.get(type_url::AGENT, names::AGENT_RESOURCE).expect("agent resource").any;
     breakwater_api::agent::decode(&any.value).expect("agent config decodes")
 }
 

@@ -8,6 +8,7 @@ mod compile;
 mod compile_golden;
 mod compile_props;
 mod compile_render_cli;
+mod delta;
 mod descriptors;
 mod kube;
 mod lease_programmed;

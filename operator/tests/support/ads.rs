@@ -29,8 +29,7 @@ use tonic::{Streaming, transport::Channel};
 pub const DEADLINE: Duration = Duration::from_secs(10);
 
 /// Every type a proxy (Envoy and agent of one pod) subscribes to.
-pub const TYPES: [&str; 5] =
-    [type_url::CLUSTER, type_url::ENDPOINT, type_url::LISTENER, type_url::ROUTE, type_url::AGENT];
+pub const TYPES: [&str; 6] = type_url::ALL;
 
 /// Serves ADS from `cache` on a free loopback port until the test ends, believing every node
 /// id (as standalone mode does); the endpoint.

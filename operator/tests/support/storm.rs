@@ -57,8 +57,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
 /// Every type a proxy (Envoy and agent of one pod) subscribes to.
-const TYPES: [&str; 5] =
-    [type_url::CLUSTER, type_url::ENDPOINT, type_url::LISTENER, type_url::ROUTE, type_url::AGENT];
+const TYPES: [&str; 6] = type_url::ALL;
 
 /// ADS streams per HTTP/2 connection (the server's default limit of concurrent streams is
 /// 200; one connection per proxy would cost two file descriptors each).

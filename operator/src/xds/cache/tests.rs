@@ -45,7 +45,7 @@ impl SnapshotCache {
         let mut connected_pods = 0;
         for (id, node) in &inner.nodes {
             let snapshot = node.snapshot.borrow().clone();
-            let carried = snapshot.policies.iter().find(|(p, _)| p.kind == kind && &p.name == name);
+            let carried = snapshot.policies().into_iter().find(|(p, _)| p.kind == kind && &p.name == name);
             let Some((carried, types)) = carried else { continue };
             facts.connected += 1;
             if pods.is_some_and(|pods| pods.contains(&node.proxy.pod)) {
@@ -54,11 +54,11 @@ impl SnapshotCache {
             let mut acknowledged = carried.generation == generation && !types.is_empty();
             let mut rejection = None;
             for type_url in types {
-                let Some(state) = node.types.get(*type_url) else {
+                let Some(state) = node.types.get(type_url) else {
                     acknowledged = false;
                     continue;
                 };
-                let current = version(&snapshot, type_url, state.names.as_deref());
+                let current = snapshot.version(type_url);
                 if let Some((rejected, message)) = &state.rejected
                     && *rejected == current
                     && rejection.is_none()
@@ -103,7 +103,7 @@ impl SnapshotCache {
         for (id, node) in &inner.nodes {
             let snapshot = node.snapshot.borrow().clone();
             for (type_url, state) in &node.types {
-                let expected = version(&snapshot, type_url, state.names.as_deref());
+                let expected = snapshot.version(type_url);
                 assert_eq!(state.current.as_ref(), Some(&expected), "{id} {type_url}: version hashed");
             }
             let verdicts: Vec<TypeVerdict> = node.carrying.iter().map(|t| node.verdict_of(t)).collect();
@@ -115,8 +115,7 @@ impl SnapshotCache {
     fn current_version(&self, node: usize, type_url: &str) -> Option<String> {
         let inner = self.lock();
         let node = inner.nodes.get(&proxy(node).node_id())?;
-        let names = node.types.get(type_url).and_then(|s| s.names.clone());
-        Some(version(&node.snapshot.borrow(), type_url, names.as_deref()))
+        Some(node.snapshot.borrow().version(type_url))
     }
 }
 
@@ -153,11 +152,7 @@ fn snapshot_for(seed: u64, proxy: &Proxy) -> Snapshot {
         for name in NAMES {
             if bits.take(3) > 0 {
                 let value = vec![u8::try_from(bits.take(2)).unwrap_or(0)];
-                snapshot
-                    .resources
-                    .entry(type_url)
-                    .or_default()
-                    .insert(name.to_string(), Any { type_url: type_url.to_string(), value });
+                snapshot.insert(type_url, name.to_string(), Any { type_url: type_url.to_string(), value });
             }
         }
     }
@@ -170,7 +165,7 @@ fn snapshot_for(seed: u64, proxy: &Proxy) -> Snapshot {
         for _ in 0..copies {
             let generation = i64::try_from(bits.take(3)).unwrap_or(0) + 1;
             let types: BTreeSet<&'static str> = TYPES.into_iter().filter(|_| bits.take(2) == 0).collect();
-            snapshot.policies.insert(PolicyVersion { kind, name: name.clone(), generation }, types);
+            snapshot.carry_on(PolicyVersion { kind, name: name.clone(), generation }, types);
         }
     }
     snapshot
@@ -204,7 +199,7 @@ enum Said {
 enum Op {
     Connect(usize),
     Disconnect(usize),
-    Subscribe(usize, usize, Option<Vec<usize>>),
+    Subscribe(usize, usize),
     Ack(usize, usize, Said),
     Nack(usize, usize, Said, u8),
     Publish(u64),
@@ -217,8 +212,7 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         2 => node.clone().prop_map(Op::Connect),
         1 => node.clone().prop_map(Op::Disconnect),
-        2 => (node.clone(), type_.clone(), proptest::option::of(proptest::collection::vec(0..NAMES.len(), 0..3)))
-            .prop_map(|(n, t, names)| Op::Subscribe(n, t, names)),
+        2 => (node.clone(), type_.clone()).prop_map(|(n, t)| Op::Subscribe(n, t)),
         5 => (node.clone(), type_.clone(), said.clone()).prop_map(|(n, t, s)| Op::Ack(n, t, s)),
         2 => (node, type_, said, 0..2u8).prop_map(|(n, t, s, m)| Op::Nack(n, t, s, m)),
         1 => any::<u64>().prop_map(Op::Publish),
@@ -237,10 +231,7 @@ fn apply(cache: &SnapshotCache, op: &Op) {
     match op {
         Op::Connect(node) => drop(cache.connect(&proxy(*node))),
         Op::Disconnect(node) => cache.disconnect(&proxy(*node)),
-        Op::Subscribe(node, t, names) => {
-            let names = names.as_ref().map(|n| n.iter().map(|i| NAMES[*i].to_string()).collect());
-            cache.subscribe(&proxy(*node), TYPES[*t], names);
-        }
+        Op::Subscribe(node, t) => cache.subscribe(&proxy(*node), TYPES[*t]),
         Op::Ack(node, t, s) => cache.ack(&proxy(*node), TYPES[*t], &said(*node, TYPES[*t], s)),
         Op::Nack(node, t, s, message) => {
             let message = format!("bad {message}");
@@ -308,7 +299,7 @@ fn two_proxies() -> SnapshotCache {
         let mut snapshot = Snapshot::default();
         for type_url in [type_url::CLUSTER, type_url::ROUTE] {
             let any = Any { type_url: type_url.to_string(), value: vec![1] };
-            snapshot.resources.entry(type_url).or_default().insert("r".into(), any);
+            snapshot.insert(type_url, "r", any);
             snapshot.carry(
                 PolicyVersion {
                     kind: CIRCUIT_BREAKER_POLICY,
@@ -323,7 +314,7 @@ fn two_proxies() -> SnapshotCache {
     for node in 0..2 {
         drop(cache.connect(&proxy(node)));
         for type_url in [type_url::CLUSTER, type_url::ROUTE] {
-            cache.subscribe(&proxy(node), type_url, None);
+            cache.subscribe(&proxy(node), type_url);
         }
     }
     cache
@@ -394,11 +385,7 @@ fn concurrent_publishes_and_acks_settle_on_the_reference() {
                         let op = match bits.take(10) {
                             0 => Op::Disconnect(node),
                             1 => Op::Connect(node),
-                            2..=4 => {
-                                let names = (bits.take(2) == 0)
-                                    .then(|| vec![usize::try_from(bits.take(3)).unwrap_or(0)]);
-                                Op::Subscribe(node, t, names)
-                            }
+                            2..=4 => Op::Subscribe(node, t),
                             5 => Op::Nack(node, t, Said::Current, 1),
                             _ => Op::Ack(node, t, Said::Current),
                         };

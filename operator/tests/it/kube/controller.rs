@@ -14,7 +14,7 @@ use breakwater_operator::{
     inventory::ObjectName,
     reflectors::{Reflector, Reflectors},
     resource::Kind,
-    xds::{SnapshotCache, cache::version},
+    xds::SnapshotCache,
 };
 use envoy_types::pb::google::protobuf::Any;
 use k8s_openapi::{
@@ -325,21 +325,18 @@ async fn programmed_follows_the_proxies_acknowledgements() {
     assert_eq!(programmed(&after).2, "no proxy carries this policy yet");
 
     // A proxy backing the Service connects; its snapshot carries the policy.
-    let snapshot = Snapshot {
-        resources: [(type_url::LISTENER, [("inbound".to_string(), Any::default())].into())].into(),
-        policies: [(
-            PolicyVersion { kind: "RateLimitPolicy", name: ObjectName::new(&ns, "limits"), generation: 1 },
-            [type_url::LISTENER].into(),
-        )]
-        .into(),
-    };
-    let current = version(&snapshot, type_url::LISTENER, None);
+    let mut snapshot = Snapshot::default();
+    snapshot.insert(type_url::LISTENER, "inbound", Any::default());
+    let policy =
+        PolicyVersion { kind: "RateLimitPolicy", name: ObjectName::new(&ns, "limits"), generation: 1 };
+    snapshot.carry(policy, type_url::LISTENER);
+    let current = snapshot.version(type_url::LISTENER);
     world.cache.set_compiler(Arc::new(move |_: &Proxy| snapshot.clone()));
     let proxy = Proxy::from_node_id(&format!("{ns}/api-1")).expect("node id");
     let other = Proxy::from_node_id(&format!("{ns}/api-2")).expect("node id");
     let _streams = [world.cache.connect(&proxy), world.cache.connect(&other)];
     for proxy in [&proxy, &other] {
-        world.cache.subscribe(proxy, type_url::LISTENER, None);
+        world.cache.subscribe(proxy, type_url::LISTENER);
     }
     let pending = world.reconcile(&ns, "limits").await;
     assert_eq!(

@@ -1,0 +1,350 @@
+//! Incremental ADS (delta xDS, v3): each response carries only the resources that changed
+//! and the names of those removed, so a change to one Service port's timeout sends that
+//! port's virtual host alone. Envoy asks for it (`api_type: DELTA_GRPC`, what the sidecar
+//! bootstrap says), and VHDS works only over it.
+//!
+//! What a stream sent is remembered as the snapshot it came from, not resource by resource:
+//! snapshots share their parts, so the next response is the difference between two
+//! snapshots' parts, and a part shared by thousands of streams is compared once per change
+//! ([`Diffs`]). ACKs and NACKs reach the cache as the type's version of the snapshot sent,
+//! the same version state-of-the-world streams report, so `Programmed` reads both alike.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::{Arc, Mutex},
+    time::Instant,
+};
+
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource as WireResource,
+};
+use tokio::sync::mpsc;
+use tonic::{Status, Streaming};
+
+use super::cache::SnapshotCache;
+use crate::{
+    compile::{Part, Proxy, Resource, Snapshot, wants},
+    http::State,
+    metrics::TypeLabel,
+};
+
+/// What changed in one type between two parts: resources added or changed, names removed.
+#[derive(Debug, Default)]
+pub(super) struct PartDiff {
+    changed: Vec<(String, Arc<Resource>)>,
+    removed: Vec<String>,
+}
+
+impl PartDiff {
+    fn between(before: Option<&Part>, after: Option<&Part>, type_url: &str) -> Self {
+        let empty = BTreeMap::new();
+        let old = before.and_then(|p| p.resources(type_url)).unwrap_or(&empty);
+        let new = after.and_then(|p| p.resources(type_url)).unwrap_or(&empty);
+        let changed = new
+            .iter()
+            .filter(|(name, resource)| {
+                old.get(*name).is_none_or(|was| !Arc::ptr_eq(was, resource) && was.any != resource.any)
+            })
+            .map(|(name, resource)| (name.clone(), resource.clone()))
+            .collect();
+        let removed = old.keys().filter(|name| !new.contains_key(*name)).cloned().collect();
+        Self { changed, removed }
+    }
+}
+
+/// Part differences worked out by one stream and reused by the others: after a change every
+/// stream compares the same two shared parts. Each entry holds both parts, so the addresses
+/// it is keyed by cannot be reused while it lives; it is emptied when it grows past a few
+/// changes' worth.
+#[derive(Debug, Default)]
+pub(super) struct Diffs {
+    entries: Mutex<HashMap<(usize, usize, String), (Arc<Part>, Arc<Part>, Arc<PartDiff>)>>,
+}
+
+const DIFFS_KEPT: usize = 256;
+
+impl Diffs {
+    fn between(&self, before: &Arc<Part>, after: &Arc<Part>, type_url: &str) -> Arc<PartDiff> {
+        let key = (Arc::as_ptr(before) as usize, Arc::as_ptr(after) as usize, type_url.to_string());
+        let lock = || self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((_, _, diff)) = lock().get(&key) {
+            return diff.clone();
+        }
+        // Worked out outside the lock; two streams racing here both compute it once.
+        let diff = Arc::new(PartDiff::between(Some(before), Some(after), type_url));
+        let mut entries = lock();
+        if entries.len() >= DIFFS_KEPT {
+            entries.clear();
+        }
+        entries.insert(key, (before.clone(), after.clone(), diff.clone()));
+        diff
+    }
+}
+
+/// One type of one stream. At most one response is unanswered at a time: a change that
+/// comes meanwhile is sent as the difference once the client has answered, so what the client
+/// holds is always known — the snapshot of its last ACK, or of the response it takes.
+#[derive(Debug, Default)]
+struct Subscription {
+    /// The names asked for; None: every resource of the type (wildcard).
+    names: Option<BTreeSet<String>>,
+    /// Names asked for since the last response, to be sent whatever changed.
+    asked: BTreeSet<String>,
+    /// What the client holds of this type, as the snapshot it came from.
+    held: Option<Arc<Snapshot>>,
+    /// The unanswered response: its nonce, when it went out, and the snapshot the client
+    /// holds once it takes it.
+    pending: Option<(String, Instant, Arc<Snapshot>)>,
+    /// The snapshot of the last response the client rejected: not sent again.
+    rejected: Option<Arc<Snapshot>>,
+}
+
+/// A response being put together.
+#[derive(Default)]
+struct Changes {
+    resources: BTreeMap<String, Arc<Resource>>,
+    removed: BTreeSet<String>,
+}
+
+impl Changes {
+    fn is_empty(&self) -> bool {
+        self.resources.is_empty() && self.removed.is_empty()
+    }
+}
+
+pub(super) struct DeltaStream {
+    proxy: Proxy,
+    cache: Arc<SnapshotCache>,
+    state: Arc<State>,
+    diffs: Arc<Diffs>,
+    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    types: BTreeMap<String, Subscription>,
+    nonces: u64,
+}
+
+/// The client went away.
+struct Closed;
+
+impl DeltaStream {
+    pub fn new(
+        proxy: Proxy,
+        cache: Arc<SnapshotCache>,
+        state: Arc<State>,
+        diffs: Arc<Diffs>,
+        tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    ) -> Self {
+        Self { proxy, cache, state, diffs, tx, types: BTreeMap::new(), nonces: 0 }
+    }
+
+    pub async fn run(mut self, first: DeltaDiscoveryRequest, mut inbound: Streaming<DeltaDiscoveryRequest>) {
+        let mut snapshots = self.cache.connect(&self.proxy);
+        self.state.metrics.xds_connected.inc();
+        tracing::info!(node = %self.proxy.node_id(), "proxy connected (delta)");
+        let mut snapshot = snapshots.borrow_and_update().clone();
+        let mut next = Some(first);
+        loop {
+            if let Some(request) = next.take()
+                && self.handle(request, &snapshot).await.is_err()
+            {
+                break;
+            }
+            tokio::select! {
+                request = inbound.message() => match request {
+                    Ok(Some(request)) => next = Some(request),
+                    Ok(None) => break,
+                    Err(status) => {
+                        tracing::debug!(node = %self.proxy.node_id(), %status, "stream ended");
+                        break;
+                    }
+                },
+                changed = snapshots.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    snapshot = snapshots.borrow_and_update().clone();
+                    let types: Vec<String> = self.types.keys().cloned().collect();
+                    if self.push_changes(&types, &snapshot).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        self.cache.disconnect(&self.proxy);
+        self.state.metrics.xds_connected.dec();
+        tracing::info!(node = %self.proxy.node_id(), "proxy disconnected");
+    }
+
+    async fn handle(
+        &mut self,
+        request: DeltaDiscoveryRequest,
+        snapshot: &Arc<Snapshot>,
+    ) -> Result<(), Closed> {
+        let type_url = request.type_url.clone();
+        let Some(subscription) = self.types.get_mut(&type_url) else {
+            return self.open(request, snapshot).await;
+        };
+        // Subscription changes count whatever the nonce says.
+        if let Some(names) = &mut subscription.names {
+            for name in &request.resource_names_subscribe {
+                if names.insert(name.clone()) {
+                    subscription.asked.insert(name.clone());
+                }
+            }
+            for name in &request.resource_names_unsubscribe {
+                names.remove(name);
+                subscription.asked.remove(name);
+            }
+        }
+        let answers_last =
+            subscription.pending.as_ref().is_some_and(|(nonce, _, _)| *nonce == request.response_nonce);
+        if answers_last && let Some((_, at, sent)) = subscription.pending.take() {
+            let label = TypeLabel::of(&type_url);
+            let version = sent.version(&type_url);
+            if let Some(error) = &request.error_detail {
+                self.state.metrics.xds_nacks.get_or_create(&label).inc();
+                tracing::warn!(node = %self.proxy.node_id(), type_url, version, error = error.message, "configuration rejected");
+                self.cache.nack(&self.proxy, &type_url, &version, &error.message);
+                // Envoy keeps what it held before the rejected response.
+                subscription.rejected = Some(sent);
+            } else {
+                self.state.metrics.xds_acks.get_or_create(&label).inc();
+                self.state.metrics.xds_push_latency.observe(at.elapsed().as_secs_f64());
+                self.cache.ack(&self.proxy, &type_url, &version);
+                subscription.held = Some(sent);
+                subscription.rejected = None;
+            }
+        }
+        self.catch_up(&type_url, snapshot).await
+    }
+
+    /// The first request of a type: what the client asks for and, after a reconnect, the
+    /// versions it already holds.
+    async fn open(&mut self, request: DeltaDiscoveryRequest, snapshot: &Arc<Snapshot>) -> Result<(), Closed> {
+        let type_url = request.type_url.clone();
+        let asked: BTreeSet<String> = request.resource_names_subscribe.iter().cloned().collect();
+        // No names, or "*": every resource of the type.
+        let names = (!asked.is_empty() && !asked.contains("*")).then_some(asked);
+        let held = &request.initial_resource_versions;
+        let mut changes = Changes::default();
+        for (name, resource) in snapshot.resources(&type_url) {
+            if wants(names.as_ref(), name) && held.get(name) != Some(&resource.version()) {
+                changes.resources.insert(name.to_string(), resource.clone());
+            }
+        }
+        for name in held.keys() {
+            if snapshot.get(&type_url, name).is_none() {
+                changes.removed.insert(name.clone());
+            }
+        }
+        self.types.insert(type_url.clone(), Subscription { names, ..Subscription::default() });
+        self.cache.subscribe(&self.proxy, &type_url);
+        self.send(&type_url, snapshot, changes).await
+    }
+
+    /// After a new snapshot: each type's difference from what its client holds.
+    async fn push_changes(&mut self, types: &[String], snapshot: &Arc<Snapshot>) -> Result<(), Closed> {
+        for type_url in types {
+            self.catch_up(type_url, snapshot).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends the client what it lacks of `snapshot` in `type_url`, unless a response is
+    /// unanswered (the answer brings it back here) or it rejected this very snapshot.
+    async fn catch_up(&mut self, type_url: &str, snapshot: &Arc<Snapshot>) -> Result<(), Closed> {
+        let Some(subscription) = self.types.get(type_url) else { return Ok(()) };
+        if subscription.pending.is_some()
+            || subscription.rejected.as_ref().is_some_and(|r| Arc::ptr_eq(r, snapshot))
+        {
+            return Ok(());
+        }
+        let mut changes = match &subscription.held {
+            Some(held) if Arc::ptr_eq(held, snapshot) => Changes::default(),
+            Some(held) => self.difference(held, snapshot, type_url, subscription.names.as_ref()),
+            None => self.difference(&Snapshot::default(), snapshot, type_url, subscription.names.as_ref()),
+        };
+        if !subscription.asked.is_empty() {
+            for (name, resource) in snapshot.resources(type_url) {
+                if wants(Some(&subscription.asked), name) {
+                    changes.resources.insert(name.to_string(), resource.clone());
+                }
+            }
+        }
+        self.send(type_url, snapshot, changes).await
+    }
+
+    /// What differs in `type_url` between two snapshots, part by part, for `names`.
+    fn difference(
+        &self,
+        before: &Snapshot,
+        after: &Snapshot,
+        type_url: &str,
+        names: Option<&BTreeSet<String>>,
+    ) -> Changes {
+        let mut changes = Changes::default();
+        let count = before.parts().len().max(after.parts().len());
+        for index in 0..count {
+            let diff = match (before.parts().get(index), after.parts().get(index)) {
+                (Some(old), Some(new)) if Arc::ptr_eq(old, new) => continue,
+                (Some(old), Some(new)) => self.diffs.between(old, new, type_url),
+                (old, new) => {
+                    Arc::new(PartDiff::between(old.map(AsRef::as_ref), new.map(AsRef::as_ref), type_url))
+                }
+            };
+            for (name, resource) in &diff.changed {
+                if wants(names, name) {
+                    changes.removed.remove(name);
+                    changes.resources.insert(name.clone(), resource.clone());
+                }
+            }
+            for name in &diff.removed {
+                // A name that moved between parts is changed, not removed.
+                if wants(names, name) && !changes.resources.contains_key(name) {
+                    changes.removed.insert(name.clone());
+                }
+            }
+        }
+        changes
+    }
+
+    /// Sends `changes` as the type's next response; with nothing to send, the client holds
+    /// `snapshot` already, and the cache hears so.
+    async fn send(
+        &mut self,
+        type_url: &str,
+        snapshot: &Arc<Snapshot>,
+        changes: Changes,
+    ) -> Result<(), Closed> {
+        let Some(subscription) = self.types.get_mut(type_url) else { return Ok(()) };
+        subscription.asked.clear();
+        if changes.is_empty() {
+            if subscription.held.as_ref().is_none_or(|held| !Arc::ptr_eq(held, snapshot)) {
+                subscription.held = Some(snapshot.clone());
+                self.cache.ack(&self.proxy, type_url, &snapshot.version(type_url));
+            }
+            return Ok(());
+        }
+        self.nonces += 1;
+        let nonce = self.nonces.to_string();
+        subscription.pending = Some((nonce.clone(), Instant::now(), snapshot.clone()));
+        let response = DeltaDiscoveryResponse {
+            system_version_info: snapshot.version(type_url),
+            resources: changes
+                .resources
+                .into_iter()
+                .map(|(name, resource)| WireResource {
+                    version: resource.version(),
+                    resource: Some(resource.any.clone()),
+                    name,
+                    ..WireResource::default()
+                })
+                .collect(),
+            type_url: type_url.to_string(),
+            removed_resources: changes.removed.into_iter().collect(),
+            nonce,
+            ..DeltaDiscoveryResponse::default()
+        };
+        self.state.metrics.xds_pushes.get_or_create(&TypeLabel::of(type_url)).inc();
+        self.tx.send(Ok(response)).await.map_err(|_| Closed)
+    }
+}
