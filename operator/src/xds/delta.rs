@@ -58,7 +58,18 @@ impl PartDiff {
 /// changes' worth.
 #[derive(Debug, Default)]
 pub(super) struct Diffs {
-    entries: Mutex<HashMap<(usize, usize, String), (Arc<Part>, Arc<Part>, Arc<PartDiff>)>>,
+    entries: Mutex<HashMap<DiffKey, Pinned>>,
+}
+
+/// Two parts by address, and a type.
+type DiffKey = (usize, usize, String);
+
+/// The two parts of a key, kept alive, and their difference.
+#[derive(Debug)]
+struct Pinned {
+    _before: Arc<Part>,
+    _after: Arc<Part>,
+    diff: Arc<PartDiff>,
 }
 
 const DIFFS_KEPT: usize = 256;
@@ -67,8 +78,8 @@ impl Diffs {
     fn between(&self, before: &Arc<Part>, after: &Arc<Part>, type_url: &str) -> Arc<PartDiff> {
         let key = (Arc::as_ptr(before) as usize, Arc::as_ptr(after) as usize, type_url.to_string());
         let lock = || self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some((_, _, diff)) = lock().get(&key) {
-            return diff.clone();
+        if let Some(pinned) = lock().get(&key) {
+            return pinned.diff.clone();
         }
         // Worked out outside the lock; two streams racing here both compute it once.
         let diff = Arc::new(PartDiff::between(Some(before), Some(after), type_url));
@@ -76,7 +87,7 @@ impl Diffs {
         if entries.len() >= DIFFS_KEPT {
             entries.clear();
         }
-        entries.insert(key, (before.clone(), after.clone(), diff.clone()));
+        entries.insert(key, Pinned { _before: before.clone(), _after: after.clone(), diff: diff.clone() });
         diff
     }
 }

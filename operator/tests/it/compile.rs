@@ -722,7 +722,7 @@ fn limits_land_on_the_container_port_of_backing_pods_only() {
     // Named targetPort `http` resolves to the pod's container port 8080.
     let api = snapshot(&policy, API_POD);
     assert!(api.get(type_url::ROUTE, "inbound|8080").is_some());
-    assert!(!api.get(type_url::ROUTE, "inbound|9000").is_some(), "sectionName: http only");
+    assert!(api.get(type_url::ROUTE, "inbound|9000").is_none(), "sectionName: http only");
     let web = snapshot(&policy, "shop/web-1");
     assert!(agent(&web).rate_limits.is_empty());
     let listener: Listener = decode(&web, type_url::LISTENER, names::INBOUND);
@@ -749,7 +749,7 @@ fn numeric_target_port_and_http2_backends() {
 #[test]
 fn unknown_pods_get_the_outbound_side_only() {
     let s = snapshot(&rlp(PER_USER), "shop/api-gone");
-    assert!(!s.get(type_url::LISTENER, names::INBOUND).is_some());
+    assert!(s.get(type_url::LISTENER, names::INBOUND).is_none());
     assert!(s.resources(type_url::CLUSTER).all(|(k, _)| k.starts_with("outbound|")));
     assert!(agent(&s).rate_limits.is_empty());
     assert!(s.policies().keys().all(|p| p.kind != compile::RATE_LIMIT_POLICY));
@@ -985,7 +985,7 @@ fn root_default_and_override_are_merged_into_the_output() {
     assert!(targets.iter().all(|t| t.ends_with("=shop/api:grpc-admin")), "{targets:?}");
     // A sandbox namespace is not selected.
     let lab = snapshot(&own, "lab/api-1");
-    assert!(!lab.get(type_url::ROUTE, "inbound|80").is_some());
+    assert!(lab.get(type_url::ROUTE, "inbound|80").is_none());
 }
 
 // ---- Snapshot.policies: exactly what landed, at its generation ---------------------------
