@@ -185,40 +185,51 @@ fn world_changes() -> Inventory {
     inventory
 }
 
-/// Proxies of the world connected live: one pod in each of the first LIVE_PROXIES
-/// namespaces (each proxy's snapshot is a copy of its own today, 17 MB: 5,000 would not fit).
-const LIVE_PROXIES: usize = 50;
+/// Proxies of the world connected live: every pod (`BENCH_LIVE_PROXIES` takes fewer, one
+/// pod in each namespace first).
+fn live_proxies(inventory: &Inventory) -> Vec<String> {
+    let pods: Vec<String> = inventory.pods.keys().map(ToString::to_string).collect();
+    let wanted = std::env::var("BENCH_LIVE_PROXIES").ok().and_then(|n| n.parse().ok()).unwrap_or(pods.len());
+    // Pod i of every namespace before pod i + 1 of any.
+    let mut order: Vec<usize> = (0..pods.len()).collect();
+    order.sort_by_key(|i| (i % world::PODS_PER_NAMESPACE, *i));
+    order.into_iter().take(wanted).map(|i| pods[i].clone()).collect()
+}
 
-/// The world's first change (the timeout of team-000/svc-00) pushed to LIVE_PROXIES real ADS
-/// streams: the time to the last ACK, the bytes each received, and the process's memory.
+/// The world's first change (the timeout of team-000/svc-00) pushed to live proxies, each
+/// an Envoy on delta ADS and an agent on state of the world, as the sidecars connect: the
+/// time to the last ACK, the bytes each received, and the process's memory.
 async fn world_live(inventory: &Inventory) {
     use std::sync::atomic::{AtomicUsize, Ordering};
     let rss_before = vm_kb("VmRSS");
     let cache = Arc::new(SnapshotCache::default());
     cache.publish(Compiled::new(inventory));
     let endpoint = ads::serve(cache.clone()).await;
-    let pods: Vec<String> = inventory
-        .pods
-        .keys()
-        .step_by(world::PODS_PER_NAMESPACE)
-        .take(LIVE_PROXIES)
-        .map(|pod| pod.to_string())
-        .collect();
+    let pods = live_proxies(inventory);
     let received: Arc<Vec<AtomicUsize>> = Arc::new(pods.iter().map(|_| AtomicUsize::new(0)).collect());
-    let channel = Channel::from_shared(endpoint).expect("endpoint").connect().await.expect("connect");
+    let started = Instant::now();
+    let mut channel = None;
     for (i, node) in pods.iter().enumerate() {
-        let (channel, node, received) = (channel.clone(), node.clone(), received.clone());
+        if i % STREAMS_PER_CONNECTION == 0 {
+            let connected = Channel::from_shared(endpoint.clone()).expect("endpoint").connect().await;
+            channel = Some(connected.expect("connect"));
+        }
+        let channel = channel.clone().expect("a connection");
+        let (node, received) = (node.clone(), received.clone());
         tokio::spawn(async move {
-            let client = ads::Client::on(channel, &node).await;
-            client
-                .acknowledge_each(|response| {
-                    _ = received[i].fetch_add(response.encoded_len(), Ordering::Relaxed)
-                })
-                .await;
+            let envoy = ads::DeltaClient::on(channel.clone(), &node).await;
+            let agent = ads::Client::on(channel, &node).await;
+            let count = |bytes: usize| _ = received[i].fetch_add(bytes, Ordering::Relaxed);
+            tokio::join!(
+                envoy.acknowledge_each(|response| count(response.encoded_len())),
+                agent
+                    .acknowledge_types(&[compile::type_url::AGENT], |response| count(response.encoded_len())),
+            );
         });
     }
     let policy = ObjectName::new("team-000", "cb-0");
     wait_for_acks(&cache, &policy, 1, pods.len()).await;
+    let connecting = started.elapsed();
     let connected_rss = vm_kb("VmRSS");
     let first: usize = received.iter().map(|r| r.swap(0, Ordering::Relaxed)).sum();
     let mut changed = inventory.clone();
@@ -229,14 +240,15 @@ async fn world_live(inventory: &Inventory) {
     let elapsed = started.elapsed();
     let sent: Vec<usize> = received.iter().map(|r| r.load(Ordering::Relaxed)).collect();
     println!(
-        "Live, {} proxies of the world (one pod in each of {} namespaces), the timeout change: publish → last ACK \
-         {:.0} ms; received per proxy {} (max {}; counted by the clients, protobuf bytes); on connecting each had \
-         received {}. Resident memory: {} MB before serving, {} MB with the proxies connected, peak {} MB.\n",
-        pods.len(),
+        "Live, {} proxies of the world (Envoy on delta ADS, the agent on state of the world), the timeout \
+         change: publish → last ACK {:.0} ms (compiling the world included); received per proxy {} (max {}; \
+         counted by the clients, protobuf bytes); connecting them all took {:.1} s, each receiving {}. Resident \
+         memory: {} MB before serving, {} MB with the proxies connected, peak {} MB.\n",
         pods.len(),
         elapsed.as_secs_f64() * 1e3,
         mb(sent.iter().sum::<usize>() / sent.len().max(1)),
         mb(sent.iter().copied().max().unwrap_or(0)),
+        connecting.as_secs_f64(),
         mb(first / pods.len().max(1)),
         rss_before / 1024,
         connected_rss / 1024,

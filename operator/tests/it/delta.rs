@@ -14,81 +14,10 @@ use breakwater_operator::{
     status,
     xds::SnapshotCache,
 };
-use envoy_types::pb::envoy::{
-    config::core::v3::Node,
-    service::discovery::v3::{
-        DeltaDiscoveryRequest, DeltaDiscoveryResponse,
-        aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
-    },
-};
 use prost::Message;
-use tokio::sync::mpsc;
-use tonic::Streaming;
 
-use crate::support::ads::{Client, serve};
-
-const DEADLINE: Duration = Duration::from_secs(10);
+use crate::support::ads::{Client, DEADLINE, DeltaClient, ENVOY, serve};
 const POD: &str = "shop/api-7c9f8d6b5-m4n8z";
-/// What Envoy subscribes to with the sidecar's bootstrap: listeners and clusters by wildcard,
-/// endpoints and routes by name, and the outbound routes' virtual hosts by VHDS namespace.
-const SUBSCRIPTIONS: [(&str, &[&str]); 5] = [
-    (type_url::LISTENER, &[]),
-    (type_url::CLUSTER, &[]),
-    (type_url::ENDPOINT, &["*"]),
-    (type_url::ROUTE, &["outbound_http"]),
-    (type_url::VIRTUAL_HOST, &["outbound_http"]),
-];
-
-struct DeltaClient {
-    requests: mpsc::Sender<DeltaDiscoveryRequest>,
-    responses: Streaming<DeltaDiscoveryResponse>,
-}
-
-impl DeltaClient {
-    async fn connect(endpoint: &str) -> Self {
-        let (requests, rx) = mpsc::channel(16);
-        let mut client =
-            AggregatedDiscoveryServiceClient::connect(endpoint.to_string()).await.expect("connect");
-        let responses = client
-            .delta_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-            .expect("delta stream")
-            .into_inner();
-        Self { requests, responses }
-    }
-
-    async fn send(&self, request: DeltaDiscoveryRequest) {
-        let node = Some(Node { id: POD.into(), ..Node::default() });
-        self.requests.send(DeltaDiscoveryRequest { node, ..request }).await.expect("stream open");
-    }
-
-    async fn subscribe(&self, type_url: &str, names: &[&str], held: BTreeMap<String, String>) {
-        self.send(DeltaDiscoveryRequest {
-            type_url: type_url.into(),
-            resource_names_subscribe: names.iter().map(ToString::to_string).collect(),
-            initial_resource_versions: held.into_iter().collect(),
-            ..DeltaDiscoveryRequest::default()
-        })
-        .await;
-    }
-
-    async fn ack(&self, response: &DeltaDiscoveryResponse) {
-        self.send(DeltaDiscoveryRequest {
-            type_url: response.type_url.clone(),
-            response_nonce: response.nonce.clone(),
-            ..DeltaDiscoveryRequest::default()
-        })
-        .await;
-    }
-
-    async fn next(&mut self) -> DeltaDiscoveryResponse {
-        tokio::time::timeout(DEADLINE, self.responses.message())
-            .await
-            .expect("a response within the deadline")
-            .expect("the stream is healthy")
-            .expect("a response, not the end")
-    }
-}
 
 fn programmed(cache: &SnapshotCache, generation: i64) -> (bool, String) {
     let name = ObjectName::new("shop", "payments");
@@ -114,10 +43,10 @@ async fn a_timeout_change_sends_one_pod_its_two_virtual_hosts_and_nothing_else()
     let endpoint = serve(cache.clone()).await;
 
     // Connect: every subscribed type arrives whole; the virtual hosts one resource each.
-    let mut envoy = DeltaClient::connect(&endpoint).await;
+    let mut envoy = DeltaClient::connect(&endpoint, POD).await;
     let mut held: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
-    for (type_url, names) in SUBSCRIPTIONS {
-        envoy.subscribe(type_url, names, BTreeMap::new()).await;
+    for (type_url, names) in ENVOY {
+        envoy.subscribe(type_url, names, []).await;
         let response = envoy.next().await;
         assert_eq!(response.type_url, type_url);
         assert!(response.removed_resources.is_empty());
@@ -168,8 +97,8 @@ async fn a_timeout_change_sends_one_pod_its_two_virtual_hosts_and_nothing_else()
     // send, and the server counts it as holding them.
     drop((envoy, agent));
     eventually("the streams gone", || cache.connected() == 0).await;
-    let mut again = DeltaClient::connect(&endpoint).await;
-    for (type_url, names) in SUBSCRIPTIONS {
+    let mut again = DeltaClient::connect(&endpoint, POD).await;
+    for (type_url, names) in ENVOY {
         again.subscribe(type_url, names, held[type_url].clone()).await;
     }
     let agent = Client::connect(&endpoint, POD).await;

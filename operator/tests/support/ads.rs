@@ -1,6 +1,8 @@
-//! An ADS client that plays a proxy, for the tests and the push benchmark: it subscribes,
-//! ACKs and NACKs by hand ([`Client`]), or acknowledges everything it is sent
-//! ([`Client::acknowledge_everything`]); and the operator's ADS server on a loopback port
+//! ADS clients that play a proxy, for the tests and the push benchmark: state of the world
+//! ([`Client`], as the agent speaks it, or a whole proxy in one stream) subscribes, ACKs and
+//! NACKs by hand, or acknowledges everything it is sent ([`Client::acknowledge_everything`]);
+//! delta ([`DeltaClient`], as the sidecar's Envoy speaks it, with its subscriptions
+//! [`ENVOY`]); and the operator's ADS server on a loopback port
 //! ([`serve`], unauthenticated). Against a cluster-mode operator a stream presents its pod's
 //! token ([`Client::connect_with_token`]), as `authorization: Bearer` metadata.
 
@@ -15,7 +17,7 @@ use envoy_types::pb::{
     envoy::{
         config::core::v3::Node,
         service::discovery::v3::{
-            DiscoveryRequest, DiscoveryResponse,
+            DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
             aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
         },
     },
@@ -137,13 +139,106 @@ impl Client {
 
     /// [`acknowledge_everything`](Self::acknowledge_everything), showing `seen` each
     /// response before it is acknowledged.
-    pub async fn acknowledge_each(mut self, mut seen: impl FnMut(&DiscoveryResponse)) {
-        for type_ in TYPES {
+    pub async fn acknowledge_each(self, seen: impl FnMut(&DiscoveryResponse)) {
+        self.acknowledge_types(&TYPES, seen).await;
+    }
+
+    /// Subscribes to every resource of `types` and acknowledges whatever it is sent, showing
+    /// `seen` each response first, until the stream ends.
+    pub async fn acknowledge_types(mut self, types: &[&str], mut seen: impl FnMut(&DiscoveryResponse)) {
+        for type_ in types {
             self.subscribe(type_, &[]).await;
         }
         while let Ok(Some(response)) = self.responses.message().await {
             seen(&response);
             self.ack(&response, &[]).await;
+        }
+    }
+}
+
+/// What the sidecar's Envoy subscribes to over delta ADS: listeners and clusters by wildcard,
+/// endpoints of every cluster, the outbound route configuration by name, and its virtual
+/// hosts by VHDS namespace.
+pub const ENVOY: [(&str, &[&str]); 5] = [
+    (type_url::LISTENER, &[]),
+    (type_url::CLUSTER, &[]),
+    (type_url::ENDPOINT, &["*"]),
+    (type_url::ROUTE, &["outbound_http"]),
+    (type_url::VIRTUAL_HOST, &["outbound_http"]),
+];
+
+/// A delta ADS stream of one node.
+pub struct DeltaClient {
+    node: String,
+    requests: mpsc::Sender<DeltaDiscoveryRequest>,
+    responses: Streaming<DeltaDiscoveryResponse>,
+}
+
+impl DeltaClient {
+    pub async fn connect(endpoint: &str, node: &str) -> Self {
+        let channel = Channel::from_shared(endpoint.to_string()).expect("endpoint").connect().await;
+        Self::on(channel.expect("connect"), node).await
+    }
+
+    /// A stream over an existing connection (many streams share one in the benchmark).
+    pub async fn on(channel: Channel, node: &str) -> Self {
+        let (requests, rx) = mpsc::channel(16);
+        let responses = AggregatedDiscoveryServiceClient::new(channel)
+            .max_decoding_message_size(usize::MAX)
+            .delta_aggregated_resources(ReceiverStream::new(rx))
+            .await
+            .expect("delta stream")
+            .into_inner();
+        Self { node: node.to_string(), requests, responses }
+    }
+
+    async fn send(&self, request: DeltaDiscoveryRequest) {
+        let node = Some(Node { id: self.node.clone(), ..Node::default() });
+        // A closed stream shows in the next response.
+        let _ = self.requests.send(DeltaDiscoveryRequest { node, ..request }).await;
+    }
+
+    /// Subscribes to `names` of a type (none: every resource), holding `held` (name → version)
+    /// already, as Envoy does after a reconnect.
+    pub async fn subscribe(
+        &self,
+        type_: &str,
+        names: &[&str],
+        held: impl IntoIterator<Item = (String, String)>,
+    ) {
+        self.send(DeltaDiscoveryRequest {
+            type_url: type_.into(),
+            resource_names_subscribe: names.iter().map(ToString::to_string).collect(),
+            initial_resource_versions: held.into_iter().collect(),
+            ..DeltaDiscoveryRequest::default()
+        })
+        .await;
+    }
+
+    pub async fn ack(&self, response: &DeltaDiscoveryResponse) {
+        let (type_url, response_nonce) = (response.type_url.clone(), response.nonce.clone());
+        self.send(DeltaDiscoveryRequest { type_url, response_nonce, ..DeltaDiscoveryRequest::default() })
+            .await;
+    }
+
+    /// The next response (the stream must stay healthy and open, and answer in time).
+    pub async fn next(&mut self) -> DeltaDiscoveryResponse {
+        tokio::time::timeout(DEADLINE, self.responses.message())
+            .await
+            .expect("an answer within the deadline")
+            .expect("stream healthy")
+            .expect("stream open")
+    }
+
+    /// Subscribes as Envoy does ([`ENVOY`]) and acknowledges every response, showing `seen`
+    /// each first, until the stream ends.
+    pub async fn acknowledge_each(mut self, mut seen: impl FnMut(&DeltaDiscoveryResponse)) {
+        for (type_, names) in ENVOY {
+            self.subscribe(type_, names, []).await;
+        }
+        while let Ok(Some(response)) = self.responses.message().await {
+            seen(&response);
+            self.ack(&response).await;
         }
     }
 }
