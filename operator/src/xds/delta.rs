@@ -12,13 +12,13 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     sync::{Arc, Mutex},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource as WireResource,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tonic::{Status, Streaming};
 
 use super::cache::SnapshotCache;
@@ -92,22 +92,64 @@ impl Diffs {
     }
 }
 
-/// One type of one stream. At most one response is unanswered at a time: a change that
-/// comes meanwhile is sent as the difference once the client has answered, so what the client
-/// holds is always known — the snapshot of its last ACK, or of the response it takes.
+/// One type of one stream. At most one response of the stream is unanswered at a time (as
+/// Envoy takes them, one after the other): a change that comes meanwhile is sent as the
+/// difference once the client has answered, so what the client holds is always known — the
+/// snapshot of its last ACK, or of the response it takes.
 #[derive(Debug, Default)]
 struct Subscription {
     /// The names asked for; None: every resource of the type (wildcard).
     names: Option<BTreeSet<String>>,
     /// Names asked for since the last response, to be sent whatever changed.
     asked: BTreeSet<String>,
+    /// The versions the client said it held when it subscribed (after a reconnect), until
+    /// the first response.
+    initial: BTreeMap<String, String>,
     /// What the client holds of this type, as the snapshot it came from.
     held: Option<Arc<Snapshot>>,
-    /// The unanswered response: its nonce, when it went out, and the snapshot the client
-    /// holds once it takes it.
-    pending: Option<(String, Instant, Arc<Snapshot>)>,
+    /// The unanswered response.
+    pending: Option<Pending>,
     /// The snapshot of the last response the client rejected: not sent again.
     rejected: Option<Arc<Snapshot>>,
+}
+
+/// A response the client has not answered yet.
+#[derive(Debug)]
+struct Pending {
+    nonce: String,
+    at: Instant,
+    /// What the client holds once it takes the response.
+    snapshot: Arc<Snapshot>,
+    /// Its share of the bytes in flight ([`InFlight`]), until the client answers or
+    /// [`PERMIT_HOLD`] passes.
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+/// What all delta streams may have sent and not had answered, in units of [`UNIT`] bytes:
+/// when thousands of proxies connect at once (an operator restart), each is owed its whole
+/// configuration (17 MB in `make bench-xds`'s world), and building them all at once would
+/// hold gigabytes. A response waits for its share before it is built; the share comes back
+/// with the client's answer. A client that never answers holds it for [`PERMIT_HOLD`] only.
+#[derive(Debug)]
+pub(super) struct InFlight(Arc<Semaphore>);
+
+const UNIT: usize = 64 * 1024;
+const IN_FLIGHT_UNITS: usize = 4096; // 256 MiB
+const PERMIT_HOLD: Duration = Duration::from_secs(5);
+
+impl Default for InFlight {
+    fn default() -> Self {
+        Self(Arc::new(Semaphore::new(IN_FLIGHT_UNITS)))
+    }
+}
+
+impl InFlight {
+    async fn take(&self, bytes: usize) -> Option<OwnedSemaphorePermit> {
+        let units = bytes.div_ceil(UNIT).clamp(1, IN_FLIGHT_UNITS);
+        let units = u32::try_from(units).unwrap_or(u32::MAX);
+        // The semaphore is never closed; None would only mean an unthrottled response.
+        self.0.clone().acquire_many_owned(units).await.ok()
+    }
 }
 
 /// A response being put together.
@@ -128,23 +170,66 @@ pub(super) struct DeltaStream {
     cache: Arc<SnapshotCache>,
     state: Arc<State>,
     diffs: Arc<Diffs>,
+    in_flight: Arc<InFlight>,
     tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
     types: BTreeMap<String, Subscription>,
+    /// Types with something to send once the unanswered response is answered.
+    due: BTreeSet<String>,
     nonces: u64,
 }
 
 /// The client went away.
 struct Closed;
 
+/// What a client that subscribed to `names` holding `initial` lacks of `snapshot`.
+fn first_changes(
+    snapshot: &Snapshot,
+    type_url: &str,
+    names: Option<&BTreeSet<String>>,
+    initial: &BTreeMap<String, String>,
+) -> Changes {
+    let mut changes = Changes::default();
+    for (name, resource) in snapshot.resources(type_url) {
+        if wants(names, name) && initial.get(name) != Some(&resource.version()) {
+            changes.resources.insert(name.to_string(), resource.clone());
+        }
+    }
+    for name in initial.keys() {
+        if snapshot.get(type_url, name).is_none() {
+            changes.removed.insert(name.clone());
+        }
+    }
+    changes
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
 impl DeltaStream {
     pub fn new(
         proxy: Proxy,
         cache: Arc<SnapshotCache>,
         state: Arc<State>,
-        diffs: Arc<Diffs>,
+        shared: (Arc<Diffs>, Arc<InFlight>),
         tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
     ) -> Self {
-        Self { proxy, cache, state, diffs, tx, types: BTreeMap::new(), nonces: 0 }
+        let (diffs, in_flight) = shared;
+        Self {
+            proxy,
+            cache,
+            state,
+            diffs,
+            in_flight,
+            tx,
+            types: BTreeMap::new(),
+            due: BTreeSet::new(),
+            nonces: 0,
+        }
     }
 
     pub async fn run(mut self, first: DeltaDiscoveryRequest, mut inbound: Streaming<DeltaDiscoveryRequest>) {
@@ -168,6 +253,7 @@ impl DeltaStream {
                         break;
                     }
                 },
+                () = sleep_until_some(self.permit_deadline()) => self.expire_permits(),
                 changed = snapshots.changed() => {
                     if changed.is_err() {
                         break;
@@ -207,8 +293,8 @@ impl DeltaStream {
             }
         }
         let answers_last =
-            subscription.pending.as_ref().is_some_and(|(nonce, _, _)| *nonce == request.response_nonce);
-        if answers_last && let Some((_, at, sent)) = subscription.pending.take() {
+            subscription.pending.as_ref().is_some_and(|pending| pending.nonce == request.response_nonce);
+        if answers_last && let Some(Pending { at, snapshot: sent, .. }) = subscription.pending.take() {
             let label = TypeLabel::of(&type_url);
             let version = sent.version(&type_url);
             if let Some(error) = &request.error_detail {
@@ -225,7 +311,22 @@ impl DeltaStream {
                 subscription.rejected = None;
             }
         }
-        self.catch_up(&type_url, snapshot).await
+        self.due.insert(type_url);
+        self.send_due(snapshot).await
+    }
+
+    /// Whether a response of this stream is unanswered.
+    fn busy(&self) -> bool {
+        self.types.values().any(|s| s.pending.is_some())
+    }
+
+    /// Catches up the due types in order until one response goes out.
+    async fn send_due(&mut self, snapshot: &Arc<Snapshot>) -> Result<(), Closed> {
+        while !self.busy() {
+            let Some(type_url) = self.due.pop_first() else { break };
+            self.catch_up(&type_url, snapshot).await?;
+        }
+        Ok(())
     }
 
     /// The first request of a type: what the client asks for and, after a reconnect, the
@@ -235,44 +336,31 @@ impl DeltaStream {
         let asked: BTreeSet<String> = request.resource_names_subscribe.iter().cloned().collect();
         // No names, or "*": every resource of the type.
         let names = (!asked.is_empty() && !asked.contains("*")).then_some(asked);
-        let held = &request.initial_resource_versions;
-        let mut changes = Changes::default();
-        for (name, resource) in snapshot.resources(&type_url) {
-            if wants(names.as_ref(), name) && held.get(name) != Some(&resource.version()) {
-                changes.resources.insert(name.to_string(), resource.clone());
-            }
-        }
-        for name in held.keys() {
-            if snapshot.get(&type_url, name).is_none() {
-                changes.removed.insert(name.clone());
-            }
-        }
-        self.types.insert(type_url.clone(), Subscription { names, ..Subscription::default() });
+        let initial = request.initial_resource_versions.into_iter().collect();
+        self.types.insert(type_url.clone(), Subscription { names, initial, ..Subscription::default() });
         self.cache.subscribe(&self.proxy, &type_url);
-        self.send(&type_url, snapshot, changes).await
+        self.due.insert(type_url);
+        self.send_due(snapshot).await
     }
 
     /// After a new snapshot: each type's difference from what its client holds.
     async fn push_changes(&mut self, types: &[String], snapshot: &Arc<Snapshot>) -> Result<(), Closed> {
-        for type_url in types {
-            self.catch_up(type_url, snapshot).await?;
-        }
-        Ok(())
+        self.due.extend(types.iter().cloned());
+        self.send_due(snapshot).await
     }
 
-    /// Sends the client what it lacks of `snapshot` in `type_url`, unless a response is
-    /// unanswered (the answer brings it back here) or it rejected this very snapshot.
+    /// Sends the client what it lacks of `snapshot` in `type_url` (called when no response
+    /// is unanswered), unless it rejected this very snapshot.
     async fn catch_up(&mut self, type_url: &str, snapshot: &Arc<Snapshot>) -> Result<(), Closed> {
         let Some(subscription) = self.types.get(type_url) else { return Ok(()) };
-        if subscription.pending.is_some()
-            || subscription.rejected.as_ref().is_some_and(|r| Arc::ptr_eq(r, snapshot))
-        {
+        if subscription.rejected.as_ref().is_some_and(|r| Arc::ptr_eq(r, snapshot)) {
             return Ok(());
         }
+        let names = subscription.names.as_ref();
         let mut changes = match &subscription.held {
             Some(held) if Arc::ptr_eq(held, snapshot) => Changes::default(),
-            Some(held) => self.difference(held, snapshot, type_url, subscription.names.as_ref()),
-            None => self.difference(&Snapshot::default(), snapshot, type_url, subscription.names.as_ref()),
+            Some(held) => self.difference(held, snapshot, type_url, names),
+            None => first_changes(snapshot, type_url, names, &subscription.initial),
         };
         if !subscription.asked.is_empty() {
             for (name, resource) in snapshot.resources(type_url) {
@@ -328,6 +416,7 @@ impl DeltaStream {
     ) -> Result<(), Closed> {
         let Some(subscription) = self.types.get_mut(type_url) else { return Ok(()) };
         subscription.asked.clear();
+        subscription.initial.clear();
         if changes.is_empty() {
             if subscription.held.as_ref().is_none_or(|held| !Arc::ptr_eq(held, snapshot)) {
                 subscription.held = Some(snapshot.clone());
@@ -335,9 +424,11 @@ impl DeltaStream {
             }
             return Ok(());
         }
+        // The share is taken before the response is built: building copies the bytes.
+        let bytes = changes.resources.values().map(|r| r.any.value.len()).sum();
+        let permit = self.in_flight.take(bytes).await;
         self.nonces += 1;
         let nonce = self.nonces.to_string();
-        subscription.pending = Some((nonce.clone(), Instant::now(), snapshot.clone()));
         let response = DeltaDiscoveryResponse {
             system_version_info: snapshot.version(type_url),
             resources: changes
@@ -355,7 +446,34 @@ impl DeltaStream {
             nonce,
             ..DeltaDiscoveryResponse::default()
         };
+        let Some(subscription) = self.types.get_mut(type_url) else { return Ok(()) };
+        subscription.pending = Some(Pending {
+            nonce: response.nonce.clone(),
+            at: Instant::now(),
+            snapshot: snapshot.clone(),
+            permit,
+        });
         self.state.metrics.xds_pushes.get_or_create(&TypeLabel::of(type_url)).inc();
         self.tx.send(Ok(response)).await.map_err(|_| Closed)
+    }
+
+    /// When the oldest share of bytes in flight this stream holds must be given back.
+    fn permit_deadline(&self) -> Option<tokio::time::Instant> {
+        let oldest = self
+            .types
+            .values()
+            .filter_map(|s| s.pending.as_ref().filter(|p| p.permit.is_some()))
+            .map(|p| p.at)
+            .min()?;
+        Some(tokio::time::Instant::from_std(oldest + PERMIT_HOLD))
+    }
+
+    /// Gives back the shares of responses unanswered for [`PERMIT_HOLD`].
+    fn expire_permits(&mut self) {
+        for pending in self.types.values_mut().filter_map(|s| s.pending.as_mut()) {
+            if pending.at.elapsed() >= PERMIT_HOLD {
+                pending.permit = None;
+            }
+        }
     }
 }

@@ -31,7 +31,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::{
     cache::SnapshotCache,
-    delta::{DeltaStream, Diffs},
+    delta::{DeltaStream, Diffs, InFlight},
     identity::{Authenticator, Identity},
 };
 use crate::{
@@ -49,8 +49,9 @@ pub struct AdsServer {
     open: Arc<AtomicBool>,
     /// Who may ask for which node id.
     authenticator: Authenticator,
-    /// Part differences the delta streams share.
+    /// Part differences the delta streams share, and the bytes they may have in flight.
     diffs: Arc<Diffs>,
+    in_flight: Arc<InFlight>,
 }
 
 impl AdsServer {
@@ -62,7 +63,7 @@ impl AdsServer {
         open: Arc<AtomicBool>,
         authenticator: Authenticator,
     ) -> Self {
-        Self { cache, state, open, authenticator, diffs: Arc::default() }
+        Self { cache, state, open, authenticator, diffs: Arc::default(), in_flight: Arc::default() }
     }
 
     /// A server that always accepts streams and believes every node id: for standalone mode
@@ -129,13 +130,14 @@ impl AggregatedDiscoveryService for AdsServer {
         let identity = self.accept(&request).await?;
         let peer = request.remote_addr();
         let (tx, rx) = mpsc::channel(32);
-        let (cache, state, diffs) = (self.cache.clone(), self.state.clone(), self.diffs.clone());
+        let (cache, state) = (self.cache.clone(), self.state.clone());
+        let shared = (self.diffs.clone(), self.in_flight.clone());
         tokio::spawn(async move {
             let mut inbound = request.into_inner();
             let Ok(Some(first)) = inbound.message().await else { return };
             let node_id = first.node.as_ref().map(|n| n.id.clone()).unwrap_or_default();
             match admit(&identity, &node_id, &state, peer) {
-                Ok(proxy) => DeltaStream::new(proxy, cache, state, diffs, tx).run(first, inbound).await,
+                Ok(proxy) => DeltaStream::new(proxy, cache, state, shared, tx).run(first, inbound).await,
                 Err(refusal) => drop(tx.send(Err(refusal)).await),
             }
         });
