@@ -73,7 +73,7 @@ pub enum Error {
     #[error("cannot decode a {type_url} resource")]
     DecodeResource { type_url: String, source: prost::DecodeError },
 
-    #[error("cannot decode the agent's configuration")]
+    #[error("cannot decode the agent's configuration or a breaker")]
     DecodeAgent(#[source] breakwater_api::agent::DecodeError),
 
     #[error("cannot print the configuration as JSON")]

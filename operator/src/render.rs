@@ -3,8 +3,9 @@
 //! with snake_case field names and every resource under its `@type`, laid out like the
 //! discovery responses the proxy receives, plus the sidecar's bootstrap. Envoy messages are
 //! rendered through prost-reflect with the descriptor set envoy-types ships, committed in
-//! `operator/descriptors/envoy.bin`; the agent's resource (protobuf,
-//! crds/proto) is decoded into the contract type and printed as its JSON.
+//! `operator/descriptors/envoy.bin`; the agent's resources (protobuf, crds/proto) — its
+//! configuration and the breakers — are decoded into the contract types and printed as their
+//! JSON.
 
 use std::collections::BTreeMap;
 use std::{
@@ -12,7 +13,7 @@ use std::{
     sync::{Arc, OnceLock},
 };
 
-use breakwater_api::agent::AgentConfig;
+use breakwater_api::agent::{AgentConfig, BreakerRule};
 use envoy_types::pb::google::protobuf::Any;
 use prost::Message;
 use prost_reflect::{DescriptorError, DescriptorPool, DynamicMessage, SerializeOptions};
@@ -29,7 +30,7 @@ use crate::{
 static DESCRIPTORS: &[u8] = include_bytes!("../descriptors/envoy.bin");
 
 /// The order resource types are printed in: how a request travels through Envoy.
-pub const TYPE_ORDER: [&str; 6] = type_url::ALL;
+pub const TYPE_ORDER: [&str; 7] = type_url::ALL;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -74,6 +75,8 @@ enum Resource {
     Envoy(Proto),
     /// The agent's configuration, printed as the JSON it travels as, under its `@type`.
     Agent(AgentConfig),
+    /// One of the agents' breakers, likewise.
+    Breaker(BreakerRule),
 }
 
 /// A body printed under its `@type`, as protobuf-JSON prints an `Any`.
@@ -90,6 +93,7 @@ impl Serialize for Resource {
         match self {
             Self::Envoy(message) => message.serialize(serializer),
             Self::Agent(config) => Typed { type_url: type_url::AGENT, body: config }.serialize(serializer),
+            Self::Breaker(rule) => Typed { type_url: type_url::BREAKER, body: rule }.serialize(serializer),
         }
     }
 }
@@ -99,6 +103,10 @@ fn resource(any: &Any) -> Result<Resource> {
         // Through the contract type, so fields print in its order (id first), not sorted.
         let config = breakwater_api::agent::decode(&any.value).map_err(Error::DecodeAgent)?;
         return Ok(Resource::Agent(config));
+    }
+    if any.type_url == type_url::BREAKER {
+        let rule = breakwater_api::agent::decode_breaker(&any.value).map_err(Error::DecodeAgent)?;
+        return Ok(Resource::Breaker(rule));
     }
     let message = decode("google.protobuf.Any", &any.encode_to_vec())?;
     Ok(Resource::Envoy(Proto(message)))

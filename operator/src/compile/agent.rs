@@ -1,8 +1,8 @@
 //! The agent's share of a pod's configuration, as the `breakwater_api::agent` contract
-//! defines it: the scope Cluster rate limits of the Services the pod backs (the agent counts
-//! each descriptor Envoy sends — rule id, Service port, match, key parts — in Redis), the
-//! LockLeases the pod may take, and every shared breaker of the cluster (the pod may call
-//! any Service).
+//! defines it: one resource per pod with the scope Cluster rate limits of the Services the
+//! pod backs (the agent counts each descriptor Envoy sends — rule id, Service port, match,
+//! key parts — in Redis) and the LockLeases the pod may take; and one resource per shared
+//! breaker of the cluster, the same for every pod (the pod may call any Service).
 
 use std::collections::BTreeMap;
 
@@ -27,8 +27,8 @@ pub const DEFAULT_MINIMUM_CALLS: u32 = 100;
 pub const DEFAULT_HALF_OPEN_CALLS: u32 = 10;
 
 /// The agent configuration for the limits that land on a pod (one rule per limit id) and the
-/// leases it may take (sorted by id); the breakers of the cluster, the same in every pod,
-/// are added to its encoding by [`resource`].
+/// leases it may take (sorted by id); the breakers of the cluster are resources of their own
+/// ([`breaker_resource`]).
 pub fn config<'a>(
     limits: impl IntoIterator<Item = &'a EffectiveLimit>,
     leases: impl IntoIterator<Item = &'a LockLease>,
@@ -103,69 +103,13 @@ fn lease_rule(lease: &LockLease) -> Option<LeaseRule> {
     })
 }
 
-/// The breakers of the cluster (sorted by id), encoded once per inventory as the
-/// `breakers` fields of an `AgentConfig`: every pod's agent has all of them.
-pub fn encode_breakers(breakers: Vec<BreakerRule>) -> Vec<u8> {
-    breakwater_api::agent::encode(&AgentConfig { rate_limits: Vec::new(), leases: Vec::new(), breakers })
+/// The pod's ADS resource: the configuration's protobuf message, under the agent's type URL.
+pub fn resource(config: &AgentConfig) -> Any {
+    Any { type_url: type_url::AGENT.to_string(), value: breakwater_api::agent::encode(config) }
 }
 
-/// The ADS resource: the configuration's protobuf message, under the agent's type URL, with
-/// the breakers [`encode_breakers`] encoded appended. `breakers` is the message's last
-/// field and prost writes fields in tag order, so these are the bytes of one message that
-/// holds them all, without encoding every breaker again for every pod.
-pub fn resource(config: &AgentConfig, breakers: &[u8]) -> Any {
-    let mut value = breakwater_api::agent::encode(config);
-    value.extend_from_slice(breakers);
-    Any { type_url: type_url::AGENT.to_string(), value }
-}
-
-#[cfg(test)]
-mod tests {
-    use breakwater_api::{agent::RateLimitRule, circuit_breaker::BreakerFallback, rate_limit::FailureMode};
-
-    use super::*;
-
-    fn breaker(id: &str) -> BreakerRule {
-        BreakerRule {
-            id: id.into(),
-            policy: "shop/cb".into(),
-            failure_rate_threshold: 50,
-            slow_call_ms: 0,
-            slow_call_rate_threshold: 0,
-            window: WindowKind::Count,
-            window_size: 20,
-            window_ms: 0,
-            minimum_calls: 10,
-            open_ms: 30_000,
-            half_open_calls: 5,
-            fallback: BreakerFallback::Reject,
-        }
-    }
-
-    #[test]
-    fn breakers_encoded_once_make_the_bytes_of_one_message() {
-        let breakers = vec![breaker("shop/api:80"), breaker("shop/payments:80")];
-        let config = AgentConfig {
-            rate_limits: vec![RateLimitRule {
-                id: "shop/rl/per-user".into(),
-                requests: 10,
-                period_ms: 1_000,
-                burst: 0,
-                algorithm: Algorithm::SlidingWindow,
-                shadow: false,
-                failure_mode: FailureMode::Open,
-            }],
-            leases: vec![LeaseRule {
-                id: "shop/lock".into(),
-                name: "lock".into(),
-                ttl_ms: 30_000,
-                holders: 1,
-            }],
-            breakers: Vec::new(),
-        };
-        let whole = AgentConfig { breakers: breakers.clone(), ..config.clone() };
-        let any = resource(&config, &encode_breakers(breakers));
-        assert_eq!(any.value, breakwater_api::agent::encode(&whole));
-        assert_eq!(breakwater_api::agent::decode(&any.value).expect("decodes"), whole);
-    }
+/// One breaker's ADS resource (named by its id): a resource of its own, so that a change to
+/// one breaker resends that breaker alone to every agent.
+pub fn breaker_resource(rule: &BreakerRule) -> Any {
+    Any { type_url: type_url::BREAKER.to_string(), value: breakwater_api::agent::encode_breaker(rule) }
 }

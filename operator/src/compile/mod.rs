@@ -88,9 +88,12 @@ pub mod type_url {
     pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
     pub const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
     pub const VIRTUAL_HOST: &str = "type.googleapis.com/envoy.config.route.v3.VirtualHost";
+    /// A pod's agent configuration: its rate limits and leases.
     pub const AGENT: &str = breakwater_api::agent::TYPE_URL;
+    /// One shared breaker, for every pod's agent.
+    pub const BREAKER: &str = breakwater_api::agent::BREAKER_TYPE_URL;
     /// Every type a snapshot may hold.
-    pub const ALL: [&str; 6] = [LISTENER, ROUTE, VIRTUAL_HOST, CLUSTER, ENDPOINT, AGENT];
+    pub const ALL: [&str; 7] = [LISTENER, ROUTE, VIRTUAL_HOST, CLUSTER, ENDPOINT, AGENT, BREAKER];
 }
 
 /// The pod a proxy (Envoy sidecar and agent) runs in. Its ADS node id is `namespace/pod`.
@@ -160,7 +163,7 @@ struct ServiceEntry {
 #[derive(Debug)]
 pub struct Compiled {
     /// The resources every proxy gets: outbound clusters, endpoints, listener, route
-    /// configuration and the virtual hosts with qualified names.
+    /// configuration, the virtual hosts with qualified names and the agents' breakers.
     shared: Arc<Part>,
     /// Per namespace with Services, the virtual hosts with the short names of its own
     /// Services; and the empty part the other namespaces get.
@@ -170,9 +173,6 @@ pub struct Compiled {
     rate_limits: BTreeMap<ServicePort, Vec<EffectiveLimit>>,
     /// Accepted LockLeases by namespace, in name order.
     leases: BTreeMap<String, Vec<Arc<LockLease>>>,
-    /// Every Service port's shared breaker, by id, encoded once: the end of every agent's
-    /// configuration.
-    breakers: Vec<u8>,
     generations: BTreeMap<(&'static str, ObjectName), i64>,
     pods: BTreeMap<ObjectName, Arc<Pod>>,
 }
@@ -189,7 +189,6 @@ impl Compiled {
         let mut shared = Part::default();
         let mut namespaces: BTreeMap<String, Part> = BTreeMap::new();
         let mut services: BTreeMap<String, Vec<ServiceEntry>> = BTreeMap::new();
-        let mut breakers = BTreeMap::new();
         let empty = crate::policy::circuit_breaker::empty_spec();
         for (name, service) in &inventory.services {
             let mut ports = workload::ports(service);
@@ -224,7 +223,8 @@ impl Compiled {
                 }
                 if let (Some(breaker), Some(source)) = (&spec.breaker, sources.get(&Section::Breaker)) {
                     let id = breaker_id(name, port.number);
-                    breakers.insert(id.clone(), agent::breaker_rule(id, source, breaker));
+                    let rule = agent::breaker_rule(id, source, breaker);
+                    shared.insert(type_url::BREAKER, rule.id.clone(), agent::breaker_resource(&rule));
                 }
                 for (section, source) in sources {
                     for type_url in carrying(section, spec) {
@@ -259,7 +259,6 @@ impl Compiled {
             services,
             rate_limits,
             leases,
-            breakers: agent::encode_breakers(breakers.into_values().collect()),
             generations,
             pods: inventory.pods.clone(),
         }
@@ -277,9 +276,8 @@ impl Compiled {
     }
 
     /// The resources every proxy gets, whatever its pod: the outbound listener, route
-    /// configuration, clusters, their endpoints and the virtual hosts with qualified names,
-    /// with the policies they carry — and those every agent's breakers carry, which are the
-    /// same for every pod.
+    /// configuration, clusters, their endpoints, the virtual hosts with qualified names and
+    /// the agents' breakers (one resource each), with the policies they carry.
     pub fn shared(&self) -> &Arc<Part> {
         &self.shared
     }
@@ -293,8 +291,8 @@ impl Compiled {
 
     /// What is particular to one pod: when the pod is known, the inbound listener, routes
     /// and clusters and the policies they carry; and the agent's configuration: the pod's
-    /// rate limits and leases, and every breaker (an unknown pod's agent gets the breakers
-    /// only — its Envoy has the outbound routes that ask about them).
+    /// rate limits and leases (an empty one for an unknown pod, whose agent still gets the
+    /// breakers from the shared part).
     pub fn local(&self, proxy: &Proxy) -> Part {
         let mut snapshot = Part::default();
         let mut agent = agent::config([], []);
@@ -331,7 +329,7 @@ impl Compiled {
                 leases.iter().map(AsRef::as_ref),
             );
         }
-        snapshot.insert(type_url::AGENT, names::AGENT_RESOURCE, agent::resource(&agent, &self.breakers));
+        snapshot.insert(type_url::AGENT, names::AGENT_RESOURCE, agent::resource(&agent));
         snapshot
     }
 
@@ -430,8 +428,8 @@ fn slices_by_service(inventory: &Inventory) -> BTreeMap<ObjectName, Vec<Arc<Endp
 /// limits and outlier detection live in the outbound cluster, retries and the timeout in the
 /// virtual host of the outbound routes (a retry budget in the cluster too). The breaker
 /// needs the outbound listener (its rate-limit filter and access log), the route (its name
-/// and descriptor) and the agent's configuration (the rule): all three are the same for
-/// every pod, so the shared part claims them and every pod carries the policy.
+/// and descriptor) and the agent's breaker resource (the rule): all three are the same for
+/// every pod, in the shared part, and every pod carries the policy.
 fn carrying(section: Section, spec: &CircuitBreakerPolicySpec) -> &'static [&'static str] {
     match section {
         Section::ConnectionLimits | Section::OutlierDetection => &[type_url::CLUSTER],
@@ -439,7 +437,7 @@ fn carrying(section: Section, spec: &CircuitBreakerPolicySpec) -> &'static [&'st
             &[type_url::CLUSTER, type_url::VIRTUAL_HOST]
         }
         Section::Retry | Section::Timeout => &[type_url::VIRTUAL_HOST],
-        Section::Breaker => &[type_url::LISTENER, type_url::VIRTUAL_HOST, type_url::AGENT],
+        Section::Breaker => &[type_url::LISTENER, type_url::VIRTUAL_HOST, type_url::BREAKER],
     }
 }
 

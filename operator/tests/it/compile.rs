@@ -158,7 +158,22 @@ fn retry(snapshot: &Snapshot) -> RetryPolicy {
 
 fn agent(snapshot: &Snapshot) -> AgentConfig {
     let any = &snapshot.get(type_url::AGENT, names::AGENT_RESOURCE).expect("agent resource").any;
-    breakwater_api::agent::decode(&any.value).expect("agent config decodes")
+    let config = breakwater_api::agent::decode(&any.value).expect("agent config decodes");
+    assert!(config.breakers.is_empty(), "breakers are resources of their own: {config:?}");
+    config
+}
+
+/// The agent's breakers: every resource of the breaker type, each named by its rule's id.
+fn breakers(snapshot: &Snapshot) -> Vec<BreakerRule> {
+    snapshot
+        .resources(type_url::BREAKER)
+        .map(|(name, resource)| {
+            assert_eq!(resource.any.type_url, type_url::BREAKER);
+            let rule = breakwater_api::agent::decode_breaker(&resource.any.value).expect("breaker decodes");
+            assert_eq!(rule.id, name, "a breaker resource is named by its id");
+            rule
+        })
+        .collect()
 }
 
 fn inbound_route(snapshot: &Snapshot, target: u16) -> RouteAction {
@@ -487,15 +502,15 @@ fn every_agent_gets_every_breaker_with_its_defaults() {
     // The callers of every namespace, the pods behind the Service, and a pod the inventory
     // does not know (its Envoy has the outbound routes that ask about the breaker).
     for pod in [API_POD, "shop/web-1", "lab/api-1", "shop/unknown"] {
-        assert_eq!(agent(&snapshot(&cbp(BREAKER), pod)).breakers, std::slice::from_ref(&expected), "{pod}");
+        assert_eq!(breakers(&snapshot(&cbp(BREAKER), pod)), std::slice::from_ref(&expected), "{pod}");
     }
-    assert!(agent(&snapshot("", API_POD)).breakers.is_empty());
+    assert!(breakers(&snapshot("", API_POD)).is_empty());
 }
 
 #[test]
 fn a_breaker_rule_carries_every_field_in_milliseconds() {
     let spec = "  breaker:\n    failureRateThreshold: 40\n    slowCall: {duration: 1s500ms, rateThreshold: 70}\n    slidingWindow: {type: Time, duration: 1m}\n    minimumCalls: 5\n    openDuration: 45s\n    halfOpenCalls: 2\n    fallback: Reject";
-    let rules = agent(&snapshot(&cbp(spec), API_POD)).breakers;
+    let rules = breakers(&snapshot(&cbp(spec), API_POD));
     assert_eq!(
         rules,
         [BreakerRule {
@@ -519,7 +534,7 @@ fn a_breaker_rule_carries_every_field_in_milliseconds() {
     let count =
         "  breaker: {failureRateThreshold: 50, slidingWindow: {type: Count, size: 500}, openDuration: 1s}";
     for (spec, minimum) in [(time, 100), (count, 100), (BREAKER, 10)] {
-        assert_eq!(agent(&snapshot(&cbp(spec), API_POD)).breakers[0].minimum_calls, minimum, "{spec}");
+        assert_eq!(breakers(&snapshot(&cbp(spec), API_POD))[0].minimum_calls, minimum, "{spec}");
     }
     assert_eq!(compile::DEFAULT_MINIMUM_CALLS, 100);
 }
@@ -529,7 +544,7 @@ fn breakers_are_sorted_by_id_and_name_the_policy_their_section_came_from() {
     // A root Default breaker for every production Service port, the namespace's own on api:80.
     let root = "apiVersion: breakwater.dev/v1alpha1\nkind: CircuitBreakerPolicy\nmetadata: {name: root-breaker, namespace: breakwater-system}\nspec:\n  namespaceSelector: {matchLabels: {tier: production}}\n  mode: Default\n  breaker: {failureRateThreshold: 90, slidingWindow: {type: Count, size: 20}, openDuration: 5s}\n";
     let policies = format!("{root}---\n{}", cbp(BREAKER));
-    let rules = agent(&snapshot(&policies, "lab/api-1")).breakers;
+    let rules = breakers(&snapshot(&policies, "lab/api-1"));
     let ids: Vec<(&str, &str, u32)> =
         rules.iter().map(|r| (r.id.as_str(), r.policy.as_str(), r.failure_rate_threshold)).collect();
     assert_eq!(
@@ -1063,12 +1078,12 @@ fn a_policy_is_carried_by_the_types_that_hold_it() {
     let (_, types) = local.policies().into_iter().next().expect("the limit is carried");
     assert_eq!(types, BTreeSet::from(inbound));
     // A breaker: the outbound listener (its check and log), the virtual host (its route's
-    // name and descriptor) and the agent (its rule) — of every pod, a caller or not, known
-    // or not.
+    // name and descriptor) and the agent's breaker resource (its rule) — of every pod, a
+    // caller or not, known or not.
     for pod in [API_POD, "lab/api-1", "shop/unknown"] {
         let breaker = snapshot(&cbp(BREAKER), pod);
         let (_, types) = breaker.policies().into_iter().next().expect("the breaker is carried");
-        let expected = BTreeSet::from([type_url::LISTENER, type_url::VIRTUAL_HOST, type_url::AGENT]);
+        let expected = BTreeSet::from([type_url::LISTENER, type_url::VIRTUAL_HOST, type_url::BREAKER]);
         assert_eq!(types, expected, "{pod}");
     }
 }
@@ -1116,11 +1131,13 @@ fn every_pod_carries_a_breaker() {
     for pod in inventory.pods.keys() {
         let snapshot = compiled.snapshot(&Proxy { pod: pod.clone() });
         assert!(snapshot.policies().keys().any(|p| p.name == name), "{pod} claims the breaker");
-        assert_eq!(agent(&snapshot).breakers.len(), 1, "{pod}'s agent has its rule");
+        assert_eq!(breakers(&snapshot).len(), 1, "{pod}'s agent has its rule");
     }
-    // The shared part claims it, for the types every pod's snapshot has.
+    // The shared part claims it and holds the rule: one resource, the same for every pod.
     let shared = compiled.shared().policies().iter().find(|(p, _)| p.name == name).expect("shared");
-    assert!(shared.1.contains(type_url::AGENT));
+    assert!(shared.1.contains(type_url::BREAKER));
+    let held = compiled.shared().resources(type_url::BREAKER).expect("the shared part holds breakers");
+    assert_eq!(held.keys().collect::<Vec<_>>(), ["shop/api:80"]);
 }
 
 #[test]

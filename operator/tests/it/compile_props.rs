@@ -9,7 +9,8 @@ use breakwater_api::{
     CircuitBreakerPolicy, CircuitBreakerPolicySpec, Duration, Mode, RateLimitPolicy, RateLimitPolicySpec,
     TargetRef,
     circuit_breaker::{
-        Backoff, ConnectionLimits, FailurePercentage, OutlierDetection, Retry, RetryBudget, RetryOn,
+        Backoff, Breaker, BreakerFallback, ConnectionLimits, FailurePercentage, OutlierDetection, Retry,
+        RetryBudget, RetryOn, SlidingWindow, SlowCall, WindowKind,
     },
     rate_limit::{
         Algorithm, FailureMode, HeaderMatch, HttpMethod, KeyPart, Limit, Rate, RequestMatch, Scope,
@@ -269,18 +270,50 @@ fn circuit_breaker_policy(index: usize) -> impl Strategy<Value = CircuitBreakerP
             }),
             budget: budget.map(|(percent, min_concurrency)| RetryBudget { percent, min_concurrency }),
         });
+    // A shared breaker: every agent gets it as a resource of its own.
+    let window = prop_oneof![
+        (1..=100_000u32).prop_map(|size| SlidingWindow {
+            kind: WindowKind::Count,
+            size: Some(size),
+            duration: None
+        }),
+        duration(600).prop_map(|d| SlidingWindow { kind: WindowKind::Time, size: None, duration: Some(d) }),
+    ];
+    let breaker = (
+        1..=100u32,
+        prop::option::of((duration(60), 1..=100u32)),
+        window,
+        prop::option::of(1..=100_000u32),
+        duration(600),
+        prop::option::of(1..=1000u32),
+        prop::option::of(prop::sample::select(vec![BreakerFallback::Admit, BreakerFallback::Reject])),
+    )
+        .prop_map(
+            |(failure_rate_threshold, slow, sliding_window, minimum_calls, open, half_open, fallback)| {
+                Breaker {
+                    failure_rate_threshold,
+                    slow_call: slow.map(|(duration, rate_threshold)| SlowCall { duration, rate_threshold }),
+                    sliding_window,
+                    minimum_calls,
+                    open_duration: open,
+                    half_open_calls: half_open,
+                    fallback,
+                }
+            },
+        );
     (
         attachment(),
         prop::option::of(limits),
         prop::option::of(outlier),
         prop::option::of(retry),
         prop::option::of(31..=600u32),
+        prop::option::of(breaker),
     )
-        .prop_filter("at least one section", |(_, l, o, r, t)| {
-            l.is_some() || o.is_some() || r.is_some() || t.is_some()
+        .prop_filter("at least one section", |(_, l, o, r, t, b)| {
+            l.is_some() || o.is_some() || r.is_some() || t.is_some() || b.is_some()
         })
         .prop_map(
-            move |((ns, target_refs, namespace_selector, mode), limits, outlier, retry, timeout)| {
+            move |((ns, target_refs, namespace_selector, mode), limits, outlier, retry, timeout, breaker)| {
                 let spec = CircuitBreakerPolicySpec {
                     target_refs,
                     namespace_selector,
@@ -290,7 +323,7 @@ fn circuit_breaker_policy(index: usize) -> impl Strategy<Value = CircuitBreakerP
                     outlier_detection: outlier,
                     retry,
                     timeout: timeout.map(|s| Duration::new(format!("{s}s"))),
-                    breaker: None,
+                    breaker,
                 };
                 let mut policy = CircuitBreakerPolicy::new(&format!("cb-{index}"), spec);
                 policy.metadata.namespace = Some(ns);
@@ -348,6 +381,9 @@ proptest! {
                         type_url::VIRTUAL_HOST => round_trips::<VirtualHost>(bytes),
                         type_url::AGENT => breakwater_api::agent::decode(bytes)
                             .map(|c| breakwater_api::agent::encode(&c) == bytes)
+                            .unwrap_or(false),
+                        type_url::BREAKER => breakwater_api::agent::decode_breaker(bytes)
+                            .map(|r| r.id == name && breakwater_api::agent::encode_breaker(&r) == bytes)
                             .unwrap_or(false),
                         other => panic!("unexpected type {other}"),
                     };

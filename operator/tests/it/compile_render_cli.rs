@@ -41,6 +41,7 @@ fn one_proxy_as_json_is_a_discovery_like_document() {
             "type.googleapis.com/envoy.config.cluster.v3.Cluster",
             "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
             "type.googleapis.com/breakwater.agent.v1alpha1.AgentConfig",
+            "type.googleapis.com/breakwater.agent.v1alpha1.BreakerRule",
         ]
     );
     for response in doc["discovery"].as_array().expect("discovery") {
@@ -64,7 +65,8 @@ fn resources<'a>(doc: &'a serde_json::Value, type_url: &str) -> &'a Vec<serde_js
 }
 
 /// The payments example's breaker as a user reads it in `render`: the route named after it
-/// with its descriptor, the outbound listener's check and access log, the agent's rule.
+/// with its descriptor, the outbound listener's check and access log, the agents' rule (a
+/// resource of its own, not in the agent's configuration).
 #[test]
 fn the_payments_breaker_is_rendered_in_routes_listener_and_agent() {
     let (code, stdout, stderr) = render(&["--proxy", API_POD, "-o", "json"]);
@@ -107,13 +109,15 @@ fn the_payments_breaker_is_rendered_in_routes_listener_and_agent() {
     );
 
     let agent = &resources(&doc, "type.googleapis.com/breakwater.agent.v1alpha1.AgentConfig")[0];
+    assert!(agent.get("breakers").is_none(), "{agent}");
     assert_eq!(
-        agent["breakers"],
-        serde_json::json!([{
+        resources(&doc, "type.googleapis.com/breakwater.agent.v1alpha1.BreakerRule"),
+        &[serde_json::json!({
+            "@type": "type.googleapis.com/breakwater.agent.v1alpha1.BreakerRule",
             "id": "shop/payments:80", "policy": "shop/payments", "failureRateThreshold": 50,
             "slowCallMs": 2000, "slowCallRateThreshold": 80, "window": "Count", "windowSize": 100,
             "windowMs": 0, "minimumCalls": 20, "openMs": 30000, "halfOpenCalls": 3, "fallback": "Admit",
-        }])
+        })]
     );
 }
 
@@ -145,8 +149,9 @@ fn an_unknown_pod_gets_the_outbound_side_with_a_note() {
     assert_eq!(listeners.as_array().map(Vec::len), Some(1));
     assert_eq!(listeners[0]["name"], "outbound_http");
     // Its Envoy asks about the breakers on the outbound routes, so its agent has them.
+    let breakers = resources(&doc, "type.googleapis.com/breakwater.agent.v1alpha1.BreakerRule");
+    assert_eq!(breakers[0]["id"], "shop/payments:80");
     let agent = &resources(&doc, "type.googleapis.com/breakwater.agent.v1alpha1.AgentConfig")[0];
-    assert_eq!(agent["breakers"][0]["id"], "shop/payments:80");
     assert!(agent.get("rateLimits").is_none_or(|r| r.as_array().is_some_and(Vec::is_empty)));
 }
 

@@ -54,9 +54,9 @@ async fn a_timeout_change_sends_one_pod_its_two_virtual_hosts_and_nothing_else()
         held.insert(type_url.to_string(), versions);
         envoy.ack(&response).await;
     }
-    // The agent's own stream (state of the world) holds the breaker's rule.
+    // An agent's stream (state of the world here) holds the breaker's rule.
     let agent = Client::connect(&endpoint, POD).await;
-    agent.subscribe(type_url::AGENT, &[]).await;
+    agent.subscribe(type_url::BREAKER, &[]).await;
     let mut agent = agent;
     let rules = agent.next().await;
     agent.ack(&rules, &[]).await;
@@ -102,7 +102,7 @@ async fn a_timeout_change_sends_one_pod_its_two_virtual_hosts_and_nothing_else()
         again.subscribe(type_url, names, held[type_url].clone()).await;
     }
     let agent = Client::connect(&endpoint, POD).await;
-    agent.send(type_url::AGENT, &[], &rules.version_info, "", None).await;
+    agent.send(type_url::BREAKER, &[], &rules.version_info, "", None).await;
     eventually("Programmed from the versions held", || programmed(&cache, 2).0).await;
     let (_, message) = programmed(&cache, 2);
     assert!(message.starts_with("acknowledged by 1/"), "{message}");

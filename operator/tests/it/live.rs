@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use breakwater_api::agent::AgentConfig;
+use breakwater_api::agent::{AgentConfig, BreakerRule};
 use breakwater_operator::{
     compile::{self, Proxy, names, type_url},
     inventory::Inventory,
@@ -21,11 +21,20 @@ fn agent(inventory: &Inventory, pod: &str) -> AgentConfig {
     breakwater_api::agent::decode(&any.value).expect("agent config decodes")
 }
 
+/// The breaker resources of a pod's snapshot.
+fn breakers(inventory: &Inventory, pod: &str) -> Vec<BreakerRule> {
+    let snapshot = compile::compile(inventory, &Proxy::from_node_id(pod).expect("node id"));
+    snapshot
+        .resources(type_url::BREAKER)
+        .map(|(_, r)| breakwater_api::agent::decode_breaker(&r.any.value).expect("breaker decodes"))
+        .collect()
+}
+
 /// Breaker id → policy, as the status reads them and as the agents run them.
 fn both(inventory: &Inventory) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
     let read = breaker::breakers(inventory).into_iter().map(|(id, t)| (id, t.policy.to_string())).collect();
     // A pod nobody knows still gets every breaker: its Envoy has every outbound route.
-    let run = agent(inventory, "nowhere/unknown").breakers.into_iter().map(|r| (r.id, r.policy)).collect();
+    let run = breakers(inventory, "nowhere/unknown").into_iter().map(|r| (r.id, r.policy)).collect();
     (read, run)
 }
 

@@ -57,7 +57,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
 /// Every type a proxy (Envoy and agent of one pod) subscribes to.
-const TYPES: [&str; 6] = type_url::ALL;
+const TYPES: [&str; type_url::ALL.len()] = type_url::ALL;
 
 /// ADS streams per HTTP/2 connection (the server's default limit of concurrent streams is
 /// 200; one connection per proxy would cost two file descriptors each).
