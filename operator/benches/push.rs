@@ -112,6 +112,11 @@ async fn main() {
         println!("bench-xds: skipped outside `cargo bench` (run `make bench-xds`)");
         return;
     }
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(at) = args.iter().position(|a| a == "--clients") {
+        run_clients(args.get(at + 1).cloned().expect("--clients ENDPOINT")).await;
+        return;
+    }
     println!("command: make bench-xds (cargo bench -q -p breakwater-operator --bench push)");
     println!("commit: {}", commit());
     let (world_only, push_only) =
@@ -198,16 +203,102 @@ fn live_proxies(inventory: &Inventory) -> Vec<String> {
 
 /// The world's first change (the timeout of team-000/svc-00) pushed to live proxies, each
 /// an Envoy on delta ADS and an agent on state of the world, as the sidecars connect: the
-/// time to the last ACK, the bytes each received, and the process's memory.
+/// time to the last ACK, the bytes each received, and the server's memory. The proxies run in
+/// a child process (this binary with `--clients`), so the resident memory measured is the
+/// operator's side alone: the world, the compiled snapshots, the cache and the streams.
 async fn world_live(inventory: &Inventory) {
-    use std::sync::atomic::{AtomicUsize, Ordering};
     let rss_before = vm_kb("VmRSS");
     let cache = Arc::new(SnapshotCache::default());
     cache.publish(Compiled::new(inventory));
     let endpoint = ads::serve(cache.clone()).await;
     let pods = live_proxies(inventory);
-    let received: Arc<Vec<AtomicUsize>> = Arc::new(pods.iter().map(|_| AtomicUsize::new(0)).collect());
+    let mut clients = Clients::start(&endpoint, &pods);
     let started = Instant::now();
+    let policy = ObjectName::new("team-000", "cb-0");
+    wait_for_acks(&cache, &policy, 1, pods.len()).await;
+    let connecting = started.elapsed();
+    let connected_rss = vm_kb("VmRSS");
+    let (first, _) = clients.report();
+    let mut changed = inventory.clone();
+    (world::CHANGES[0].apply)(&mut changed);
+    let started = Instant::now();
+    let compiled = Compiled::new(&changed);
+    let compiling = started.elapsed();
+    cache.publish(compiled);
+    let publishing = started.elapsed() - compiling;
+    wait_for_acks(&cache, &policy, 2, pods.len()).await;
+    let elapsed = started.elapsed();
+    let (mean, max) = clients.report();
+    println!(
+        "Live, {} proxies of the world (Envoy on delta ADS, the agent on state of the world; the clients in \
+         another process), the timeout change: publish → last ACK {:.0} ms (of which compiling the world {:.0} ms, the cache \
+         installing every proxy's snapshot {:.0} ms); \
+         received per proxy {} (max {}; counted by the clients, protobuf bytes); connecting them all took \
+         {:.1} s, each receiving {}. The operator side's resident memory: {} MB before serving, {} MB with the \
+         proxies connected, peak {} MB.\n",
+        pods.len(),
+        elapsed.as_secs_f64() * 1e3,
+        compiling.as_secs_f64() * 1e3,
+        publishing.as_secs_f64() * 1e3,
+        mb(mean),
+        mb(max),
+        connecting.as_secs_f64(),
+        mb(first),
+        rss_before / 1024,
+        connected_rss / 1024,
+        vm_kb("VmHWM") / 1024,
+    );
+}
+
+/// The proxies' process: pod names in on stdin, then `report` lines answered with the mean
+/// and largest bytes a proxy received since the last report.
+struct Clients {
+    child: std::process::Child,
+    lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+}
+
+impl Clients {
+    fn start(endpoint: &str, pods: &[String]) -> Self {
+        use std::io::{BufRead, Write};
+        let mut child = Command::new(std::env::current_exe().expect("this binary"))
+            .args(["--bench", "--clients", endpoint])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("the clients' process");
+        let mut stdin = child.stdin.take().expect("stdin");
+        writeln!(stdin, "{}", pods.join(" ")).expect("pods sent");
+        child.stdin = Some(stdin);
+        let lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+        Self { child, lines }
+    }
+
+    fn report(&mut self) -> (usize, usize) {
+        use std::io::Write;
+        let stdin = self.child.stdin.as_mut().expect("stdin");
+        writeln!(stdin, "report").and_then(|()| stdin.flush()).expect("asked");
+        let line = self.lines.next().expect("a report").expect("read");
+        let mut numbers = line.split_whitespace().map(|n| n.parse().expect("a number"));
+        (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0))
+    }
+}
+
+impl Drop for Clients {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `--clients ENDPOINT`: the proxies of the pods named on the first line of stdin, connected
+/// to ENDPOINT, 100 streams a connection; each `report` line on stdin is answered with the
+/// mean and the largest bytes a proxy received since the last.
+async fn run_clients(endpoint: String) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let mut first = String::new();
+    std::io::stdin().read_line(&mut first).expect("the pods");
+    let pods: Vec<String> = first.split_whitespace().map(String::from).collect();
+    let received: Arc<Vec<AtomicUsize>> = Arc::new(pods.iter().map(|_| AtomicUsize::new(0)).collect());
     let mut channel = None;
     for (i, node) in pods.iter().enumerate() {
         if i % STREAMS_PER_CONNECTION == 0 {
@@ -227,33 +318,23 @@ async fn world_live(inventory: &Inventory) {
             );
         });
     }
-    let policy = ObjectName::new("team-000", "cb-0");
-    wait_for_acks(&cache, &policy, 1, pods.len()).await;
-    let connecting = started.elapsed();
-    let connected_rss = vm_kb("VmRSS");
-    let first: usize = received.iter().map(|r| r.swap(0, Ordering::Relaxed)).sum();
-    let mut changed = inventory.clone();
-    (world::CHANGES[0].apply)(&mut changed);
-    let started = Instant::now();
-    cache.publish(Compiled::new(&changed));
-    wait_for_acks(&cache, &policy, 2, pods.len()).await;
-    let elapsed = started.elapsed();
-    let sent: Vec<usize> = received.iter().map(|r| r.load(Ordering::Relaxed)).collect();
-    println!(
-        "Live, {} proxies of the world (Envoy on delta ADS, the agent on state of the world), the timeout \
-         change: publish → last ACK {:.0} ms (compiling the world included); received per proxy {} (max {}; \
-         counted by the clients, protobuf bytes); connecting them all took {:.1} s, each receiving {}. Resident \
-         memory: {} MB before serving, {} MB with the proxies connected, peak {} MB.\n",
-        pods.len(),
-        elapsed.as_secs_f64() * 1e3,
-        mb(sent.iter().sum::<usize>() / sent.len().max(1)),
-        mb(sent.iter().copied().max().unwrap_or(0)),
-        connecting.as_secs_f64(),
-        mb(first / pods.len().max(1)),
-        rss_before / 1024,
-        connected_rss / 1024,
-        vm_kb("VmHWM") / 1024,
-    );
+    // Reports are read on a thread of their own: stdin blocks.
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lines().map_while(Result::ok) {
+            if line == "report" && tx.blocking_send(()).is_err() {
+                break;
+            }
+        }
+    });
+    while rx.recv().await.is_some() {
+        let sent: Vec<usize> = received.iter().map(|r| r.swap(0, Ordering::Relaxed)).collect();
+        println!(
+            "{} {}",
+            sent.iter().sum::<usize>() / sent.len().max(1),
+            sent.iter().copied().max().unwrap_or(0)
+        );
+    }
 }
 
 fn vm_kb(field: &str) -> u64 {

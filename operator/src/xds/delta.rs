@@ -111,6 +111,8 @@ struct Subscription {
     pending: Option<Pending>,
     /// The snapshot of the last response the client rejected: not sent again.
     rejected: Option<Arc<Snapshot>>,
+    /// What is left to send of a snapshot whose changes were too large for one response.
+    owed: Option<(Arc<Snapshot>, Changes)>,
 }
 
 /// A response the client has not answered yet.
@@ -153,7 +155,7 @@ impl InFlight {
 }
 
 /// A response being put together.
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct Changes {
     resources: BTreeMap<String, Arc<Resource>>,
     removed: BTreeSet<String>,
@@ -163,7 +165,28 @@ impl Changes {
     fn is_empty(&self) -> bool {
         self.resources.is_empty() && self.removed.is_empty()
     }
+
+    /// The first resources (and every removal) up to about `bytes`, and the rest if any: at
+    /// least one resource goes, however large.
+    fn split(mut self, bytes: usize) -> (Self, Option<Self>) {
+        let mut total = 0;
+        let cut = self.resources.iter().position(|(_, r)| {
+            total += r.any.value.len();
+            total > bytes
+        });
+        // A resource larger than `bytes` goes alone.
+        let Some(at) = cut.map(|at| at.max(1)) else { return (self, None) };
+        let Some(first_left) = self.resources.keys().nth(at).cloned() else { return (self, None) };
+        let rest = self.resources.split_off(&first_left);
+        (self, Some(Changes { resources: rest, removed: BTreeSet::new() }))
+    }
 }
+
+/// How large a response grows before the rest of a change goes in the next: a stream's
+/// transport keeps a buffer as large as the largest message it sent for as long as it lives
+/// (tonic's encoder reuses its buffer), so a proxy's first 17 MB in one message would cost
+/// 17 MB for the life of its stream.
+const RESPONSE_BYTES: usize = 256 * 1024;
 
 pub(super) struct DeltaStream {
     proxy: Proxy,
@@ -303,7 +326,8 @@ impl DeltaStream {
                 self.cache.nack(&self.proxy, &type_url, &version, &error.message);
                 // Envoy keeps what it held before the rejected response.
                 subscription.rejected = Some(sent);
-            } else {
+                subscription.owed = None;
+            } else if subscription.owed.is_none() {
                 self.state.metrics.xds_acks.get_or_create(&label).inc();
                 self.state.metrics.xds_push_latency.observe(at.elapsed().as_secs_f64());
                 self.cache.ack(&self.proxy, &type_url, &version);
@@ -356,6 +380,18 @@ impl DeltaStream {
         if subscription.rejected.as_ref().is_some_and(|r| Arc::ptr_eq(r, snapshot)) {
             return Ok(());
         }
+        if let Some((owed_for, _)) = &subscription.owed {
+            if Arc::ptr_eq(owed_for, snapshot)
+                && let Some((_, rest)) = self.types.get_mut(type_url).and_then(|s| s.owed.take())
+            {
+                return self.send(type_url, snapshot, rest).await;
+            }
+            // A newer snapshot: what it holds is worked out again from its last ACK.
+            if let Some(subscription) = self.types.get_mut(type_url) {
+                subscription.owed = None;
+            }
+        }
+        let Some(subscription) = self.types.get(type_url) else { return Ok(()) };
         let names = subscription.names.as_ref();
         let mut changes = match &subscription.held {
             Some(held) if Arc::ptr_eq(held, snapshot) => Changes::default(),
@@ -424,6 +460,7 @@ impl DeltaStream {
             }
             return Ok(());
         }
+        let (changes, rest) = changes.split(RESPONSE_BYTES);
         // The share is taken before the response is built: building copies the bytes.
         let bytes = changes.resources.values().map(|r| r.any.value.len()).sum();
         let permit = self.in_flight.take(bytes).await;
@@ -447,6 +484,7 @@ impl DeltaStream {
             ..DeltaDiscoveryResponse::default()
         };
         let Some(subscription) = self.types.get_mut(type_url) else { return Ok(()) };
+        subscription.owed = rest.map(|rest| (snapshot.clone(), rest));
         subscription.pending = Some(Pending {
             nonce: response.nonce.clone(),
             at: Instant::now(),
@@ -475,5 +513,43 @@ impl DeltaStream {
                 pending.permit = None;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use envoy_types::pb::google::protobuf::Any;
+
+    use super::*;
+
+    fn changes(sizes: &[usize]) -> Changes {
+        let resources = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, size)| {
+                (format!("r{i}"), Resource::new(Any { type_url: "t".into(), value: vec![0; *size] }))
+            })
+            .collect();
+        Changes { resources, removed: ["gone".to_string()].into() }
+    }
+
+    fn names(changes: &Changes) -> Vec<&str> {
+        changes.resources.keys().map(String::as_str).collect()
+    }
+
+    #[test]
+    fn a_large_change_goes_in_responses_of_about_the_limit() {
+        let (first, rest) = changes(&[40, 40, 40, 40]).split(100);
+        assert_eq!(names(&first), ["r0", "r1"]);
+        assert_eq!(first.removed.len(), 1, "removals go first");
+        let rest = rest.expect("the rest");
+        assert_eq!(names(&rest), ["r2", "r3"]);
+        assert!(rest.removed.is_empty());
+        // Small enough: one response.
+        let (all, none) = changes(&[40, 40]).split(100);
+        assert_eq!((names(&all).len(), none.is_none()), (2, true));
+        // A resource larger than the limit goes alone.
+        let (big, rest) = changes(&[500, 10]).split(100);
+        assert_eq!((names(&big), names(&rest.expect("the rest"))), (vec!["r0"], vec!["r1"]));
     }
 }

@@ -31,7 +31,7 @@ use tonic::{Streaming, transport::Channel};
 pub const DEADLINE: Duration = Duration::from_secs(10);
 
 /// Every type a proxy (Envoy and agent of one pod) subscribes to.
-pub const TYPES: [&str; 6] = type_url::ALL;
+pub const TYPES: &[&str] = &type_url::ALL;
 
 /// Serves ADS from `cache` on a free loopback port until the test ends, believing every node
 /// id (as standalone mode does); the endpoint.
@@ -140,7 +140,7 @@ impl Client {
     /// [`acknowledge_everything`](Self::acknowledge_everything), showing `seen` each
     /// response before it is acknowledged.
     pub async fn acknowledge_each(self, seen: impl FnMut(&DiscoveryResponse)) {
-        self.acknowledge_types(&TYPES, seen).await;
+        self.acknowledge_types(TYPES, seen).await;
     }
 
     /// Subscribes to every resource of `types` and acknowledges whatever it is sent, showing
