@@ -1,13 +1,28 @@
-//! The agent's own subscription on the operator's ADS server: state-of-the-world, one type
-//! ([`TYPE_URL`]), node id `NAMESPACE/POD` — the same node id as the pod's Envoy, so the
-//! operator counts the agent's ACKs with the pod's when it reports `Programmed`.
+//! The agent's own subscription on the operator's ADS server: incremental (delta xDS, v3),
+//! node id `NAMESPACE/POD` — the same node id as the pod's Envoy, so the operator counts the
+//! agent's ACKs with the pod's when it reports `Programmed`. One stream, two wildcard
+//! subscriptions: [`TYPE_URL`] (one resource, `agent`: the pod's rate limits and leases) and
+//! [`BREAKER_TYPE_URL`] (one resource per shared breaker of the cluster, named by its id). A
+//! breaker is a resource of its own so that a change to one breaker sends that breaker alone
+//! to every agent, not every breaker of the cluster; delta is what lets a response carry only
+//! the resources that changed, and the names of those removed.
 //!
-//! Each response is checked before it is ACKed: a configuration the agent would refuse is
-//! NACKed with the reason (the operator shows it in the policy's status) and the previous
-//! one stays in force. Accepted configurations are published on a watch channel, which the
-//! agent follows like any other [`crate::source::ConfigSource::Channel`]. The stream is
-//! re-opened with backoff when it ends; the re-opening request names the version in force,
-//! so the operator sends nothing when that is still current.
+//! The agent keeps, per type, every resource it accepted by name, with the version the
+//! operator gave it ([`Held`]). Each response is applied to a copy, and the configuration the
+//! copy makes — the rate limits and leases of `agent`, every breaker sorted by id — is checked
+//! as [`crate::source::follow`] would apply it. When the agent would refuse it, the response
+//! is NACKed with the reason (the operator shows it in the policy's status) and the resources
+//! held before stay in force; otherwise the copy is kept, the configuration is published on a
+//! watch channel (which the agent follows like any other
+//! [`crate::source::ConfigSource::Channel`]) and the response is ACKed. Its own configuration
+//! is subscribed to first, so its rate limits and leases come before the breakers (the
+//! operator has one response of a stream unanswered at a time, and answers the subscriptions
+//! in order); every accepted response is applied at once, so until the breakers come the agent
+//! runs without them.
+//!
+//! The stream is re-opened with backoff when it ends; the re-opening subscriptions name the
+//! version of every resource held (`initial_resource_versions`), so the operator sends only
+//! what differs — nothing when all of it is current.
 //!
 //! In a cluster the operator serves a node id only to a stream that proves it is that pod:
 //! with a token file (`--xds-token-file`, the pod's projected ServiceAccount token), every
@@ -15,13 +30,14 @@
 //! because the kubelet rotates the token in place. A file that cannot be read fails that
 //! attempt, which is logged and retried with the same backoff.
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use breakwater_api::agent::{AgentConfig, TYPE_URL};
+use breakwater_api::agent::{AgentConfig, BREAKER_TYPE_URL, BreakerRule, DecodeError, TYPE_URL};
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
 use envoy_types::pb::google::rpc::Status;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -32,6 +48,10 @@ use crate::{Error, Result};
 
 /// `google.rpc.Code.INVALID_ARGUMENT`, the code of a NACK.
 const INVALID_ARGUMENT: i32 = 3;
+
+/// The types the agent subscribes to, in the order it subscribes: its own configuration
+/// first, so that its rate limits and leases come before the breakers.
+pub const TYPES: [&str; 2] = [TYPE_URL, BREAKER_TYPE_URL];
 
 #[derive(Debug, Clone)]
 pub struct AdsSettings {
@@ -63,27 +83,94 @@ pub fn applicable(config: &AgentConfig) -> Result<()> {
     RuleSet::compile(config, &Metrics::default()).map(|_| ())
 }
 
-/// What one response means for the agent: the configuration to apply and ACK, or why to
-/// NACK it — the error's message is the NACK's (`check` is [`applicable`] outside unit
-/// tests).
-pub fn decode(
-    response: &DiscoveryResponse,
-    check: &dyn Fn(&AgentConfig) -> Result<()>,
-) -> Result<AgentConfig> {
-    if response.type_url != TYPE_URL {
-        return Err(Error::XdsType { got: response.type_url.clone() });
-    }
-    let config = match response.resources.as_slice() {
-        // The operator always sends the resource; none means "nothing for this pod".
-        [] => AgentConfig::default(),
-        [any] if any.type_url == TYPE_URL => {
-            breakwater_api::agent::decode(&any.value).map_err(Error::XdsDecode)?
+/// One accepted resource: the version the operator gave it (named again when the stream is
+/// re-opened) and what it decoded to.
+#[derive(Clone, Debug, PartialEq)]
+struct Versioned<T> {
+    version: String,
+    value: T,
+}
+
+/// The resources the agent accepted, per type by name: what its configuration is made of.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Held {
+    /// Of [`TYPE_URL`]; the operator sends one, `agent`.
+    agent: BTreeMap<String, Versioned<AgentConfig>>,
+    /// Of [`BREAKER_TYPE_URL`], named by the breakers' ids.
+    breakers: BTreeMap<String, Versioned<BreakerRule>>,
+}
+
+impl Held {
+    /// `response` applied to a copy of what is held: the copy and the configuration it makes,
+    /// or why the agent refuses them — the error's message is the NACK's (`check` is
+    /// [`applicable`] outside unit tests). What is held does not change either way.
+    pub fn apply(
+        &self,
+        response: &DeltaDiscoveryResponse,
+        check: &dyn Fn(&AgentConfig) -> Result<()>,
+    ) -> Result<(Held, AgentConfig)> {
+        let mut next = self.clone();
+        match response.type_url.as_str() {
+            TYPE_URL => update(&mut next.agent, response, breakwater_api::agent::decode)?,
+            BREAKER_TYPE_URL => update(&mut next.breakers, response, breakwater_api::agent::decode_breaker)?,
+            other => return Err(Error::XdsType { got: other.to_string() }),
         }
-        [any] => return Err(Error::XdsType { got: any.type_url.clone() }),
-        more => return Err(Error::XdsResources(more.len())),
-    };
-    check(&config)?;
-    Ok(config)
+        let config = next.config()?;
+        check(&config)?;
+        Ok((next, config))
+    }
+
+    /// The configuration the held resources make: the rate limits and leases of the agent
+    /// resource (none before the operator sent it) and every breaker resource, sorted by id.
+    /// Breakers inside the agent resource are left out: the operator sends each breaker as a
+    /// resource of its own, and one place for them is what a removal can be trusted by.
+    pub fn config(&self) -> Result<AgentConfig> {
+        if self.agent.len() > 1 {
+            return Err(Error::XdsResources(self.agent.len()));
+        }
+        let mut config = self.agent.values().next().map(|held| held.value.clone()).unwrap_or_default();
+        let mut breakers: Vec<BreakerRule> = self.breakers.values().map(|held| held.value.clone()).collect();
+        breakers.sort_by(|a, b| a.id.cmp(&b.id));
+        config.breakers = breakers;
+        Ok(config)
+    }
+
+    /// Name → version of the resources held of `type_url`: what a re-opened subscription says
+    /// it holds, so that the operator sends only what differs.
+    pub fn versions(&self, type_url: &str) -> HashMap<String, String> {
+        fn of<T>(held: &BTreeMap<String, Versioned<T>>) -> HashMap<String, String> {
+            held.iter().map(|(name, held)| (name.clone(), held.version.clone())).collect()
+        }
+        match type_url {
+            TYPE_URL => of(&self.agent),
+            BREAKER_TYPE_URL => of(&self.breakers),
+            _ => HashMap::new(),
+        }
+    }
+}
+
+/// Applies one response to the resources of its type: the names removed go, the resources
+/// sent are decoded and added or replaced. Every resource must be of the response's type.
+fn update<T>(
+    held: &mut BTreeMap<String, Versioned<T>>,
+    response: &DeltaDiscoveryResponse,
+    decode: fn(&[u8]) -> std::result::Result<T, DecodeError>,
+) -> Result<()> {
+    for name in &response.removed_resources {
+        held.remove(name);
+    }
+    for resource in &response.resources {
+        let any = resource.resource.as_ref();
+        let type_url = any.map_or("", |any| any.type_url.as_str());
+        if type_url != response.type_url {
+            return Err(Error::XdsType { got: type_url.to_string() });
+        }
+        let bytes = any.map_or(&[][..], |any| any.value.as_slice());
+        let value =
+            decode(bytes).map_err(|source| Error::XdsDecode { name: resource.name.clone(), source })?;
+        held.insert(resource.name.clone(), Versioned { version: resource.version.clone(), value });
+    }
+    Ok(())
 }
 
 /// Follows the operator until `stop` turns true (or its sender is dropped), publishing every
@@ -93,10 +180,11 @@ pub async fn follow(
     configs: watch::Sender<Option<AgentConfig>>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut accepted_version = String::new();
+    // Kept across streams: what a re-opened stream says it holds.
+    let mut held = Held::default();
     let mut backoff = settings.backoff.0;
     loop {
-        let session = subscribe(&settings, &configs, &mut accepted_version);
+        let session = subscribe(&settings, &configs, &mut held);
         let outcome = tokio::select! {
             _ = stop.wait_for(|stop| *stop) => return,
             outcome = session => outcome,
@@ -138,11 +226,12 @@ pub fn authorization(token_file: &Path) -> Result<tonic::metadata::MetadataValue
         .map_err(|_| unusable("the token holds characters gRPC metadata cannot carry"))
 }
 
-/// One stream: subscribe, then ACK or NACK every response until the stream ends.
+/// One stream: subscribe to both types, then ACK or NACK every response until the stream
+/// ends.
 async fn subscribe(
     settings: &AdsSettings,
     configs: &watch::Sender<Option<AgentConfig>>,
-    accepted_version: &mut String,
+    held: &mut Held,
 ) -> Result<()> {
     // Read before connecting: a missing token is this attempt's error, not the operator's.
     let authorization = settings.token_file.as_deref().map(authorization).transpose()?;
@@ -150,40 +239,54 @@ async fn subscribe(
         .await
         .map_err(|source| Error::XdsConnect { endpoint: settings.endpoint.clone(), source })?;
     let (requests, outbound) = mpsc::channel(4);
-    let request = |version: &str, nonce: &str, error: Option<String>| DiscoveryRequest {
-        version_info: version.to_string(),
-        node: Some(Node { id: settings.node_id.clone(), ..Node::default() }),
-        type_url: TYPE_URL.to_string(),
-        response_nonce: nonce.to_string(),
-        error_detail: error.map(|message| Status { code: INVALID_ARGUMENT, message, details: vec![] }),
-        ..DiscoveryRequest::default()
-    };
-    // The channel has room: the first send cannot wait.
-    let _ = requests.send(request(accepted_version, "", None)).await;
+    let node = Some(Node { id: settings.node_id.clone(), ..Node::default() });
+    for type_url in TYPES {
+        // No names: every resource of the type (wildcard).
+        let subscription = DeltaDiscoveryRequest {
+            node: node.clone(),
+            type_url: type_url.to_string(),
+            initial_resource_versions: held.versions(type_url),
+            ..DeltaDiscoveryRequest::default()
+        };
+        // The channel has room for both: these sends cannot wait.
+        let _ = requests.send(subscription).await;
+    }
     let mut stream = tonic::Request::new(ReceiverStream::new(outbound));
     if let Some(value) = authorization {
         stream.metadata_mut().insert("authorization", value);
     }
     let mut responses =
-        client.stream_aggregated_resources(stream).await.map_err(Error::XdsStream)?.into_inner();
+        client.delta_aggregated_resources(stream).await.map_err(Error::XdsStream)?.into_inner();
     tracing::info!(
         endpoint = settings.endpoint,
         node = settings.node_id,
-        "subscribed to the agent configuration"
+        "subscribed to the agent configuration and the breakers"
     );
     while let Some(response) = responses.message().await.map_err(Error::XdsStream)? {
-        let reply = match decode(&response, &applicable) {
-            Ok(config) => {
-                *accepted_version = response.version_info.clone();
+        let error_detail = match held.apply(&response, &applicable) {
+            Ok((next, config)) => {
+                *held = next;
                 configs.send_replace(Some(config));
-                request(accepted_version, &response.nonce, None)
+                None
             }
             Err(reason) => {
-                tracing::error!(version = response.version_info, %reason, "agent configuration rejected (NACK)");
-                request(accepted_version, &response.nonce, Some(reason.to_string()))
+                tracing::error!(
+                    type_url = response.type_url,
+                    version = response.system_version_info,
+                    %reason,
+                    "agent configuration rejected (NACK)"
+                );
+                Some(Status { code: INVALID_ARGUMENT, message: reason.to_string(), details: vec![] })
             }
         };
-        if requests.send(reply).await.is_err() {
+        let answer = DeltaDiscoveryRequest {
+            node: node.clone(),
+            type_url: response.type_url,
+            response_nonce: response.nonce,
+            error_detail,
+            ..DeltaDiscoveryRequest::default()
+        };
+        if requests.send(answer).await.is_err() {
             break;
         }
     }
@@ -192,19 +295,82 @@ async fn subscribe(
 
 #[cfg(test)]
 mod tests {
+    use std::collections::VecDeque;
+    use std::sync::{Arc, Mutex};
+
     use super::*;
+    use breakwater_api::circuit_breaker::{BreakerFallback, WindowKind};
+    use breakwater_api::rate_limit::{Algorithm, FailureMode};
+    use envoy_types::pb::envoy::service::discovery::v3::Resource;
+    use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
+        AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+    };
+    use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
     use envoy_types::pb::google::protobuf::Any;
 
-    fn response(resources: Vec<Any>) -> DiscoveryResponse {
-        DiscoveryResponse { type_url: TYPE_URL.into(), resources, ..DiscoveryResponse::default() }
+    fn limits(requests: u32) -> AgentConfig {
+        AgentConfig {
+            rate_limits: vec![breakwater_api::agent::RateLimitRule {
+                id: "shop/limits/per-user".into(),
+                requests,
+                period_ms: 1000,
+                burst: 0,
+                algorithm: Algorithm::FixedWindow,
+                shadow: false,
+                failure_mode: FailureMode::Open,
+            }],
+            ..AgentConfig::default()
+        }
     }
 
-    fn any(config: &AgentConfig) -> Any {
-        Any { type_url: TYPE_URL.into(), value: breakwater_api::agent::encode(config) }
+    fn breaker(id: &str, threshold: u32) -> BreakerRule {
+        BreakerRule {
+            id: id.into(),
+            policy: "shop/cb".into(),
+            failure_rate_threshold: threshold,
+            slow_call_ms: 0,
+            slow_call_rate_threshold: 0,
+            window: WindowKind::Count,
+            window_size: 20,
+            window_ms: 0,
+            minimum_calls: 10,
+            open_ms: 30_000,
+            half_open_calls: 5,
+            fallback: BreakerFallback::Admit,
+        }
     }
 
-    fn garbage() -> Any {
-        Any { type_url: TYPE_URL.into(), value: b"{not protobuf".to_vec() }
+    fn resource(name: &str, version: &str, type_url: &str, value: Vec<u8>) -> Resource {
+        Resource {
+            name: name.into(),
+            version: version.into(),
+            resource: Some(Any { type_url: type_url.into(), value }),
+            ..Resource::default()
+        }
+    }
+
+    fn agent_response(config: &AgentConfig, version: &str) -> DeltaDiscoveryResponse {
+        let value = breakwater_api::agent::encode(config);
+        DeltaDiscoveryResponse {
+            type_url: TYPE_URL.into(),
+            resources: vec![resource("agent", version, TYPE_URL, value)],
+            ..DeltaDiscoveryResponse::default()
+        }
+    }
+
+    /// Breakers added or changed (with their versions) and names removed.
+    fn breaker_response(changed: &[(&BreakerRule, &str)], removed: &[&str]) -> DeltaDiscoveryResponse {
+        DeltaDiscoveryResponse {
+            type_url: BREAKER_TYPE_URL.into(),
+            resources: changed
+                .iter()
+                .map(|(rule, version)| {
+                    resource(&rule.id, version, BREAKER_TYPE_URL, breakwater_api::agent::encode_breaker(rule))
+                })
+                .collect(),
+            removed_resources: removed.iter().map(|name| name.to_string()).collect(),
+            ..DeltaDiscoveryResponse::default()
+        }
     }
 
     fn accept(_: &AgentConfig) -> Result<()> {
@@ -236,60 +402,166 @@ mod tests {
         assert!(authorization(&empty).unwrap_err().to_string().contains("cannot carry"));
     }
 
-    /// An ADS server that records the `authorization` of every stream and ends it at once,
-    /// so the agent keeps reopening.
-    #[derive(Clone, Default)]
-    struct Recorder {
-        seen: std::sync::Arc<std::sync::Mutex<Vec<Option<String>>>>,
+    #[test]
+    fn responses_add_change_and_remove_resources_of_their_type() {
+        let (a, b, c) = (breaker("shop/a:80", 50), breaker("shop/b:80", 50), breaker("shop/c:80", 50));
+        let held = Held::default();
+        // Breakers before the agent resource: the rate limits are empty until it comes.
+        let (held, config) =
+            held.apply(&breaker_response(&[(&c, "c1"), (&a, "a1"), (&b, "b1")], &[]), &accept).unwrap();
+        assert_eq!(
+            config,
+            AgentConfig { breakers: vec![a.clone(), b.clone(), c.clone()], ..Default::default() }
+        );
+        let (held, config) = held.apply(&agent_response(&limits(5), "x1"), &accept).unwrap();
+        assert_eq!(config, AgentConfig { breakers: vec![a.clone(), b.clone(), c.clone()], ..limits(5) });
+
+        // One breaker changed, one removed: the others stay as they were.
+        let b2 = breaker("shop/b:80", 70);
+        let (held, config) = held.apply(&breaker_response(&[(&b2, "b2")], &["shop/c:80"]), &accept).unwrap();
+        assert_eq!(config, AgentConfig { breakers: vec![a.clone(), b2.clone()], ..limits(5) });
+        let versions = |type_url| {
+            let mut versions: Vec<(String, String)> = held.versions(type_url).into_iter().collect();
+            versions.sort();
+            versions
+        };
+        let pair = |name: &str, version: &str| (name.to_string(), version.to_string());
+        assert_eq!(versions(BREAKER_TYPE_URL), [pair("shop/a:80", "a1"), pair("shop/b:80", "b2")]);
+        assert_eq!(versions(TYPE_URL), [pair("agent", "x1")]);
+
+        // Breakers in the agent resource are not the operator's: the breaker resources count.
+        let stray = AgentConfig { breakers: vec![c.clone()], ..limits(6) };
+        let (_, config) = held.apply(&agent_response(&stray, "x2"), &accept).unwrap();
+        assert_eq!(config, AgentConfig { breakers: vec![a, b2], ..limits(6) });
     }
 
-    type Responses<T> = std::pin::Pin<Box<dyn futures::Stream<Item = Result<T, tonic::Status>> + Send>>;
+    #[test]
+    fn a_response_it_cannot_apply_is_refused_whole() {
+        let a = breaker("shop/a:80", 50);
+        let (held, _) = Held::default().apply(&breaker_response(&[(&a, "a1")], &[]), &accept).unwrap();
+        let refuse =
+            |response: &DeltaDiscoveryResponse| held.apply(response, &applicable).unwrap_err().to_string();
+
+        // A rule the agent cannot run, sent with a good one: neither is taken.
+        let (bad, good) = (breaker("shop/a:80", 0), breaker("shop/z:80", 50));
+        let error = refuse(&breaker_response(&[(&bad, "a2"), (&good, "z1")], &[]));
+        assert!(error.contains("failureRateThreshold must be 1-100, got 0"), "{error}");
+        let mut garbage = breaker_response(&[], &[]);
+        garbage.resources.push(resource("shop/x:80", "x", BREAKER_TYPE_URL, b"not protobuf".to_vec()));
+        let error = refuse(&garbage);
+        assert!(error.starts_with("resource \"shop/x:80\": not a BreakerRule message"), "{error}");
+        // An agent configuration under the breaker type, and a type the agent never asked for.
+        let mut mixed = breaker_response(&[], &[]);
+        mixed.resources.push(resource("agent", "x", TYPE_URL, breakwater_api::agent::encode(&limits(5))));
+        assert_eq!(
+            refuse(&mixed),
+            format!("unexpected type {TYPE_URL:?}, expected {TYPE_URL:?} or {BREAKER_TYPE_URL:?}")
+        );
+        let other = DeltaDiscoveryResponse { type_url: "x".into(), ..DeltaDiscoveryResponse::default() };
+        assert!(refuse(&other).starts_with("unexpected type \"x\""));
+        // Two agent configurations.
+        let mut two = agent_response(&limits(5), "x1");
+        two.resources.push(resource("other", "x1", TYPE_URL, breakwater_api::agent::encode(&limits(5))));
+        assert_eq!(refuse(&two), "2 resources, expected one agent configuration");
+        // What is held did not change.
+        assert_eq!(held.config().unwrap(), AgentConfig { breakers: vec![a], ..Default::default() });
+    }
+
+    /// One stream as the [`Fake`] server saw it: its `authorization`, and its requests.
+    type Recorded = (Option<String>, Vec<DeltaDiscoveryRequest>);
+
+    /// A delta ADS server that records every stream (its `authorization` and requests), and
+    /// on each stream plays one script: after the stream's first two requests (the
+    /// subscriptions), each response waits for the answer to the one before; then the stream
+    /// ends, so the agent reopens it.
+    #[derive(Clone, Default)]
+    struct Fake {
+        scripts: Arc<Mutex<VecDeque<Vec<DeltaDiscoveryResponse>>>>,
+        streams: Arc<Mutex<Vec<Recorded>>>,
+    }
+
+    type Responses<T> =
+        std::pin::Pin<Box<dyn futures::Stream<Item = std::result::Result<T, tonic::Status>> + Send>>;
 
     #[tonic::async_trait]
-    impl envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryService
-        for Recorder
-    {
+    impl AggregatedDiscoveryService for Fake {
         type StreamAggregatedResourcesStream = Responses<DiscoveryResponse>;
-        type DeltaAggregatedResourcesStream =
-            Responses<envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryResponse>;
+        type DeltaAggregatedResourcesStream = Responses<DeltaDiscoveryResponse>;
 
         async fn stream_aggregated_resources(
             &self,
-            request: tonic::Request<tonic::Streaming<DiscoveryRequest>>,
-        ) -> Result<tonic::Response<Self::StreamAggregatedResourcesStream>, tonic::Status> {
-            let token = request.metadata().get("authorization").and_then(|v| v.to_str().ok()).map(String::from);
-            self.seen.lock().unwrap().push(token);
-            Ok(tonic::Response::new(Box::pin(futures::stream::empty())))
+            _: tonic::Request<tonic::Streaming<DiscoveryRequest>>,
+        ) -> std::result::Result<tonic::Response<Self::StreamAggregatedResourcesStream>, tonic::Status>
+        {
+            Err(tonic::Status::unimplemented("state of the world"))
         }
 
         async fn delta_aggregated_resources(
             &self,
-            _: tonic::Request<tonic::Streaming<envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest>>,
-        ) -> Result<tonic::Response<Self::DeltaAggregatedResourcesStream>, tonic::Status> {
-            Err(tonic::Status::unimplemented("delta"))
+            request: tonic::Request<tonic::Streaming<DeltaDiscoveryRequest>>,
+        ) -> std::result::Result<tonic::Response<Self::DeltaAggregatedResourcesStream>, tonic::Status>
+        {
+            let token =
+                request.metadata().get("authorization").and_then(|v| v.to_str().ok()).map(String::from);
+            let index = {
+                let mut streams = self.streams.lock().unwrap();
+                streams.push((token, Vec::new()));
+                streams.len() - 1
+            };
+            let script = self.scripts.lock().unwrap().pop_front().unwrap_or_default();
+            let streams = self.streams.clone();
+            let mut inbound = request.into_inner();
+            let (responses, outbound) = mpsc::channel(4);
+            tokio::spawn(async move {
+                let mut record = async || match inbound.message().await {
+                    Ok(Some(request)) => {
+                        streams.lock().unwrap()[index].1.push(request);
+                        true
+                    }
+                    _ => false,
+                };
+                if !(record().await && record().await) {
+                    return;
+                }
+                for response in script {
+                    if responses.send(Ok(response)).await.is_err() || !record().await {
+                        return;
+                    }
+                }
+            });
+            Ok(tonic::Response::new(Box::pin(ReceiverStream::new(outbound))))
         }
     }
 
-    /// Waits (with a deadline) until `seen` holds what `done` looks for.
-    async fn until(recorder: &Recorder, what: &str, done: impl Fn(&[Option<String>]) -> bool) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while !done(&recorder.seen.lock().unwrap()) {
-            assert!(tokio::time::Instant::now() < deadline, "{what}: {:?}", recorder.seen.lock().unwrap());
-            tokio::time::sleep(Duration::from_millis(10)).await;
+    impl Fake {
+        async fn serve(&self) -> String {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let endpoint = format!("http://{}", listener.local_addr().unwrap());
+            let server = tonic::transport::Server::builder()
+                .add_service(AggregatedDiscoveryServiceServer::new(self.clone()))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+            tokio::spawn(server);
+            endpoint
+        }
+
+        fn streams(&self) -> Vec<Recorded> {
+            self.streams.lock().unwrap().clone()
+        }
+
+        /// Waits (with a deadline) until the streams recorded are what `done` looks for.
+        async fn until(&self, what: &str, done: impl Fn(&[Recorded]) -> bool) {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while !done(&self.streams()) {
+                assert!(tokio::time::Instant::now() < deadline, "{what}: {:?}", self.streams());
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
         }
     }
 
     #[tokio::test]
     async fn every_stream_presents_the_token_the_file_holds_then() {
-        use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let endpoint = format!("http://{}", listener.local_addr().unwrap());
-        let recorder = Recorder::default();
-        let server = tonic::transport::Server::builder()
-            .add_service(AggregatedDiscoveryServiceServer::new(recorder.clone()))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
-        tokio::spawn(server);
-
+        let fake = Fake::default();
+        let endpoint = fake.serve().await;
         let dir = tempfile::tempdir().unwrap();
         let token = dir.path().join("token");
         let settings = AdsSettings {
@@ -303,44 +575,87 @@ mod tests {
         // The agent starts before its token file exists: an attempt without the file fails and
         // is retried, and no stream is ever opened without a token.
         std::fs::write(&token, "token-1\n").unwrap();
-        until(&recorder, "a stream with the first token", |seen| !seen.is_empty()).await;
+        fake.until("a stream with the first token", |streams| !streams.is_empty()).await;
         // The kubelet rotates the token: the streams opened after that present the new one.
         std::fs::write(&token, "token-2").unwrap();
-        until(&recorder, "a stream with the rotated token", |seen| {
-            seen.last() == Some(&Some("Bearer token-2".to_string()))
+        fake.until("a stream with the rotated token", |streams| {
+            streams.last().is_some_and(|(token, _)| token.as_deref() == Some("Bearer token-2"))
         })
         .await;
-        let seen = recorder.seen.lock().unwrap().clone();
-        assert_eq!(seen[0].as_deref(), Some("Bearer token-1"), "{seen:?}");
+        let tokens: Vec<Option<String>> = fake.streams().into_iter().map(|(token, _)| token).collect();
+        assert_eq!(tokens[0].as_deref(), Some("Bearer token-1"), "{tokens:?}");
         assert!(
-            seen.iter()
+            tokens
+                .iter()
                 .all(|t| t.as_deref() == Some("Bearer token-1") || t.as_deref() == Some("Bearer token-2")),
-            "{seen:?}"
+            "{tokens:?}"
         );
         let _ = stop.send(true);
         agent.await.unwrap();
     }
 
-    #[test]
-    fn decodes_one_resource_or_none() {
-        let config = decode(&response(vec![any(&AgentConfig::default())]), &accept).unwrap();
-        assert_eq!(config, AgentConfig::default());
-        assert_eq!(decode(&response(vec![]), &accept).unwrap(), AgentConfig::default());
-    }
+    /// Subscribes to both types, ACKs what it applies, NACKs what it refuses with the reason,
+    /// and names what it holds when it reopens the stream.
+    #[tokio::test]
+    async fn acks_nacks_and_reopens_with_the_versions_it_holds() {
+        let (a, b) = (breaker("shop/a:80", 50), breaker("shop/b:80", 50));
+        let mut first = vec![
+            agent_response(&limits(5), "x1"),
+            breaker_response(&[(&a, "a1"), (&b, "b1")], &[]),
+            breaker_response(&[(&breaker("shop/b:80", 0), "b2")], &[]),
+        ];
+        for (n, response) in first.iter_mut().enumerate() {
+            response.nonce = format!("n{n}");
+        }
+        let fake = Fake { scripts: Arc::new(Mutex::new(VecDeque::from([first]))), ..Fake::default() };
+        let endpoint = fake.serve().await;
+        let settings = AdsSettings {
+            backoff: (Duration::from_millis(10), Duration::from_millis(50)),
+            ..AdsSettings::new(endpoint, "shop/api-0")
+        };
+        let (configs, received) = watch::channel(None);
+        let (stop, stopped) = watch::channel(false);
+        let agent = tokio::spawn(follow(settings, configs, stopped));
+        fake.until("the stream reopened after the script", |streams| {
+            streams.len() >= 2 && streams[1].1.len() >= 2
+        })
+        .await;
+        let _ = stop.send(true);
+        agent.await.unwrap();
 
-    #[test]
-    fn refuses_what_it_cannot_apply() {
-        let error = decode(&response(vec![garbage()]), &accept).unwrap_err().to_string();
-        assert!(error.starts_with("agent configuration: not an AgentConfig message"), "{error}");
-        let empty = AgentConfig::default();
-        let two = decode(&response(vec![any(&empty), any(&empty)]), &accept).unwrap_err().to_string();
-        assert_eq!(two, "2 resources, expected one agent configuration");
-        let refused = decode(&response(vec![any(&empty)]), &|_| Err(Error::EmptyRuleId)).unwrap_err();
-        assert!(matches!(refused, Error::EmptyRuleId));
-        let wrong = DiscoveryResponse { type_url: "x".into(), ..DiscoveryResponse::default() };
+        let streams = fake.streams();
+        let requests = &streams[0].1;
+        let types: Vec<&str> = requests.iter().map(|r| r.type_url.as_str()).collect();
+        assert_eq!(types, [TYPE_URL, BREAKER_TYPE_URL, TYPE_URL, BREAKER_TYPE_URL, BREAKER_TYPE_URL]);
+        for subscription in &requests[..2] {
+            assert_eq!(subscription.node.as_ref().map(|n| n.id.as_str()), Some("shop/api-0"));
+            assert!(subscription.resource_names_subscribe.is_empty(), "wildcard");
+            assert!(subscription.initial_resource_versions.is_empty(), "nothing held yet");
+            assert!(subscription.response_nonce.is_empty());
+        }
+        // Answers name the response; a NACK carries INVALID_ARGUMENT and the reason.
+        let answers: Vec<(&str, Option<&Status>)> =
+            requests[2..].iter().map(|r| (r.response_nonce.as_str(), r.error_detail.as_ref())).collect();
+        assert_eq!(answers[..2], [("n0", None), ("n1", None)]);
+        let (nonce, nack) = answers[2];
+        let nack = nack.expect("the last response is NACKed");
+        assert_eq!((nonce, nack.code), ("n2", INVALID_ARGUMENT));
+        assert!(nack.message.contains("failureRateThreshold must be 1-100, got 0"), "{}", nack.message);
+        // The configuration in force is the one before the NACK.
+        assert_eq!(*received.borrow(), Some(AgentConfig { breakers: vec![a, b], ..limits(5) }));
+
+        // Reopened: what it holds, without the rejected version.
+        let reopened = &streams[1].1;
+        assert_eq!(reopened[0].type_url, TYPE_URL);
         assert_eq!(
-            decode(&wrong, &accept).unwrap_err().to_string(),
-            format!("unexpected type \"x\", expected {TYPE_URL:?}")
+            reopened[0].initial_resource_versions,
+            HashMap::from([("agent".to_string(), "x1".to_string())])
         );
+        assert_eq!(reopened[1].type_url, BREAKER_TYPE_URL);
+        let held = HashMap::from([
+            ("shop/a:80".to_string(), "a1".to_string()),
+            ("shop/b:80".to_string(), "b1".to_string()),
+        ]);
+        assert_eq!(reopened[1].initial_resource_versions, held);
     }
 }

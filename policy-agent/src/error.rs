@@ -104,18 +104,27 @@ pub enum Error {
     /// The xDS stream could not be opened, or failed.
     #[error("xDS stream: {}", .0.message())]
     XdsStream(#[source] tonic::Status),
-    /// A response or resource of another type than the agent configuration (NACKed).
-    #[error("unexpected type {got:?}, expected {:?}", breakwater_api::agent::TYPE_URL)]
+    /// A response or resource of another type than the two the agent subscribes to, or a
+    /// resource of another type than its response (NACKed).
+    #[error(
+        "unexpected type {got:?}, expected {:?} or {:?}",
+        breakwater_api::agent::TYPE_URL,
+        breakwater_api::agent::BREAKER_TYPE_URL
+    )]
     XdsType { got: String },
-    /// A response with more than the one agent configuration (NACKed).
+    /// More than the one agent configuration resource (NACKed).
     #[error("{0} resources, expected one agent configuration")]
     XdsResources(usize),
     /// An ADS proxy for Envoy was asked for without an operator to forward to.
     #[error("--xds-proxy-addr needs --xds-endpoint (the operator to forward Envoy's stream to)")]
     XdsProxyWithoutEndpoint,
-    /// A resource that does not decode as an agent configuration (NACKed).
-    #[error("agent configuration: {0}")]
-    XdsDecode(#[source] breakwater_api::agent::DecodeError),
+    /// A resource that does not decode as an agent configuration or a breaker (NACKed).
+    #[error("resource {name:?}: {source}")]
+    XdsDecode {
+        name: String,
+        #[source]
+        source: breakwater_api::agent::DecodeError,
+    },
 }
 
 impl Error {
@@ -141,7 +150,7 @@ impl Error {
             Error::Grpc(_) => "grpc",
             Error::Http { .. } => "http",
             Error::XdsConnect { .. } | Error::XdsStream(_) => "xds",
-            Error::XdsType { .. } | Error::XdsResources(_) | Error::XdsDecode(_) => "xds_nack",
+            Error::XdsType { .. } | Error::XdsResources(_) | Error::XdsDecode { .. } => "xds_nack",
         }
     }
 }

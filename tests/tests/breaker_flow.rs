@@ -1,12 +1,13 @@
 //! The example breaker (`examples/circuit-breaker-payments.yaml`) works as its comment
 //! says, without a cluster: the operator compiles `examples/` and serves it over ADS; the
 //! agents of two caller pods in different namespaces, on one real Redis, get the breaker of
-//! Service shop/payments port 80 from it; one pod's Envoy (played by an `AccessLogService`
-//! stream) reports calls to payments, and once half of at least 20 have failed, both pods'
-//! agents answer every `RateLimitService` check for payments OVER_LIMIT naming the policy
-//! (Envoy's 503), and the operator's status reader shows the breaker OPEN with the rate that
-//! opened it. Envoy itself does not run here; the compiled listener and routes that make
-//! Envoy ask and log are checked by the compiler's golden and render tests.
+//! Service shop/payments port 80 from it (a resource of its own, after their configuration);
+//! one pod's Envoy (played by an `AccessLogService` stream) reports calls to payments, and
+//! once half of at least 20 have failed, both pods' agents answer every `RateLimitService`
+//! check for payments OVER_LIMIT naming the policy (Envoy's 503), and the operator's status
+//! reader shows the breaker OPEN with the rate that opened it. Envoy itself does not run here;
+//! the compiled listener and routes that make Envoy ask and log are checked by the compiler's
+//! golden and render tests.
 
 mod support;
 
@@ -92,6 +93,7 @@ async fn the_example_breaker_opens_for_every_caller_pod_at_half_of_twenty_calls_
         )
         .await;
         configured(&agent).await;
+        support::runs_breaker(&agent, BREAKER).await;
         let rls = RateLimitServiceClient::connect(format!("http://{}", agent.grpc)).await.expect("connects");
         pods.push((agent, rls));
     }

@@ -77,3 +77,26 @@ pub async fn configured(agent: &Agent) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Waits until the agent runs the breaker `id` (its state is in `/metrics`): the agent takes
+/// its breakers in a response after its own configuration, so being configured is not
+/// enough for a test that reports calls to a breaker.
+pub async fn runs_breaker(agent: &Agent, id: &str) {
+    let series = format!("breakwater_agent_breaker_state{{breaker=\"{id}\"}}");
+    let give_up = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let metrics = match reqwest::get(format!("http://{}/metrics", agent.http)).await {
+            Ok(response) => response.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        if metrics.lines().any(|line| line.starts_with(&series)) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "agent {} has no breaker {id} within {DEADLINE:?}",
+            agent.http
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
