@@ -141,6 +141,16 @@ impl Carriers {
         let key = (kind, name.clone());
         if self.shared.contains(&key) { Some(&self.pods) } else { self.local.get(&key) }
     }
+
+    /// Whether every pod carries the policy (the shared part does).
+    pub fn is_shared(&self, kind: &'static str, name: &ObjectName) -> bool {
+        self.shared.contains(&(kind, name.clone()))
+    }
+
+    /// Whether `pod` is a pod of the inventory (every pod carries the shared policies).
+    pub fn has_pod(&self, pod: &ObjectName) -> bool {
+        self.pods.contains(pod)
+    }
 }
 
 /// The snapshot of one proxy: [`Compiled::new`] then [`Compiled::snapshot`]. When many

@@ -24,7 +24,7 @@ use std::{
 use tokio::sync::watch;
 
 use crate::{
-    compile::{Carriers, Compiled, Proxy, Snapshot},
+    compile::{Carriers, Compiled, Part, PolicyVersion, Proxy, Snapshot},
     inventory::ObjectName,
 };
 
@@ -74,18 +74,72 @@ struct Contribution {
     rejected: Option<Arc<str>>,
 }
 
-/// One policy a node's snapshot carries.
+/// Policies carried on the same resource types: a node that carries them adds the same to
+/// the facts of each, so it adds it once, to their group ([`Ledger`]). The group of a part
+/// every proxy shares is worked out once per part, not once per proxy.
 #[derive(Debug)]
-struct Slot {
-    /// Into [`Ledger::facts`].
-    policy: usize,
-    generation: i64,
-    /// Indices into [`Node::carrying`], ascending, i.e. in type URL order: the order in which
-    /// the first rejection is looked for.
-    types: Box<[usize]>,
-    /// Whether the node's pod is one of the policy's carriers (what `not_connected` counts
-    /// against).
-    pod_counted: bool,
+struct Carried {
+    /// By key, one generation each.
+    policies: Box<[(PolicyKey, i64)]>,
+    /// Sorted.
+    types: Box<[&'static str]>,
+    /// The kinds among `policies`, for handing out changes by kind.
+    kinds: Box<[&'static str]>,
+}
+
+impl Carried {
+    /// Groups policies by the types that carry them and by whether `counted` says the node's
+    /// pod is one of their carriers. Of two generations of one policy, the lower one counts,
+    /// as it always has (the compiler never produces this).
+    fn group<'a>(
+        policies: impl Iterator<Item = (&'a PolicyVersion, &'a BTreeSet<&'static str>)>,
+        counted: impl Fn(&PolicyVersion) -> bool,
+    ) -> Vec<(Arc<Carried>, bool)> {
+        let mut seen = BTreeSet::new();
+        let mut groups: BTreeMap<(Vec<&'static str>, bool), Vec<(PolicyKey, i64)>> = BTreeMap::new();
+        for (policy, types) in policies {
+            if !seen.insert((policy.kind, &policy.name)) {
+                continue;
+            }
+            let key = (types.iter().copied().collect(), counted(policy));
+            groups.entry(key).or_default().push(((policy.kind, policy.name.clone()), policy.generation));
+        }
+        groups
+            .into_iter()
+            .map(|((types, counted), mut policies)| {
+                policies.sort_by(|a, b| a.0.cmp(&b.0));
+                let kinds: BTreeSet<&'static str> = policies.iter().map(|((kind, _), _)| *kind).collect();
+                let carried = Carried {
+                    policies: policies.into(),
+                    types: types.into(),
+                    kinds: kinds.into_iter().collect(),
+                };
+                (Arc::new(carried), counted)
+            })
+            .collect()
+    }
+
+    fn generation(&self, key: &PolicyKey) -> Option<i64> {
+        let at = self.policies.binary_search_by(|(k, _)| k.cmp(key)).ok()?;
+        Some(self.policies[at].1)
+    }
+}
+
+/// A part's groups when every policy it carries is carried by every pod (the shared part
+/// with the compiler's carriers): then the pod counts the same for all of them, and the
+/// groups are worked out once for every proxy that has the part.
+#[derive(Debug, Default)]
+struct PartPlans {
+    /// By the part's and the carriers' addresses (both kept alive here); None: not carried
+    /// by every pod.
+    parts: HashMap<(usize, usize), PartPlan>,
+}
+
+#[derive(Debug)]
+struct PartPlan {
+    _part: Arc<Part>,
+    _carriers: Arc<CarrierPods>,
+    groups: Option<Arc<[Arc<Carried>]>>,
 }
 
 /// What a snapshot carries, worked out outside the lock.
@@ -93,28 +147,85 @@ struct Slot {
 struct Plan {
     /// The types that carry at least one policy, sorted.
     carrying: Vec<&'static str>,
-    policies: Vec<(PolicyKey, i64, Box<[usize]>, bool)>,
+    /// Each group, whether the node's pod counts for it, and its types as indices into
+    /// `carrying`.
+    groups: Vec<(Arc<Carried>, bool, Box<[usize]>)>,
 }
 
 impl Plan {
-    fn of(snapshot: &Snapshot, carriers: &CarrierPods, pod: &ObjectName) -> Self {
-        let carried = snapshot.policies();
-        let carrying: Vec<&'static str> =
-            carried.values().flatten().copied().collect::<BTreeSet<_>>().into_iter().collect();
-        let mut seen = BTreeSet::new();
-        let mut policies = Vec::with_capacity(carried.len());
-        for (policy, types) in carried {
-            // Two generations of one policy in one snapshot: the lower one counts, as it
-            // always has (the compiler never produces this).
-            if !seen.insert((policy.kind, &policy.name)) {
-                continue;
+    fn of(
+        snapshot: &Snapshot,
+        carriers: &Arc<CarrierPods>,
+        pod: &ObjectName,
+        plans: &Mutex<PartPlans>,
+    ) -> Self {
+        let counted =
+            |p: &PolicyVersion| carriers.pods(p.kind, &p.name).is_some_and(|pods| pods.contains(pod));
+        let parts: Vec<&Arc<Part>> = snapshot.parts().iter().filter(|p| !p.policies().is_empty()).collect();
+        let mut groups = Vec::new();
+        if overlap(&parts) {
+            // One policy in two parts: their types are merged, as one snapshot's.
+            let merged = snapshot.policies();
+            groups = Carried::group(merged.iter().map(|(p, t)| (*p, t)), counted);
+        } else {
+            for part in parts {
+                match shared_groups(part, carriers, plans) {
+                    Some(shared) => {
+                        let pod_counted = carriers.has_pod(pod);
+                        groups.extend(shared.iter().map(|c| (c.clone(), pod_counted)));
+                    }
+                    None => groups.extend(Carried::group(part.policies().iter(), counted)),
+                }
             }
-            let types = types.iter().filter_map(|t| carrying.binary_search(t).ok()).collect();
-            let counted = carriers.pods(policy.kind, &policy.name).is_some_and(|pods| pods.contains(pod));
-            policies.push(((policy.kind, policy.name.clone()), policy.generation, types, counted));
         }
-        Self { carrying, policies }
+        let carrying: Vec<&'static str> = groups
+            .iter()
+            .flat_map(|(c, _)| c.types.iter().copied())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let groups = groups
+            .into_iter()
+            .map(|(carried, pod_counted)| {
+                let types = carried.types.iter().filter_map(|t| carrying.binary_search(t).ok()).collect();
+                (carried, pod_counted, types)
+            })
+            .collect();
+        Self { carrying, groups }
     }
+}
+
+/// Whether two of the parts carry the same policy (by kind and name).
+fn overlap(parts: &[&Arc<Part>]) -> bool {
+    let carries = |part: &Part, p: &PolicyVersion| {
+        let from = PolicyVersion { kind: p.kind, name: p.name.clone(), generation: i64::MIN };
+        part.policies().range(from..).next().is_some_and(|(q, _)| q.kind == p.kind && q.name == p.name)
+    };
+    parts.iter().enumerate().any(|(i, a)| {
+        parts[i + 1..].iter().any(|b| {
+            let (small, large) = if a.policies().len() <= b.policies().len() { (a, b) } else { (b, a) };
+            small.policies().keys().any(|p| carries(large, p))
+        })
+    })
+}
+
+/// The part's groups if every policy it carries is carried by every pod, worked out once.
+fn shared_groups(
+    part: &Arc<Part>,
+    carriers: &Arc<CarrierPods>,
+    plans: &Mutex<PartPlans>,
+) -> Option<Arc<[Arc<Carried>]>> {
+    let key = (Arc::as_ptr(part) as usize, Arc::as_ptr(carriers) as usize);
+    let lock = || plans.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(plan) = lock().parts.get(&key) {
+        return plan.groups.clone();
+    }
+    let all_shared = part.policies().keys().all(|p| carriers.is_shared(p.kind, &p.name));
+    let groups: Option<Arc<[Arc<Carried>]>> = all_shared
+        .then(|| Carried::group(part.policies().iter(), |_| true).into_iter().map(|(c, _)| c).collect());
+    let plan = PartPlan { _part: part.clone(), _carriers: carriers.clone(), groups: groups.clone() };
+    lock().parts.insert(key, plan);
+    groups
 }
 
 #[derive(Debug)]
@@ -132,7 +243,10 @@ struct Node {
     carrying: Vec<&'static str>,
     /// `types[carrying[i]].verdict()`, kept in step.
     verdicts: Vec<TypeVerdict>,
-    slots: Vec<Slot>,
+    /// The groups of policies its snapshot carries: into [`Ledger::groups`], with their
+    /// types as indices into `carrying` (ascending, i.e. in type URL order: the order in
+    /// which the first rejection is looked for).
+    groups: Vec<(usize, Box<[usize]>)>,
     /// For each of `carrying`, the slots it carries.
     by_type: Vec<Vec<usize>>,
 }
@@ -150,7 +264,7 @@ impl Node {
             streams: 1,
             carrying: Vec::new(),
             verdicts: Vec::new(),
-            slots: Vec::new(),
+            groups: Vec::new(),
             by_type: Vec::new(),
         }
     }
@@ -159,19 +273,19 @@ impl Node {
         self.types.get(type_url).map(TypeState::verdict).unwrap_or_default()
     }
 
-    fn contribution(&self, slot: &Slot) -> Contribution {
+    fn contribution(&self, types: &[usize]) -> Contribution {
         let verdict = |t: &usize| self.verdicts.get(*t);
         Contribution {
-            acknowledged: !slot.types.is_empty()
-                && slot.types.iter().all(|t| verdict(t).is_some_and(|v| v.acknowledged)),
-            rejected: slot.types.iter().find_map(|t| verdict(t).and_then(|v| v.rejected.clone())),
+            acknowledged: !types.is_empty()
+                && types.iter().all(|t| verdict(t).is_some_and(|v| v.acknowledged)),
+            rejected: types.iter().find_map(|t| verdict(t).and_then(|v| v.rejected.clone())),
         }
     }
 
     /// Takes this node's part out of the facts of every policy it carries.
     fn retire(&self, ledger: &mut Ledger) {
-        for slot in &self.slots {
-            ledger.remove(&self.id, slot, &self.contribution(slot));
+        for (group, types) in &self.groups {
+            ledger.remove(&self.id, *group, &self.contribution(types));
         }
     }
 
@@ -181,23 +295,18 @@ impl Node {
         self.verdicts = plan.carrying.iter().map(|t| self.verdict_of(t)).collect();
         self.by_type = vec![Vec::new(); plan.carrying.len()];
         self.carrying = plan.carrying;
-        self.slots = plan
-            .policies
+        self.groups = plan
+            .groups
             .into_iter()
-            .map(|(key, generation, types, pod_counted)| Slot {
-                policy: ledger.intern(key),
-                generation,
-                types,
-                pod_counted,
-            })
+            .map(|(carried, pod_counted, types)| (ledger.join(carried, pod_counted), types))
             .collect();
-        for (index, slot) in self.slots.iter().enumerate() {
-            for t in &slot.types {
-                if let Some(slots) = self.by_type.get_mut(*t) {
-                    slots.push(index);
+        for (index, (group, types)) in self.groups.iter().enumerate() {
+            for t in types {
+                if let Some(groups) = self.by_type.get_mut(*t) {
+                    groups.push(index);
                 }
             }
-            ledger.add(&self.id, slot, &self.contribution(slot));
+            ledger.add(&self.id, *group, &self.contribution(types));
         }
     }
 
@@ -205,122 +314,122 @@ impl Node {
     fn refresh(&mut self, type_url: &str, ledger: &mut Ledger) {
         let Ok(t) = self.carrying.binary_search_by(|carrying| (*carrying).cmp(type_url)) else { return };
         let verdict = self.verdict_of(type_url);
-        let Some(slots) = self.by_type.get(t) else { return };
+        let Some(groups) = self.by_type.get(t) else { return };
         if self.verdicts.get(t) == Some(&verdict) {
             return;
         }
-        let before: Vec<Contribution> = slots.iter().map(|s| self.contribution(&self.slots[*s])).collect();
+        let before: Vec<Contribution> =
+            groups.iter().map(|g| self.contribution(&self.groups[*g].1)).collect();
         self.verdicts[t] = verdict;
-        for (s, before) in slots.iter().zip(before) {
-            let slot = &self.slots[*s];
-            ledger.change(&self.id, slot, &before, &self.contribution(slot));
+        for (g, before) in groups.iter().zip(before) {
+            let (group, types) = &self.groups[*g];
+            ledger.change(&self.id, *group, &before, &self.contribution(types));
         }
     }
 }
 
-/// What the proxies carrying one policy said, kept up to date by the nodes' slots.
+/// What the nodes carrying one group of policies said.
 #[derive(Debug)]
-struct Facts {
-    key: PolicyKey,
-    /// Connected proxies whose snapshot carries the policy.
+struct Group {
+    carried: Arc<Carried>,
+    /// Whether these nodes' pods are among the policies' carriers.
+    pod_counted: bool,
+    /// Connected nodes whose snapshot carries the group.
     connected: usize,
-    /// Of those, the ones whose pod the carriers list.
-    connected_pods: usize,
-    /// The acknowledging ones, by the generation their snapshot carries.
-    acknowledged: BTreeMap<i64, usize>,
+    /// Of those, the ones that acknowledged every type that carries it.
+    acknowledged: usize,
     /// By node id: the message of the first carrying type that rejected its current version.
     rejections: BTreeMap<Arc<str>, Arc<str>>,
 }
 
-/// Every policy's facts, and which of them changed since the controllers last looked.
+/// The facts of every policy, kept by group, and which policies' facts changed since the
+/// controllers last looked.
 #[derive(Debug, Default)]
 struct Ledger {
-    index: HashMap<PolicyKey, usize>,
-    facts: Vec<Facts>,
-    /// Entries of `facts` no policy uses any more, to reuse.
+    /// By the group's policies' address and whether the pod counts.
+    index: HashMap<(usize, bool), usize>,
+    groups: Vec<Option<Group>>,
+    /// Entries of `groups` no node uses any more, to reuse.
     free: Vec<usize>,
-    /// By kind, the policies whose facts changed and no one has taken yet. Where no one takes
-    /// them (standalone mode, tests) it holds each policy once at most, like `facts`.
-    dirty: HashMap<&'static str, BTreeSet<usize>>,
+    /// The groups each policy is in.
+    by_policy: HashMap<PolicyKey, Vec<usize>>,
+    /// By kind, the groups whose facts changed and no one has taken yet (by address).
+    dirty: HashMap<&'static str, BTreeMap<usize, Arc<Carried>>>,
 }
 
 impl Ledger {
-    fn intern(&mut self, key: PolicyKey) -> usize {
+    /// The group of `carried` for nodes whose pod counts as `pod_counted`; made on first use.
+    fn join(&mut self, carried: Arc<Carried>, pod_counted: bool) -> usize {
+        let key = (Arc::as_ptr(&carried) as usize, pod_counted);
         if let Some(index) = self.index.get(&key) {
             return *index;
         }
-        let facts = Facts {
-            key: key.clone(),
-            connected: 0,
-            connected_pods: 0,
-            acknowledged: BTreeMap::new(),
-            rejections: BTreeMap::new(),
-        };
-        let index = match self.free.pop() {
-            Some(index) => {
-                self.facts[index] = facts;
-                index
-            }
-            None => {
-                self.facts.push(facts);
-                self.facts.len() - 1
-            }
-        };
+        let index = self.free.pop().unwrap_or_else(|| {
+            self.groups.push(None);
+            self.groups.len() - 1
+        });
+        for (policy, _) in carried.policies.iter() {
+            self.by_policy.entry(policy.clone()).or_default().push(index);
+        }
+        self.groups[index] =
+            Some(Group { carried, pod_counted, connected: 0, acknowledged: 0, rejections: BTreeMap::new() });
         self.index.insert(key, index);
         index
     }
 
-    fn mark(&mut self, policy: usize) {
-        let kind = self.facts[policy].key.0;
-        self.dirty.entry(kind).or_default().insert(policy);
+    fn mark(&mut self, group: usize) {
+        let Some(Some(group)) = self.groups.get(group) else { return };
+        for kind in group.carried.kinds.iter() {
+            let carried = &group.carried;
+            self.dirty.entry(kind).or_default().insert(Arc::as_ptr(carried) as usize, carried.clone());
+        }
     }
 
-    fn add(&mut self, node: &Arc<str>, slot: &Slot, contribution: &Contribution) {
-        let facts = &mut self.facts[slot.policy];
-        facts.connected += 1;
-        facts.connected_pods += usize::from(slot.pod_counted);
-        self.change(node, slot, &Contribution::default(), contribution);
-        self.mark(slot.policy);
+    fn add(&mut self, node: &Arc<str>, group: usize, contribution: &Contribution) {
+        if let Some(Some(g)) = self.groups.get_mut(group) {
+            g.connected += 1;
+        }
+        self.change(node, group, &Contribution::default(), contribution);
+        self.mark(group);
     }
 
-    fn remove(&mut self, node: &Arc<str>, slot: &Slot, contribution: &Contribution) {
-        self.change(node, slot, contribution, &Contribution::default());
-        let facts = &mut self.facts[slot.policy];
-        facts.connected = facts.connected.saturating_sub(1);
-        facts.connected_pods = facts.connected_pods.saturating_sub(usize::from(slot.pod_counted));
-        self.mark(slot.policy);
+    fn remove(&mut self, node: &Arc<str>, group: usize, contribution: &Contribution) {
+        self.change(node, group, contribution, &Contribution::default());
+        self.mark(group);
+        let Some(Some(g)) = self.groups.get_mut(group) else { return };
+        g.connected = g.connected.saturating_sub(1);
+        if g.connected == 0 {
+            // No node carries it: forget it (its facts are all zero).
+            let Some(g) = self.groups[group].take() else { return };
+            self.index.remove(&(Arc::as_ptr(&g.carried) as usize, g.pod_counted));
+            for (policy, _) in g.carried.policies.iter() {
+                if let Some(groups) = self.by_policy.get_mut(policy) {
+                    groups.retain(|other| *other != group);
+                    if groups.is_empty() {
+                        self.by_policy.remove(policy);
+                    }
+                }
+            }
+            self.free.push(group);
+        }
     }
 
-    fn change(&mut self, node: &Arc<str>, slot: &Slot, before: &Contribution, after: &Contribution) {
+    fn change(&mut self, node: &Arc<str>, group: usize, before: &Contribution, after: &Contribution) {
         if before == after {
             return;
         }
-        let facts = &mut self.facts[slot.policy];
-        if before.acknowledged
-            && let Some(count) = facts.acknowledged.get_mut(&slot.generation)
-        {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                facts.acknowledged.remove(&slot.generation);
-            }
+        let Some(Some(g)) = self.groups.get_mut(group) else { return };
+        if before.acknowledged {
+            g.acknowledged = g.acknowledged.saturating_sub(1);
         }
         if after.acknowledged {
-            *facts.acknowledged.entry(slot.generation).or_default() += 1;
+            g.acknowledged += 1;
         }
         match &after.rejected {
-            Some(message) => facts.rejections.insert(node.clone(), message.clone()),
-            None => facts.rejections.remove(node),
+            Some(message) => g.rejections.insert(node.clone(), message.clone()),
+            None => g.rejections.remove(node),
         };
-        self.mark(slot.policy);
-    }
-
-    /// Forgets `policy` once no connected proxy carries it (its facts are then all zero).
-    fn reclaim(&mut self, policy: usize) {
-        let facts = &self.facts[policy];
-        if facts.connected == 0 && self.index.get(&facts.key) == Some(&policy) {
-            self.index.remove(&facts.key.clone());
-            self.free.push(policy);
-        }
+        self.mark(group);
     }
 }
 
@@ -335,6 +444,22 @@ enum CarrierPods {
 }
 
 impl CarrierPods {
+    /// Whether every pod carries the policy (so a node's pod counts the same for all such).
+    fn is_shared(&self, kind: &'static str, name: &ObjectName) -> bool {
+        match self {
+            Self::Compiled(carriers) => carriers.is_shared(kind, name),
+            _ => false,
+        }
+    }
+
+    /// Whether `pod` is one of the pods the shared policies count.
+    fn has_pod(&self, pod: &ObjectName) -> bool {
+        match self {
+            Self::Compiled(carriers) => carriers.has_pod(pod),
+            _ => false,
+        }
+    }
+
     fn pods(&self, kind: &'static str, name: &ObjectName) -> Option<&BTreeSet<ObjectName>> {
         match self {
             Self::None => None,
@@ -398,6 +523,8 @@ pub struct Rejection {
 /// Shared by the ADS streams (which record ACKs) and the status side (which reads them).
 pub struct SnapshotCache {
     inner: Mutex<Inner>,
+    /// The groups of parts every proxy shares, worked out once per part.
+    plans: Mutex<PartPlans>,
     /// Bumped on every change the `Programmed` verdicts may depend on.
     changes: watch::Sender<u64>,
 }
@@ -410,7 +537,7 @@ impl std::fmt::Debug for SnapshotCache {
 
 impl Default for SnapshotCache {
     fn default() -> Self {
-        Self { inner: Mutex::default(), changes: watch::Sender::new(0) }
+        Self { inner: Mutex::default(), plans: Mutex::default(), changes: watch::Sender::new(0) }
     }
 }
 
@@ -457,10 +584,13 @@ impl SnapshotCache {
             return None;
         }
         let dirty = inner.ledger.dirty.remove(kind).unwrap_or_default();
-        let names: Vec<ObjectName> = dirty.iter().map(|p| inner.ledger.facts[*p].key.1.clone()).collect();
-        for policy in dirty {
-            inner.ledger.reclaim(policy);
-        }
+        let names: BTreeSet<ObjectName> = dirty
+            .values()
+            .flat_map(|carried| carried.policies.iter())
+            .filter(|((k, _), _)| *k == kind)
+            .map(|((_, name), _)| name.clone())
+            .collect();
+        let names: Vec<ObjectName> = names.into_iter().collect();
         if inner.published != *published {
             *published = inner.published;
             return Some(Changes::Everything);
@@ -491,6 +621,8 @@ impl SnapshotCache {
     /// move its part of the facts.
     fn replace(&self, compiler: Compiler, carriers: CarrierPods) {
         let carriers = Arc::new(carriers);
+        // The parts and carriers planned so far belong to the inventory being replaced.
+        *self.plans.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = PartPlans::default();
         let (epoch, rollouts) = {
             let mut inner = self.lock();
             inner.epoch += 1;
@@ -512,7 +644,7 @@ impl SnapshotCache {
         };
         for rollout in rollouts {
             let snapshot = compiler(&rollout.proxy);
-            let plan = Plan::of(&snapshot, &carriers, &rollout.proxy.pod);
+            let plan = Plan::of(&snapshot, &carriers, &rollout.proxy.pod, &self.plans);
             let (snapshot, versions) = if *rollout.snapshot == snapshot {
                 (rollout.snapshot, None)
             } else {
@@ -554,7 +686,7 @@ impl SnapshotCache {
                 (inner.compiler.clone(), inner.carriers.clone(), inner.epoch)
             };
             let snapshot = compiler.map(|c| c(proxy)).unwrap_or_default();
-            let plan = Plan::of(&snapshot, &carriers, &proxy.pod);
+            let plan = Plan::of(&snapshot, &carriers, &proxy.pod, &self.plans);
             let mut inner = self.lock();
             if inner.epoch != epoch || inner.nodes.contains_key(&id) {
                 continue; // A newer compiler, or another stream of the pod came first: again.
@@ -655,17 +787,25 @@ impl SnapshotCache {
     ) -> Acknowledgements {
         let inner = self.lock();
         let pods = inner.carriers.pods(kind, name).map_or(0, BTreeSet::len);
-        let Some(facts) = inner.ledger.index.get(&(kind, name.clone())).map(|p| &inner.ledger.facts[*p])
-        else {
-            return Acknowledgements { not_connected: pods, ..Acknowledgements::default() };
-        };
+        let key = (kind, name.clone());
+        let groups = inner.ledger.by_policy.get(&key).into_iter().flatten();
+        let groups: Vec<&Group> = groups.filter_map(|g| inner.ledger.groups.get(*g)?.as_ref()).collect();
+        let mut rejections = BTreeMap::new();
+        let (mut connected, mut connected_pods, mut acknowledged) = (0, 0, 0);
+        for group in groups {
+            connected += group.connected;
+            connected_pods += if group.pod_counted { group.connected } else { 0 };
+            if group.carried.generation(&key) == Some(generation) {
+                acknowledged += group.acknowledged;
+            }
+            rejections.extend(group.rejections.iter().map(|(node, message)| (node.clone(), message.clone())));
+        }
         Acknowledgements {
-            connected: facts.connected,
-            acknowledged: facts.acknowledged.get(&generation).copied().unwrap_or(0),
-            not_connected: pods.saturating_sub(facts.connected_pods),
-            rejections: facts
-                .rejections
-                .iter()
+            connected,
+            acknowledged,
+            not_connected: pods.saturating_sub(connected_pods),
+            rejections: rejections
+                .into_iter()
                 .map(|(node, message)| Rejection { node: node.to_string(), message: message.to_string() })
                 .collect(),
         }
