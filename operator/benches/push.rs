@@ -153,7 +153,7 @@ fn world_changes() -> Inventory {
         encode.as_secs_f64() * 1e3,
     );
     println!(
-        "| change | proxies sent anything | this server: per proxy (mean; max) | SotW, per-resource versions | delta xDS | all proxies, this server |"
+        "| change | proxies sent anything | this server (delta xDS): per proxy (mean; max) | state of the world, a version per type | SotW, per-resource versions | all proxies, this server |"
     );
     println!("|---|---:|---:|---:|---:|---:|");
     for change in &world::CHANGES {
@@ -161,31 +161,31 @@ fn world_changes() -> Inventory {
         (change.apply)(&mut changed);
         let after = Compiled::new(&changed);
         let sent = world::bytes_per_proxy(&inventory, &compiled, &after);
-        let reached = sent.iter().filter(|s| s.this_server > 0).count();
+        let reached = sent.iter().filter(|s| s.delta > 0).count();
         let stats = |f: fn(&world::Sent) -> usize| {
             let total: usize = sent.iter().map(f).sum();
             let max = sent.iter().map(f).max().unwrap_or(0);
             (total, total / sent.len().max(1), max)
         };
-        let (total, mean, max) = stats(|s| s.this_server);
+        let (total, mean, max) = stats(|s| s.delta);
+        let (_, whole, whole_max) = stats(|s| s.whole);
         let (_, per_resource, per_resource_max) = stats(|s| s.per_resource);
-        let (_, delta, delta_max) = stats(|s| s.delta);
         println!(
             "| {} | {reached} | {} ({}) | {} ({}) | {} ({}) | {} |",
             change.what,
             mb(mean),
             mb(max),
+            mb(whole),
+            mb(whole_max),
             mb(per_resource),
             mb(per_resource_max),
-            mb(delta),
-            mb(delta_max),
             mb(total),
         );
     }
     println!(
         "\n(Bytes of the discovery responses each proxy is sent, computed from the snapshots before and after: \
          mean over all proxies, then the largest. Per-resource versions: Listener, Cluster and the agent's \
-         configuration still whole, RouteConfiguration and ClusterLoadAssignment only the changed ones.)\n"
+         configuration still whole, the other types only the changed resources.)\n"
     );
     inventory
 }
@@ -202,7 +202,7 @@ fn live_proxies(inventory: &Inventory) -> Vec<String> {
 }
 
 /// The world's first change (the timeout of team-000/svc-00) pushed to live proxies, each
-/// an Envoy on delta ADS and an agent on state of the world, as the sidecars connect: the
+/// an Envoy and an agent, each on a delta ADS stream, as the sidecars connect: the
 /// time to the last ACK, the bytes each received, and the server's memory. The proxies run in
 /// a child process (this binary with `--clients`), so the resident memory measured is the
 /// operator's side alone: the world, the compiled snapshots, the cache and the streams.
@@ -230,7 +230,7 @@ async fn world_live(inventory: &Inventory) {
     let elapsed = started.elapsed();
     let (mean, max) = clients.report();
     println!(
-        "Live, {} proxies of the world (Envoy on delta ADS, the agent on state of the world; the clients in \
+        "Live, {} proxies of the world (Envoy and the agent each on a delta ADS stream; the clients in \
          another process), the timeout change: publish → last ACK {:.0} ms (of which compiling the world {:.0} ms, the cache \
          installing every proxy's snapshot {:.0} ms); \
          received per proxy {} (max {}; counted by the clients, protobuf bytes); connecting them all took \
@@ -309,12 +309,11 @@ async fn run_clients(endpoint: String) {
         let (node, received) = (node.clone(), received.clone());
         tokio::spawn(async move {
             let envoy = ads::DeltaClient::on(channel.clone(), &node).await;
-            let agent = ads::Client::on(channel, &node).await;
+            let agent = ads::DeltaClient::on(channel, &node).await;
             let count = |bytes: usize| _ = received[i].fetch_add(bytes, Ordering::Relaxed);
             tokio::join!(
-                envoy.acknowledge_each(|response| count(response.encoded_len())),
-                agent
-                    .acknowledge_types(&[compile::type_url::AGENT], |response| count(response.encoded_len())),
+                envoy.acknowledge(&ads::ENVOY, |response| count(response.encoded_len())),
+                agent.acknowledge(&ads::AGENT, |response| count(response.encoded_len())),
             );
         });
     }

@@ -286,35 +286,26 @@ fn diff_parts(before: &Part, after: &Part) -> BTreeMap<&'static str, TypeDiff> {
     TYPES.iter().map(|t| (*t, diff(before.resources(t), after.resources(t)))).collect()
 }
 
-const TYPES: [&str; 6] = [
-    type_url::CLUSTER,
-    type_url::ENDPOINT,
-    type_url::LISTENER,
-    type_url::ROUTE,
-    type_url::VIRTUAL_HOST,
-    type_url::AGENT,
-];
+const TYPES: [&str; 7] = type_url::ALL;
 
 /// Bytes one proxy is sent for a change, under each protocol.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Sent {
-    pub this_server: usize,
-    pub per_resource: usize,
+    /// Delta xDS: what this server sends (Envoy and the agent both speak it).
     pub delta: usize,
+    /// State of the world, one version per type: a changed type sent whole.
+    pub whole: usize,
+    /// State of the world with per-resource versions.
+    pub per_resource: usize,
 }
 
 fn sent(types: &BTreeMap<&'static str, TypeDiff>) -> Sent {
     let mut out = Sent::default();
     for (type_, d) in types.iter().filter(|(_, d)| d.any) {
         let whole = matches!(*type_, type_url::LISTENER | type_url::CLUSTER | type_url::AGENT);
-        // Envoy's stream is delta; the agent's is state of the world.
-        out.this_server += if *type_ == type_url::AGENT {
-            envelope(type_, false) + d.all
-        } else {
-            envelope(type_, true) + d.delta
-        };
-        out.per_resource += envelope(type_, false) + if whole { d.all } else { d.changed };
         out.delta += envelope(type_, true) + d.delta;
+        out.whole += envelope(type_, false) + d.all;
+        out.per_resource += envelope(type_, false) + if whole { d.all } else { d.changed };
     }
     out
 }

@@ -96,7 +96,9 @@ impl Carried {
         counted: impl Fn(&PolicyVersion) -> bool,
     ) -> Vec<(Arc<Carried>, bool)> {
         let mut seen = BTreeSet::new();
-        let mut groups: BTreeMap<(Vec<&'static str>, bool), Vec<(PolicyKey, i64)>> = BTreeMap::new();
+        // By the types that carry them and whether the pod counts.
+        type Key = (Vec<&'static str>, bool);
+        let mut groups: BTreeMap<Key, Vec<(PolicyKey, i64)>> = BTreeMap::new();
         for (policy, types) in policies {
             if !seen.insert((policy.kind, &policy.name)) {
                 continue;

@@ -167,6 +167,9 @@ pub const ENVOY: [(&str, &[&str]); 5] = [
     (type_url::VIRTUAL_HOST, &["outbound_http"]),
 ];
 
+/// What the agent subscribes to over delta ADS: its configuration and every breaker.
+pub const AGENT: [(&str, &[&str]); 2] = [(type_url::AGENT, &[]), (type_url::BREAKER, &[])];
+
 /// A delta ADS stream of one node.
 pub struct DeltaClient {
     node: String,
@@ -230,10 +233,14 @@ impl DeltaClient {
             .expect("stream open")
     }
 
-    /// Subscribes as Envoy does ([`ENVOY`]) and acknowledges every response, showing `seen`
-    /// each first, until the stream ends.
-    pub async fn acknowledge_each(mut self, mut seen: impl FnMut(&DeltaDiscoveryResponse)) {
-        for (type_, names) in ENVOY {
+    /// Subscribes to `subscriptions` ([`ENVOY`], [`AGENT`]) and acknowledges every
+    /// response, showing `seen` each first, until the stream ends.
+    pub async fn acknowledge(
+        mut self,
+        subscriptions: &[(&str, &[&str])],
+        mut seen: impl FnMut(&DeltaDiscoveryResponse),
+    ) {
+        for (type_, names) in subscriptions {
             self.subscribe(type_, names, []).await;
         }
         while let Ok(Some(response)) = self.responses.message().await {
@@ -243,10 +250,13 @@ impl DeltaClient {
     }
 }
 
-/// A proxy `node` that connects to `endpoint` and acknowledges everything it is sent, until
-/// the test ends (spawn it).
+/// A proxy `node` that connects to `endpoint` as a pod's sidecars do (Envoy and the agent,
+/// each on a delta stream) and acknowledges everything it is sent, until the test ends
+/// (spawn it).
 pub async fn acknowledging_proxy(endpoint: String, node: String) {
-    Client::connect(&endpoint, &node).await.acknowledge_everything().await;
+    let envoy = DeltaClient::connect(&endpoint, &node).await;
+    let agent = DeltaClient::connect(&endpoint, &node).await;
+    tokio::join!(envoy.acknowledge(&ENVOY, |_| {}), agent.acknowledge(&AGENT, |_| {}));
 }
 
 /// [`acknowledging_proxy`] presenting its pod's `token`, for a cluster-mode operator.
