@@ -2,11 +2,11 @@
 //! over S Services, for P in 1k/10k/100k and S in 100/1k/10k.
 //!
 //! The measured unit is what the operator does when the inventory changes: evaluate the
-//! effective policies of the whole inventory and build the shared outbound side
-//! (`Compiled::new`), the outbound routes of every namespace (`Compiled::outbound_routes`:
-//! the hosts every namespace shares plus the namespace's own, not yet copied into one
-//! buffer), then the proxy-specific part of one pod per Service (`Compiled::local`), and
-//! one full snapshot (`Compiled::snapshot`: shared + routes + local, in its own bytes).
+//! effective policies of the whole inventory and build the shared outbound side and each
+//! namespace's short-name virtual hosts (`Compiled::new`; `Compiled::namespace` only looks
+//! a namespace's part up), then the proxy-specific part of one pod per Service
+//! (`Compiled::local`), and one full snapshot (`Compiled::snapshot`: the shared and
+//! namespace parts shared, the local part its own).
 //!
 //! Each size runs in a child process (this binary with `--size P:S`) so that its peak
 //! resident memory (VmHWM from /proc/self/status) is its own. Every time is the median of

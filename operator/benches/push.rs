@@ -2,9 +2,11 @@
 //!
 //! The world (`push/world.rs`): 10,000 Services in 500 namespaces and 5,000
 //! distinct proxies; for each of a few one-policy changes, the bytes every proxy is sent
-//! under this server's state of the world, state of the world with per-resource versions,
-//! and delta xDS, computed from the snapshots before and after; beside the baseline of
-//! encoding one proxy's whole snapshot, from the same run.
+//! under this server's delta xDS, state of the world with a version per type and with
+//! per-resource versions, computed from the snapshots before and after; beside the baseline
+//! of encoding one proxy's whole snapshot, from the same run. Then the first change pushed to
+//! live proxies (every pod; `BENCH_LIVE_PROXIES` fewer) in a child process: the time to the
+//! last ACK, the bytes they counted, the operator side's memory.
 //!
 //! Push latency: 1,000 ADS streams in-process on loopback, each a proxy that ACKs whatever
 //! it is sent (the tests' ADS client, `tests/support/ads.rs`), on the examples. A policy

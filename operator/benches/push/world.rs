@@ -13,12 +13,12 @@
 //!
 //! The bytes are computed, not sent: for every proxy, the resources of each type whose bytes
 //! differ between the snapshots before and after the change, and what a discovery response
-//! carries for them under three protocols — this server (state of the world with one version
-//! per type: a changed type is sent whole), state of the world with per-resource versions
-//! (Listener and Cluster must still be sent whole, the xDS protocol says; RouteConfiguration
-//! and ClusterLoadAssignment only the changed ones) and incremental (delta) xDS (only the
-//! changed resources). The snapshots are compared part by part — the shared part once, each
-//! namespace's routes once, each pod's local part — which is what they are made of.
+//! carries for them under three protocols — this server's incremental (delta) xDS (only the
+//! changed resources, and the names of removed ones), state of the world with one version
+//! per type (a changed type is sent whole) and state of the world with per-resource versions
+//! (Listener, Cluster and the agent's configuration must still be sent whole; the other
+//! types only the changed ones). The snapshots are compared part by part — the shared part
+//! once, each namespace's part once, each pod's local part — which is what they are made of.
 
 use std::{collections::BTreeMap, fmt::Write as _, path::Path, sync::Arc, time::Instant};
 

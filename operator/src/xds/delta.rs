@@ -19,9 +19,12 @@ use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource as WireResource,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
-use tonic::{Status, Streaming};
+use tonic::Status;
 
-use super::cache::SnapshotCache;
+use super::{
+    cache::SnapshotCache,
+    server::{Closed, Session},
+};
 use crate::{
     compile::{Part, Proxy, Resource, Snapshot, wants},
     http::State,
@@ -201,9 +204,6 @@ pub(super) struct DeltaStream {
     nonces: u64,
 }
 
-/// The client went away.
-struct Closed;
-
 /// What a client that subscribed to `names` holding `initial` lacks of `snapshot`.
 fn first_changes(
     snapshot: &Snapshot,
@@ -225,11 +225,32 @@ fn first_changes(
     changes
 }
 
-/// Sleeps until `deadline`, or forever without one.
-async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
+impl Session for DeltaStream {
+    type Request = DeltaDiscoveryRequest;
+
+    fn proxy(&self) -> &Proxy {
+        &self.proxy
+    }
+
+    async fn handle(
+        &mut self,
+        request: DeltaDiscoveryRequest,
+        snapshot: &Arc<Snapshot>,
+    ) -> Result<(), Closed> {
+        self.handle_request(request, snapshot).await
+    }
+
+    async fn changed(&mut self, snapshot: &Arc<Snapshot>) -> Result<(), Closed> {
+        let types: Vec<String> = self.types.keys().cloned().collect();
+        self.push_changes(&types, snapshot).await
+    }
+
+    fn deadline(&self) -> Option<tokio::time::Instant> {
+        self.permit_deadline()
+    }
+
+    fn expire(&mut self) {
+        self.expire_permits();
     }
 }
 
@@ -255,46 +276,7 @@ impl DeltaStream {
         }
     }
 
-    pub async fn run(mut self, first: DeltaDiscoveryRequest, mut inbound: Streaming<DeltaDiscoveryRequest>) {
-        let mut snapshots = self.cache.connect(&self.proxy);
-        self.state.metrics.xds_connected.inc();
-        tracing::info!(node = %self.proxy.node_id(), "proxy connected (delta)");
-        let mut snapshot = snapshots.borrow_and_update().clone();
-        let mut next = Some(first);
-        loop {
-            if let Some(request) = next.take()
-                && self.handle(request, &snapshot).await.is_err()
-            {
-                break;
-            }
-            tokio::select! {
-                request = inbound.message() => match request {
-                    Ok(Some(request)) => next = Some(request),
-                    Ok(None) => break,
-                    Err(status) => {
-                        tracing::debug!(node = %self.proxy.node_id(), %status, "stream ended");
-                        break;
-                    }
-                },
-                () = sleep_until_some(self.permit_deadline()) => self.expire_permits(),
-                changed = snapshots.changed() => {
-                    if changed.is_err() {
-                        break;
-                    }
-                    snapshot = snapshots.borrow_and_update().clone();
-                    let types: Vec<String> = self.types.keys().cloned().collect();
-                    if self.push_changes(&types, &snapshot).await.is_err() {
-                        break;
-                    }
-                }
-            }
-        }
-        self.cache.disconnect(&self.proxy);
-        self.state.metrics.xds_connected.dec();
-        tracing::info!(node = %self.proxy.node_id(), "proxy disconnected");
-    }
-
-    async fn handle(
+    async fn handle_request(
         &mut self,
         request: DeltaDiscoveryRequest,
         snapshot: &Arc<Snapshot>,

@@ -1,7 +1,8 @@
 //! The aggregated discovery service (ADS, v3), in both variants: incremental (delta, what the
-//! sidecar's Envoy uses; `delta`) and state of the world (what the agent uses). Each
-//! state-of-the-world stream serves one proxy: it answers every subscribed type with the resources of the proxy's snapshot,
-//! pushes when the snapshot changes, and records ACKs and NACKs in the cache. Per the xDS
+//! sidecar's Envoy and the agent use; `delta`) and state of the world (for other clients:
+//! older agents, tools). Each state-of-the-world stream serves one proxy: it answers every
+//! subscribed type with the resources of the proxy's snapshot, pushes when the snapshot
+//! changes, and records ACKs and NACKs in the cache. Per the xDS
 //! protocol, a request whose nonce is not the last one sent on its type is stale and
 //! ignored; a NACK keeps the proxy on its last good configuration and is not answered with
 //! the same version again.
@@ -116,7 +117,10 @@ impl AggregatedDiscoveryService for AdsServer {
             let Ok(Some(first)) = inbound.message().await else { return };
             let node_id = first.node.as_ref().map(|n| n.id.clone()).unwrap_or_default();
             match admit(&identity, &node_id, &state, peer) {
-                Ok(proxy) => ProxyStream::new(proxy, cache, state, tx).run(first, inbound).await,
+                Ok(proxy) => {
+                    let session = ProxyStream::new(proxy, cache.clone(), state.clone(), tx);
+                    serve_proxy(session, &cache, &state, first, inbound).await;
+                }
                 Err(refusal) => drop(tx.send(Err(refusal)).await),
             }
         });
@@ -137,7 +141,10 @@ impl AggregatedDiscoveryService for AdsServer {
             let Ok(Some(first)) = inbound.message().await else { return };
             let node_id = first.node.as_ref().map(|n| n.id.clone()).unwrap_or_default();
             match admit(&identity, &node_id, &state, peer) {
-                Ok(proxy) => DeltaStream::new(proxy, cache, state, shared, tx).run(first, inbound).await,
+                Ok(proxy) => {
+                    let session = DeltaStream::new(proxy, cache.clone(), state.clone(), shared, tx);
+                    serve_proxy(session, &cache, &state, first, inbound).await;
+                }
                 Err(refusal) => drop(tx.send(Err(refusal)).await),
             }
         });
@@ -200,45 +207,8 @@ impl ProxyStream {
         Self { proxy, cache, state, tx, types: BTreeMap::new(), nonces: 0 }
     }
 
-    async fn run(mut self, first: DiscoveryRequest, mut inbound: Streaming<DiscoveryRequest>) {
-        let mut snapshots = self.cache.connect(&self.proxy);
-        self.state.metrics.xds_connected.inc();
-        tracing::info!(node = %self.proxy.node_id(), "proxy connected");
-        let mut snapshot = snapshots.borrow_and_update().clone();
-        let mut next = Some(first);
-        loop {
-            if let Some(request) = next.take()
-                && self.handle(request, &snapshot).await.is_err()
-            {
-                break;
-            }
-            tokio::select! {
-                request = inbound.message() => match request {
-                    Ok(Some(request)) => next = Some(request),
-                    Ok(None) => break,
-                    Err(status) => {
-                        tracing::debug!(node = %self.proxy.node_id(), %status, "stream ended");
-                        break;
-                    }
-                },
-                changed = snapshots.changed() => {
-                    if changed.is_err() {
-                        break;
-                    }
-                    snapshot = snapshots.borrow_and_update().clone();
-                    if self.push_all(&snapshot).await.is_err() {
-                        break;
-                    }
-                }
-            }
-        }
-        self.cache.disconnect(&self.proxy);
-        self.state.metrics.xds_connected.dec();
-        tracing::info!(node = %self.proxy.node_id(), "proxy disconnected");
-    }
-
     /// Handles one request: stale nonce, NACK, ACK or a (new) subscription.
-    async fn handle(&mut self, request: DiscoveryRequest, snapshot: &Snapshot) -> Result<(), Closed> {
+    async fn handle_request(&mut self, request: DiscoveryRequest, snapshot: &Snapshot) -> Result<(), Closed> {
         let type_url = request.type_url.clone();
         let names: Option<BTreeSet<String>> =
             (!request.resource_names.is_empty()).then(|| request.resource_names.iter().cloned().collect());
@@ -316,6 +286,96 @@ impl ProxyStream {
     }
 }
 
+impl Session for ProxyStream {
+    type Request = DiscoveryRequest;
+
+    fn proxy(&self) -> &Proxy {
+        &self.proxy
+    }
+
+    async fn handle(&mut self, request: DiscoveryRequest, snapshot: &Arc<Snapshot>) -> Result<(), Closed> {
+        self.handle_request(request, snapshot).await
+    }
+
+    async fn changed(&mut self, snapshot: &Arc<Snapshot>) -> Result<(), Closed> {
+        self.push_all(snapshot).await
+    }
+}
+
 /// The client went away.
 #[derive(Debug)]
-struct Closed;
+pub(super) struct Closed;
+
+/// One proxy's stream, in either variant: what it does with a request and with a new
+/// snapshot; [`serve_proxy`] runs it.
+pub(super) trait Session {
+    type Request;
+
+    fn proxy(&self) -> &Proxy;
+
+    async fn handle(&mut self, request: Self::Request, snapshot: &Arc<Snapshot>) -> Result<(), Closed>;
+
+    async fn changed(&mut self, snapshot: &Arc<Snapshot>) -> Result<(), Closed>;
+
+    /// When [`expire`](Self::expire) must run next; None: never.
+    fn deadline(&self) -> Option<tokio::time::Instant> {
+        None
+    }
+
+    fn expire(&mut self) {}
+}
+
+/// Serves one proxy's stream from its first request until either side goes away: requests
+/// as they come, the snapshot whenever the cache has a new one for the proxy.
+async fn serve_proxy<S: Session>(
+    mut session: S,
+    cache: &SnapshotCache,
+    state: &State,
+    first: S::Request,
+    mut inbound: Streaming<S::Request>,
+) {
+    let node = session.proxy().node_id();
+    let mut snapshots = cache.connect(session.proxy());
+    state.metrics.xds_connected.inc();
+    tracing::info!(node, "proxy connected");
+    let mut snapshot = snapshots.borrow_and_update().clone();
+    let mut next = Some(first);
+    loop {
+        if let Some(request) = next.take()
+            && session.handle(request, &snapshot).await.is_err()
+        {
+            break;
+        }
+        tokio::select! {
+            request = inbound.message() => match request {
+                Ok(Some(request)) => next = Some(request),
+                Ok(None) => break,
+                Err(status) => {
+                    tracing::debug!(node, %status, "stream ended");
+                    break;
+                }
+            },
+            () = sleep_until_some(session.deadline()) => session.expire(),
+            changed = snapshots.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                snapshot = snapshots.borrow_and_update().clone();
+                if session.changed(&snapshot).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    cache.disconnect(session.proxy());
+    state.metrics.xds_connected.dec();
+    tracing::info!(node, "proxy disconnected");
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}

@@ -54,7 +54,8 @@ async fn a_timeout_change_sends_one_pod_its_two_virtual_hosts_and_nothing_else()
         held.insert(type_url.to_string(), versions);
         envoy.ack(&response).await;
     }
-    // An agent's stream (state of the world here) holds the breaker's rule.
+    // An agent's stream holds the breaker's rule (state of the world here: the server
+    // speaks both).
     let agent = Client::connect(&endpoint, POD).await;
     agent.subscribe(type_url::BREAKER, &[]).await;
     let mut agent = agent;
