@@ -111,7 +111,8 @@ bench: bench-rls
 
 .PHONY: bench bench-rls
 
-## bench-xds: push latency, policy change -> last ACK from 1,000 in-process ADS streams
+## bench-xds: the issue-13 world (10,000 Services, 5,000 proxies): bytes per proxy for one-policy
+## changes, then one pushed to 1,000 live proxies (BENCH_LIVE_PROXIES); push latency on the examples
 bench-xds:
 	$(CARGO) bench -q -p breakwater-operator --bench push
 
