@@ -14,11 +14,11 @@
 //! is NACKed with the reason (the operator shows it in the policy's status) and the resources
 //! held before stay in force; otherwise the copy is kept, the configuration is published on a
 //! watch channel (which the agent follows like any other
-//! [`crate::source::ConfigSource::Channel`]) and the response is ACKed. Its own configuration
-//! is subscribed to first, so its rate limits and leases come before the breakers (the
-//! operator has one response of a stream unanswered at a time, and answers the subscriptions
-//! in order); every accepted response is applied at once, so until the breakers come the agent
-//! runs without them.
+//! [`crate::source::ConfigSource::Channel`]) and the response is ACKed. Its rate limits and
+//! leases come before the breakers (the operator has one response of a stream unanswered at
+//! a time and answers the types in type URL order, `…AgentConfig` before `…BreakerRule`);
+//! every accepted response is applied at once, so until the breakers come the agent runs
+//! without them.
 //!
 //! The stream is re-opened with backoff when it ends; the re-opening subscriptions name the
 //! version of every resource held (`initial_resource_versions`), so the operator sends only

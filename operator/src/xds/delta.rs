@@ -326,7 +326,8 @@ impl DeltaStream {
         self.types.values().any(|s| s.pending.is_some())
     }
 
-    /// Catches up the due types in order until one response goes out.
+    /// Catches up the due types in type URL order until one response goes out (the agent relies
+    /// on its configuration, `…AgentConfig`, coming before its breakers, `…BreakerRule`).
     async fn send_due(&mut self, snapshot: &Arc<Snapshot>) -> Result<(), Closed> {
         while !self.busy() {
             let Some(type_url) = self.due.pop_first() else { break };
