@@ -227,6 +227,11 @@ fn first_changes(
 
 impl Session for DeltaStream {
     type Request = DeltaDiscoveryRequest;
+    type Response = DeltaDiscoveryResponse;
+
+    fn node_id(request: &DeltaDiscoveryRequest) -> String {
+        request.node.as_ref().map(|n| n.id.clone()).unwrap_or_default()
+    }
 
     fn proxy(&self) -> &Proxy {
         &self.proxy

@@ -106,6 +106,32 @@ impl AggregatedDiscoveryService for AdsServer {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<ResponseStream>, Status> {
+        let (cache, state) = (self.cache.clone(), self.state.clone());
+        let responses =
+            self.start(request, move |proxy, tx| ProxyStream::new(proxy, cache, state, tx)).await?;
+        Ok(Response::new(responses))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<DeltaResponses>, Status> {
+        let (cache, state) = (self.cache.clone(), self.state.clone());
+        let shared = (self.diffs.clone(), self.in_flight.clone());
+        let responses =
+            self.start(request, move |proxy, tx| DeltaStream::new(proxy, cache, state, shared, tx)).await?;
+        Ok(Response::new(responses))
+    }
+}
+
+impl AdsServer {
+    /// Takes a stream, in either variant: checks who it is, then serves the session `open`
+    /// makes for the proxy its first request names.
+    async fn start<S: Session + Send + 'static>(
+        &self,
+        request: Request<Streaming<S::Request>>,
+        open: impl FnOnce(Proxy, mpsc::Sender<Result<S::Response, Status>>) -> S + Send + 'static,
+    ) -> Result<Pin<Box<dyn Stream<Item = Result<S::Response, Status>> + Send>>, Status> {
         let identity = self.accept(&request).await?;
         let peer = request.remote_addr();
         let (tx, rx) = mpsc::channel(32);
@@ -115,44 +141,14 @@ impl AggregatedDiscoveryService for AdsServer {
         tokio::spawn(async move {
             let mut inbound = request.into_inner();
             let Ok(Some(first)) = inbound.message().await else { return };
-            let node_id = first.node.as_ref().map(|n| n.id.clone()).unwrap_or_default();
-            match admit(&identity, &node_id, &state, peer) {
-                Ok(proxy) => {
-                    let session = ProxyStream::new(proxy, cache.clone(), state.clone(), tx);
-                    serve_proxy(session, &cache, &state, first, inbound).await;
-                }
+            match admit(&identity, &S::node_id(&first), &state, peer) {
+                Ok(proxy) => serve_proxy(open(proxy, tx), &cache, &state, first, inbound).await,
                 Err(refusal) => drop(tx.send(Err(refusal)).await),
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Box::pin(ReceiverStream::new(rx)))
     }
 
-    async fn delta_aggregated_resources(
-        &self,
-        request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<DeltaResponses>, Status> {
-        let identity = self.accept(&request).await?;
-        let peer = request.remote_addr();
-        let (tx, rx) = mpsc::channel(32);
-        let (cache, state) = (self.cache.clone(), self.state.clone());
-        let shared = (self.diffs.clone(), self.in_flight.clone());
-        tokio::spawn(async move {
-            let mut inbound = request.into_inner();
-            let Ok(Some(first)) = inbound.message().await else { return };
-            let node_id = first.node.as_ref().map(|n| n.id.clone()).unwrap_or_default();
-            match admit(&identity, &node_id, &state, peer) {
-                Ok(proxy) => {
-                    let session = DeltaStream::new(proxy, cache.clone(), state.clone(), shared, tx);
-                    serve_proxy(session, &cache, &state, first, inbound).await;
-                }
-                Err(refusal) => drop(tx.send(Err(refusal)).await),
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
-    }
-}
-
-impl AdsServer {
     /// Whether this replica takes the stream, and who its token says it is.
     async fn accept<T>(&self, request: &Request<T>) -> Result<Identity, Status> {
         if !self.open.load(Ordering::Acquire) {
@@ -288,6 +284,11 @@ impl ProxyStream {
 
 impl Session for ProxyStream {
     type Request = DiscoveryRequest;
+    type Response = DiscoveryResponse;
+
+    fn node_id(request: &DiscoveryRequest) -> String {
+        request.node.as_ref().map(|n| n.id.clone()).unwrap_or_default()
+    }
 
     fn proxy(&self) -> &Proxy {
         &self.proxy
@@ -309,13 +310,21 @@ pub(super) struct Closed;
 /// One proxy's stream, in either variant: what it does with a request and with a new
 /// snapshot; [`serve_proxy`] runs it.
 pub(super) trait Session {
-    type Request;
+    type Request: Send + 'static;
+    type Response: Send + 'static;
+
+    /// The node id a request names (the first names the stream's proxy).
+    fn node_id(request: &Self::Request) -> String;
 
     fn proxy(&self) -> &Proxy;
 
-    async fn handle(&mut self, request: Self::Request, snapshot: &Arc<Snapshot>) -> Result<(), Closed>;
+    fn handle(
+        &mut self,
+        request: Self::Request,
+        snapshot: &Arc<Snapshot>,
+    ) -> impl Future<Output = Result<(), Closed>> + Send;
 
-    async fn changed(&mut self, snapshot: &Arc<Snapshot>) -> Result<(), Closed>;
+    fn changed(&mut self, snapshot: &Arc<Snapshot>) -> impl Future<Output = Result<(), Closed>> + Send;
 
     /// When [`expire`](Self::expire) must run next; None: never.
     fn deadline(&self) -> Option<tokio::time::Instant> {
