@@ -1,7 +1,8 @@
 //! Incremental ADS (delta xDS, v3): each response carries only the resources that changed
 //! and the names of those removed, so a change to one Service port's timeout sends that
 //! port's virtual host alone. Envoy asks for it (`api_type: DELTA_GRPC`, what the sidecar
-//! bootstrap says), and VHDS works only over it.
+//! bootstrap says; VHDS works only over it), and so does the agent (one breaker changed is
+//! that breaker alone).
 //!
 //! What a stream sent is remembered as the snapshot it came from, not resource by resource:
 //! snapshots share their parts, so the next response is the difference between two
