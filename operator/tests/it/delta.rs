@@ -9,7 +9,7 @@ use std::{collections::BTreeMap, path::Path, sync::Arc, time::Duration};
 use breakwater_api::Duration as ApiDuration;
 use breakwater_operator::{
     compile::{Compiled, type_url},
-    inventory::ObjectName,
+    inventory::{Inventory, ObjectName},
     standalone::load,
     status,
     xds::SnapshotCache,
@@ -24,6 +24,15 @@ fn programmed(cache: &SnapshotCache, generation: i64) -> (bool, String) {
     let verdict =
         status::programmed(Some(&cache.acknowledgements("CircuitBreakerPolicy", &name, generation)));
     (verdict.ok, verdict.message)
+}
+
+/// The example payments policy with another timeout, at `generation`.
+fn set_payments_timeout(inventory: &mut Inventory, timeout: &str, generation: i64) {
+    let policy =
+        inventory.circuit_breakers.iter_mut().find(|p| p.metadata.name.as_deref() == Some("payments"));
+    let policy = Arc::make_mut(policy.expect("the payments policy"));
+    policy.spec.timeout = Some(ApiDuration::new(timeout));
+    policy.metadata.generation = Some(generation);
 }
 
 async fn eventually(what: &str, mut probe: impl FnMut() -> bool) {
@@ -70,11 +79,7 @@ async fn a_timeout_change_sends_one_pod_its_two_virtual_hosts_and_nothing_else()
 
     // The payments policy's timeout changes: the two hosts of payments:80 (qualified and
     // shop's short names) are all this pod is sent.
-    let policy =
-        loaded.inventory.circuit_breakers.iter_mut().find(|p| p.metadata.name.as_deref() == Some("payments"));
-    let policy = Arc::make_mut(policy.expect("the payments policy"));
-    policy.spec.timeout = Some(ApiDuration::new("7s"));
-    policy.metadata.generation = Some(2);
+    set_payments_timeout(&mut loaded.inventory, "7s", 2);
     cache.publish(Compiled::new(&loaded.inventory));
     let change = envoy.next().await;
     // Responses go out in type order and virtual hosts come last: a listener, cluster,
@@ -108,11 +113,7 @@ async fn a_timeout_change_sends_one_pod_its_two_virtual_hosts_and_nothing_else()
     let (_, message) = programmed(&cache, 2);
     assert!(message.starts_with("acknowledged by 1/"), "{message}");
     // A change after the reconnect is still a difference from what it holds.
-    let policy =
-        loaded.inventory.circuit_breakers.iter_mut().find(|p| p.metadata.name.as_deref() == Some("payments"));
-    let policy = Arc::make_mut(policy.expect("the payments policy"));
-    policy.spec.timeout = Some(ApiDuration::new("9s"));
-    policy.metadata.generation = Some(3);
+    set_payments_timeout(&mut loaded.inventory, "9s", 3);
     cache.publish(Compiled::new(&loaded.inventory));
     let change = again.next().await;
     assert_eq!(change.type_url, type_url::VIRTUAL_HOST);
