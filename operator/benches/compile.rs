@@ -26,6 +26,9 @@
 #[path = "../tests/support/specs.rs"]
 mod specs;
 
+#[allow(dead_code)]
+mod support;
+
 use std::{
     collections::BTreeMap,
     process::Command,
@@ -169,7 +172,7 @@ fn median_of<T>(run: impl FnMut() -> T) -> (Duration, T) {
 
 fn measure(policies: usize, services: usize) {
     let inventory = world(policies, services);
-    let input_rss = vm_kb("VmRSS");
+    let input_rss = support::vm_kb("VmRSS");
 
     let (baseline, _) = median_of(|| serialize_input(&inventory));
     let (effective, _) =
@@ -206,7 +209,7 @@ fn measure(policies: usize, services: usize) {
         "snapshot_bytes": full_bytes,
         "baseline_ms": baseline.as_secs_f64() * 1e3,
         "input_rss_mb": input_rss as f64 / 1024.0,
-        "peak_rss_mb": vm_kb("VmHWM") as f64 / 1024.0,
+        "peak_rss_mb": support::vm_kb("VmHWM") as f64 / 1024.0,
     });
     println!("{row}");
 }
@@ -258,15 +261,6 @@ fn serialize_input(inventory: &Inventory) -> usize {
     inventory.rate_limits.iter().for_each(|o| add(serde_json::to_vec(o.as_ref())));
     inventory.circuit_breakers.iter().for_each(|o| add(serde_json::to_vec(o.as_ref())));
     total
-}
-
-fn vm_kb(field: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-        .unwrap_or(0)
 }
 
 /// A deterministic pseudo-random sequence (no dependency, same world every run).

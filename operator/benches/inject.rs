@@ -27,9 +27,11 @@ mod ads;
 #[path = "../tests/support/cluster.rs"]
 mod cluster;
 
+#[allow(dead_code)]
+mod support;
+
 use std::{
     path::Path,
-    process::Command,
     sync::{Arc, atomic::AtomicBool},
     time::{Duration, Instant},
 };
@@ -93,28 +95,13 @@ async fn main() {
         return;
     }
     println!("command: make bench-inject (cargo bench -q -p breakwater-operator --bench inject)");
-    println!("commit: {}", commit());
+    println!("commit: {}", support::commit());
     // Blocking: it builds the binaries when missing and waits for /readyz.
     let plane = tokio::task::spawn_blocking(ControlPlane::start).await.expect("the control plane starts");
     let client = cluster::client(&plane.kubeconfig).await;
     admission(&client).await;
     identity(&client).await;
     drop(plane);
-}
-
-/// `git rev-parse --short HEAD`, marked when the operator's sources differ from it (other
-/// work in the tree is not this benchmark's concern).
-fn commit() -> String {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let git = |args: &[&str]| Command::new("git").arg("-C").arg(&root).args(args).output();
-    let head = git(&["rev-parse", "--short", "HEAD"])
-        .ok()
-        .filter(|out| out.status.success())
-        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_string())
-        .unwrap_or_else(|| "unknown (not a git checkout)".to_string());
-    let clean = git(&["diff", "--quiet", "HEAD", "--", "operator", "tests/harness", "Cargo.lock"])
-        .is_ok_and(|out| out.status.success());
-    if clean { head } else { format!("{head} + uncommitted changes under operator/") }
 }
 
 async fn create_namespace(client: &Client, name: &str, labels: Value) {

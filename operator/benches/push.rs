@@ -23,6 +23,8 @@ mod ads;
 #[path = "push/world.rs"]
 mod world;
 
+mod support;
+
 use std::{
     path::Path,
     process::Command,
@@ -120,7 +122,7 @@ async fn main() {
         return;
     }
     println!("command: make bench-xds (cargo bench -q -p breakwater-operator --bench push)");
-    println!("commit: {}", commit());
+    println!("commit: {}", support::commit());
     let (world_only, push_only) =
         (std::env::args().any(|a| a == "--world"), std::env::args().any(|a| a == "--push"));
     if !push_only {
@@ -210,7 +212,7 @@ fn live_proxies(inventory: &Inventory) -> Vec<String> {
 /// a child process (this binary with `--clients`), so the resident memory measured is the
 /// operator's side alone: the world, the compiled snapshots, the cache and the streams.
 async fn world_live(inventory: &Inventory) {
-    let rss_before = vm_kb("VmRSS");
+    let rss_before = support::vm_kb("VmRSS");
     let cache = Arc::new(SnapshotCache::default());
     cache.publish(Compiled::new(inventory));
     let endpoint = ads::serve(cache.clone()).await;
@@ -220,7 +222,7 @@ async fn world_live(inventory: &Inventory) {
     let policy = ObjectName::new("team-000", "cb-0");
     wait_for_acks(&cache, &policy, 1, pods.len()).await;
     let connecting = started.elapsed();
-    let connected_rss = vm_kb("VmRSS");
+    let connected_rss = support::vm_kb("VmRSS");
     let (first, _) = clients.report();
     let mut changed = inventory.clone();
     (world::CHANGES[0].apply)(&mut changed);
@@ -249,7 +251,7 @@ async fn world_live(inventory: &Inventory) {
         mb(first),
         rss_before / 1024,
         connected_rss / 1024,
-        vm_kb("VmHWM") / 1024,
+        support::vm_kb("VmHWM") / 1024,
     );
 }
 
@@ -339,15 +341,6 @@ async fn run_clients(endpoint: String) {
     }
 }
 
-fn vm_kb(field: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 /// Bytes, readably.
 fn mb(bytes: usize) -> String {
     match bytes {
@@ -356,20 +349,6 @@ fn mb(bytes: usize) -> String {
         b if b >= 1_000 => format!("{:.1} KB", b as f64 / 1e3),
         b => format!("{b} B"),
     }
-}
-
-/// The commit the benchmark runs at, and whether the operator has uncommitted changes.
-fn commit() -> String {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let git = |args: &[&str]| Command::new("git").arg("-C").arg(&root).args(args).output();
-    let head = git(&["rev-parse", "--short", "HEAD"])
-        .ok()
-        .filter(|out| out.status.success())
-        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_string())
-        .unwrap_or_else(|| "unknown (not a git checkout)".to_string());
-    let clean = git(&["diff", "--quiet", "HEAD", "--", "operator", "Cargo.lock"])
-        .is_ok_and(|out| out.status.success());
-    if clean { head } else { format!("{head} + uncommitted changes under operator/") }
 }
 
 /// Push latency on the examples: 1,000 streams, a policy change, the last ACK.

@@ -18,7 +18,10 @@ mod cluster;
 #[path = "../tests/support/storm.rs"]
 mod storm;
 
-use std::{path::Path, process::Command, time::Duration};
+#[allow(dead_code)]
+mod support;
+
+use std::time::Duration;
 
 use breakwater_harness::ControlPlane;
 use storm::{Outcome, Storm};
@@ -39,7 +42,7 @@ async fn main() {
         return;
     }
     println!("command: make bench-status (cargo bench -q -p breakwater-operator --bench status)");
-    println!("commit: {}", commit());
+    println!("commit: {}", support::commit());
     // Blocking: it builds the binaries when missing and waits for /readyz.
     let plane = tokio::task::spawn_blocking(ControlPlane::start).await.expect("the control plane starts");
     // Blocking too, before anything else runs on this runtime.
@@ -79,19 +82,4 @@ fn row(proxies: usize, outcome: &Outcome) {
         outcome.api_write.as_secs_f64() * 1e3,
         outcome.setup.as_secs_f64(),
     );
-}
-
-/// `git rev-parse --short HEAD`, marked when the operator's sources differ from it (other
-/// work in the tree is not this benchmark's concern).
-fn commit() -> String {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let git = |args: &[&str]| Command::new("git").arg("-C").arg(&root).args(args).output();
-    let head = git(&["rev-parse", "--short", "HEAD"])
-        .ok()
-        .filter(|out| out.status.success())
-        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_string())
-        .unwrap_or_else(|| "unknown (not a git checkout)".to_string());
-    let clean = git(&["diff", "--quiet", "HEAD", "--", "operator", "tests/harness", "Cargo.lock"])
-        .is_ok_and(|out| out.status.success());
-    if clean { head } else { format!("{head} + uncommitted changes under operator/") }
 }
