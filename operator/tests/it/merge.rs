@@ -54,6 +54,22 @@ fn rlp(namespace: &str, name: &str, attach: &str, limit: &str, requests: u32) ->
     )
 }
 
+/// The platform team's RateLimitPolicies: a production floor of 100 (Override) and a
+/// fallback of 50 for every namespace (Default).
+fn root_limits() -> String {
+    [
+        rlp(
+            "breakwater-system",
+            "floor",
+            "namespaceSelector: {matchLabels: {tier: production}}\n  mode: Override",
+            "floor",
+            100,
+        ),
+        rlp("breakwater-system", "fallback", "namespaceSelector: {}\n  mode: Default", "fallback", 50),
+    ]
+    .concat()
+}
+
 fn limit_names(limits: &[rate_limit::EffectiveLimit]) -> Vec<(String, Origin, u32)> {
     limits.iter().map(|l| (l.limit.name.clone(), l.origin, l.limit.rate.requests)).collect()
 }
@@ -61,18 +77,8 @@ fn limit_names(limits: &[rate_limit::EffectiveLimit]) -> Vec<(String, Origin, u3
 #[test]
 fn rate_limits_add_up_and_override_cannot_be_loosened() {
     let inventory = world(
-        &[
-            rlp("shop", "own", "targetRefs: [{kind: Service, name: api}]", "own", 10_000),
-            rlp(
-                "breakwater-system",
-                "floor",
-                "namespaceSelector: {matchLabels: {tier: production}}\n  mode: Override",
-                "floor",
-                100,
-            ),
-            rlp("breakwater-system", "fallback", "namespaceSelector: {}\n  mode: Default", "fallback", 50),
-        ]
-        .concat(),
+        &[rlp("shop", "own", "targetRefs: [{kind: Service, name: api}]", "own", 10_000), root_limits()]
+            .concat(),
     );
     let effective = rate_limit::effective(&inventory);
 
@@ -233,14 +239,7 @@ fn one_namespace_evaluated_alone_gets_what_the_whole_evaluation_gives_it() {
             ),
             rlp("shop", "own", "targetRefs: [{kind: Service, name: api}]", "own", 10_000),
             rlp("lab", "own", "targetRefs: [{kind: Service, name: api}]", "own", 5),
-            rlp(
-                "breakwater-system",
-                "floor",
-                "namespaceSelector: {matchLabels: {tier: production}}\n  mode: Override",
-                "floor",
-                100,
-            ),
-            rlp("breakwater-system", "fallback", "namespaceSelector: {}\n  mode: Default", "fallback", 50),
+            root_limits(),
         ]
         .concat(),
     );
