@@ -21,7 +21,7 @@ use super::PolicyVersion;
 
 /// FNV-1a: a hash with a fixed definition, so versions stay stable across builds and
 /// replicas.
-pub fn fnv1a(hash: &mut u64, bytes: &[u8]) {
+fn fnv1a(hash: &mut u64, bytes: &[u8]) {
     for byte in bytes {
         *hash ^= u64::from(*byte);
         *hash = hash.wrapping_mul(0x0100_0000_01b3);
