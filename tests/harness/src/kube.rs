@@ -350,11 +350,11 @@ impl ControlPlane {
     /// server that hangs. Only for a private plane ([`ControlPlane::start`]): the shared one
     /// serves other tests.
     pub fn pause_apiserver(&self) {
-        self.apiserver.as_ref().expect("a local API server").signal("STOP");
+        self.apiserver.as_ref().expect("a local API server").pause();
     }
 
     pub fn resume_apiserver(&self) {
-        self.apiserver.as_ref().expect("a local API server").signal("CONT");
+        self.apiserver.as_ref().expect("a local API server").resume();
     }
 
     /// Kills kube-apiserver and etcd now (they are also killed when the test binary exits).

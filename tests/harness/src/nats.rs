@@ -99,13 +99,14 @@ impl NatsServer {
         self.wait_ready();
     }
 
-    /// Freezes the server (SIGSTOP): connections stay open, nothing is answered.
+    /// Freezes the server (SIGSTOP) and returns once it is stopped: connections stay open,
+    /// nothing is answered.
     pub fn pause(&self) {
-        self.daemon.signal("STOP");
+        self.daemon.pause();
     }
 
     pub fn resume(&self) {
-        self.daemon.signal("CONT");
+        self.daemon.resume();
     }
 
     /// The server's process id.

@@ -18,7 +18,11 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use crate::{free_port, process::Daemon, require_program};
+use crate::{
+    free_port,
+    process::{Daemon, process, wait_stopped},
+    require_program,
+};
 
 /// The superuser `initdb` creates (`--username`), whatever the OS user is.
 pub const POSTGRES_USER: &str = "postgres";
@@ -275,8 +279,7 @@ impl PostgresServer {
     /// SIGSTOPs the postmaster and waits until it is stopped: a signal is delivered
     /// asynchronously, and a postmaster still running could fork one more backend.
     fn stop_postmaster(&self) {
-        self.daemon.signal("STOP");
-        wait_stopped(&[self.daemon.pid()]);
+        self.daemon.pause();
     }
 
     /// Wakes a server frozen by [`PostgresServer::pause`]: the backends, then the postmaster.
@@ -406,33 +409,6 @@ fn remove_dirs_of_exited_processes() {
             }
         }
     });
-}
-
-/// What `/proc/PID/stat` says of a process.
-struct ProcessStat {
-    /// `R` running, `S` sleeping, `T` stopped, `Z` zombie (exited, holding nothing), …
-    state: char,
-    parent: u32,
-}
-
-fn process(pid: u32) -> Option<ProcessStat> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (in parentheses) may hold spaces: fields are counted after the last ')'.
-    let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
-    let state = fields.next()?.chars().next()?;
-    Some(ProcessStat { state, parent: fields.next()?.parse().ok()? })
-}
-
-/// Waits until every process in `pids` is stopped or gone (after a SIGSTOP).
-fn wait_stopped(pids: &[u32]) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let running =
-        || pids.iter().copied().filter(|&pid| process(pid).is_some_and(|p| !"TtZ".contains(p.state)));
-    while running().next().is_some() {
-        let left: Vec<u32> = running().collect();
-        assert!(Instant::now() < deadline, "postgres processes {left:?} still run 5s after SIGSTOP");
-        std::thread::sleep(Duration::from_millis(1));
-    }
 }
 
 /// Sends signal `sig` (`STOP`, `CONT`, `KILL`) to every process in `pids`.

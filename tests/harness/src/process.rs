@@ -7,6 +7,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
+use std::time::{Duration, Instant};
 
 #[derive(Debug)]
 pub struct Daemon {
@@ -128,11 +129,49 @@ impl Daemon {
             let _ = Command::new("kill").arg(format!("-{sig}")).arg(self.pid.to_string()).status();
         }
     }
+
+    /// Freezes the process (SIGSTOP) and waits until it is stopped: a signal is delivered
+    /// asynchronously, and a process still running would answer one more request.
+    pub fn pause(&self) {
+        self.signal("STOP");
+        wait_stopped(&[self.pid]);
+    }
+
+    pub fn resume(&self) {
+        self.signal("CONT");
+    }
 }
 
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.signal("CONT");
         self.kill();
+    }
+}
+
+/// What `/proc/PID/stat` says of a process.
+pub(crate) struct ProcessStat {
+    /// `R` running, `S` sleeping, `T` stopped, `Z` zombie (exited, holding nothing), …
+    pub(crate) state: char,
+    pub(crate) parent: u32,
+}
+
+pub(crate) fn process(pid: u32) -> Option<ProcessStat> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (in parentheses) may hold spaces: fields are counted after the last ')'.
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    Some(ProcessStat { state, parent: fields.next()?.parse().ok()? })
+}
+
+/// Waits until every process in `pids` is stopped or gone (after a SIGSTOP).
+pub(crate) fn wait_stopped(pids: &[u32]) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let running =
+        || pids.iter().copied().filter(|&pid| process(pid).is_some_and(|p| !"TtZ".contains(p.state)));
+    while running().next().is_some() {
+        let left: Vec<u32> = running().collect();
+        assert!(Instant::now() < deadline, "processes {left:?} still run 5s after SIGSTOP");
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
